@@ -1,0 +1,1 @@
+"""Build reference banks: WebDataset corpora → segment embeddings → Parquet parts (+ index)."""

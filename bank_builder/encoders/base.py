@@ -1,0 +1,66 @@
+"""The one interface every encoder implements, and the spec a bank records about it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What produced a bank's embeddings; written into every part and manifest, checked on open.
+
+    weights: the pretrained tag, timm name or checkpoint path that was loaded, or "untrained".
+    untrained: True when the weights are seeded random ones (then `seed` says which).
+    image_size: square input side in pixels; patch_size: pixels per feature cell, so the dense
+    feature grid is (image_size // patch_size) squared. visual_dim: channels C of the dense features
+    (the joint image-text space for CLIP-style encoders). text_dim: None when there is no text tower.
+    """
+
+    name: str
+    family: str
+    architecture: str
+    weights: str
+    untrained: bool
+    seed: int | None
+    image_size: int
+    patch_size: int
+    visual_dim: int
+    text_dim: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def grid(self) -> int:
+        """Side of the dense feature grid."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderSpec":
+        """Inverse of `to_dict`."""
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+class Encoder(ABC):
+    """Dense visual features and text features from one model."""
+
+    spec: EncoderSpec
+    device: torch.device
+
+    @abstractmethod
+    def encode_dense(self, images: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 RGB, S = spec.image_size → (B, C, h, w) float32 on `self.device`, not normalised."""
+
+    @abstractmethod
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """N label texts → (N, text_dim) float32, L2-normalised; raises if the encoder has no text tower."""

@@ -1,0 +1,78 @@
+"""Records that flow between the build stages: a decoded sample, a reject, a segment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+
+class RejectReason(str, Enum):
+    """Why a sample was skipped; stored verbatim in the bank's rejects table."""
+
+    TRUNCATED_MEMBER = "truncated_member"
+    MISSING_IMAGE = "missing_image"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    UNDECODABLE_MASK = "undecodable_mask"
+    MASK_SIZE_MISMATCH = "mask_size_mismatch"
+    MISSING_MASK = "missing_mask"
+    EMPTY_MASK = "empty_mask"
+    BAD_JSON = "bad_json"
+    BAD_ANNOTATION = "bad_annotation"
+    NO_SEGMENTS = "no_segments"
+
+
+class LabelSource(str, Enum):
+    """Where a segment's label came from."""
+
+    GROUND_TRUTH = "ground_truth"
+    PAIRED = "paired"
+    NONE = "none"
+
+
+@dataclass
+class Sample:
+    """One decoded image with its raw annotations, in shard order.
+
+    image: (H, W, 3) uint8 RGB. mask: (H, W) uint8/uint16 raw pixel values of `mask.png`, or None.
+    annotations: the parsed `rle.json` list (COCO / SA-1B style), or None. meta: the parsed `json`
+    member, {} when absent.
+    """
+
+    shard: str
+    key: str
+    index: int
+    image: np.ndarray
+    mask: np.ndarray | None = None
+    annotations: list[dict[str, Any]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reject:
+    """A sample that could not be used, with the reason and a human-readable detail."""
+
+    shard: str
+    key: str
+    reason: RejectReason
+    detail: str
+
+
+@dataclass
+class Segment:
+    """One region of an image.
+
+    mask: (H, W) bool at image resolution. bbox: XYXY pixels, max exclusive. area: pixels.
+    rle: COCO RLE {"size": [H, W], "counts": str} of `mask`.
+    """
+
+    index: int
+    mask: np.ndarray
+    label: str | None
+    label_source: LabelSource
+    bbox: tuple[int, int, int, int]
+    area: int
+    rle: dict[str, Any]

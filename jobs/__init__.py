@@ -1,0 +1,1 @@
+"""Entry points for batch jobs and the `refbank` command line."""
