@@ -1,0 +1,219 @@
+"""Encode synthetic scenes as WebDataset samples and write them as deterministic tar shards.
+
+Layout (DESIGN.md, corpus convention): `{url}/train-{i:06d}.tar` and `{url}/heldout-{i:06d}.tar`;
+sample key `{split}-{shard:06d}-{sample:06d}`; members `<key>.jpg|png`, `<key>.json`, and by mask
+kind `<key>.mask.png` or `<key>.rle.json`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from bank_builder.config import MaskKind
+from bank_builder.synthetic.scenes import BACKGROUND_CLASSES, Scene, class_names, make_scene
+
+SOURCE_TAG = "refbank-synthetic"
+CLASS_IGNORE = 255  # class masks: unlabeled pixels
+_SPLIT_STREAMS = {"train": 0, "heldout": 1}  # part of every sample's seed: the splits never share images
+_IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Size, look and annotation format of a synthetic corpus; same config + seed = same bytes."""
+
+    shards: int = 4
+    samples_per_shard: int = 32
+    image_size: int = 256  # square images, pixels
+    mask_kind: MaskKind = MaskKind.INSTANCE
+    image_format: str = "jpg"  # "jpg" or "png"
+    heldout_shards: int = 0  # extra shards for evaluation, disjoint random stream
+    min_objects: int = 1
+    max_objects: int = 5
+    seed: int = 0
+
+
+@dataclass
+class CorpusSummary:
+    """What `make_corpus` wrote. samples / segments / class_counts count the training shards only
+    (held-out shards are for evaluation); segments = labelled instances, background texture included."""
+
+    shards: list[str]  # URLs of the training shards written, sorted
+    heldout: list[str]  # URLs of the held-out shards written, sorted
+    samples: int
+    segments: int  # labelled segments written (instances visible in the images)
+    class_counts: dict[str, int] = field(default_factory=dict)  # class name -> segments, sorted by name
+
+
+def sample_key(split: str, shard: int, sample: int) -> str:
+    """The WebDataset key of a sample, e.g. 'train-000003-000017' (no dots)."""
+    return f"{split}-{shard:06d}-{sample:06d}"
+
+
+def _validate(config: CorpusConfig) -> CorpusConfig:
+    """The config with `mask_kind` as a MaskKind; ValueError that names the fix for a bad value."""
+    if config.image_format not in _IMAGE_FORMATS:
+        raise ValueError(f"image_format={config.image_format!r}: use one of {sorted(_IMAGE_FORMATS)}")
+    if config.image_size < 32:
+        raise ValueError(f"image_size={config.image_size}: use at least 32 pixels")
+    if config.shards < 0 or config.heldout_shards < 0 or config.samples_per_shard < 1:
+        raise ValueError("shards and heldout_shards must be >= 0 and samples_per_shard >= 1")
+    if not 0 <= config.min_objects <= config.max_objects:
+        raise ValueError(f"need 0 <= min_objects <= max_objects, got {config.min_objects}..{config.max_objects}")
+    try:
+        kind = MaskKind(config.mask_kind)
+    except ValueError:
+        raise ValueError(f"mask_kind={config.mask_kind!r}: use one of {[k.value for k in MaskKind]}") from None
+    return replace(config, mask_kind=kind)
+
+
+def _png(array: np.ndarray) -> bytes:
+    """Lossless PNG of an (H, W) uint8 / uint16 or (H, W, 3) uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_bytes(image: np.ndarray, image_format: str) -> bytes:
+    """The (H, W, 3) uint8 RGB image encoded as JPEG (quality 90) or PNG."""
+    if image_format == "png":
+        return _png(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _rle_annotations(scene: Scene) -> list[dict[str, Any]]:
+    """COCO / SA-1B style annotations of every instance: RLE counts as str, bbox XYWH pixels, area."""
+    height, width = scene.instances.shape
+    annotations = []
+    for instance_id, label in scene.labels.items():
+        binary = scene.instances == instance_id
+        rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
+        rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+        bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+        annotations.append(
+            {
+                "id": instance_id,
+                "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                "label": label,
+                "bbox": bbox,
+                "area": int(binary.sum()),
+            }
+        )
+    return annotations
+
+
+def _mask_member(scene: Scene, kind: MaskKind) -> tuple[str, bytes] | None:
+    """(extension, bytes) of the mask member for `kind`, or None for MaskKind.NONE."""
+    if kind is MaskKind.INSTANCE:
+        dtype = np.uint8 if max(scene.labels, default=0) <= 255 else np.uint16
+        return "mask.png", _png(scene.instances.astype(dtype))
+    if kind is MaskKind.CLASS:
+        table = np.full(max(scene.labels, default=0) + 1, CLASS_IGNORE, dtype=np.uint8)
+        for instance_id, label in scene.labels.items():
+            table[instance_id] = class_names().index(label)
+        return "mask.png", _png(table[scene.instances])
+    if kind is MaskKind.BINARY:
+        objects = [i for i, label in scene.labels.items() if label not in BACKGROUND_CLASSES]
+        return "mask.png", _png(np.where(np.isin(scene.instances, objects), 255, 0).astype(np.uint8))
+    if kind is MaskKind.RLE:
+        return "rle.json", _json_bytes(_rle_annotations(scene))
+    return None
+
+
+def _metadata(scene: Scene, kind: MaskKind) -> dict[str, Any]:
+    """The sample's json: caption, phrases, source, the full class table, plus per-kind labels."""
+    meta: dict[str, Any] = {
+        "caption": scene.caption,
+        "phrases": sorted(set(scene.labels.values())),
+        "source": SOURCE_TAG,
+        "classes": {str(i): name for i, name in enumerate(class_names())},
+    }
+    if kind is MaskKind.INSTANCE:
+        meta["segments"] = [{"id": i, "label": label} for i, label in scene.labels.items()]
+    elif kind is MaskKind.BINARY:
+        meta["label"] = "foreground"
+    return meta
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Canonical UTF-8 JSON (sorted keys, compact) so equal content gives equal bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def encode_sample(key: str, scene: Scene, config: CorpusConfig = CorpusConfig()) -> list[tuple[str, bytes]]:
+    """The tar members (name, bytes) of one sample, in the order image, json, mask; a test can
+    build a shard from hand-made scenes with these."""
+    config = _validate(config)
+    members = [
+        (f"{key}.{config.image_format}", _image_bytes(scene.image, config.image_format)),
+        (f"{key}.json", _json_bytes(_metadata(scene, config.mask_kind))),
+    ]
+    mask = _mask_member(scene, config.mask_kind)
+    if mask is not None:
+        members.append((f"{key}.{mask[0]}", mask[1]))
+    return members
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of `members` with fixed metadata (mtime 0, uid/gid 0, mode 0644)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def _shard(config: CorpusConfig, split: str, shard: int) -> tuple[bytes, list[Scene]]:
+    """One shard's tar bytes and its scenes; each sample has its own seed, so shards are independent."""
+    members: list[tuple[str, bytes]] = []
+    scenes = []
+    for index in range(config.samples_per_shard):
+        rng = np.random.default_rng([config.seed, _SPLIT_STREAMS[split], shard, index])
+        scene = make_scene(rng, config.image_size, config.min_objects, config.max_objects)
+        members.extend(encode_sample(sample_key(split, shard, index), scene, config))
+        scenes.append(scene)
+    return tar_bytes(members), scenes
+
+
+def make_corpus(url: str, config: CorpusConfig = CorpusConfig(), storage_options: dict | None = None) -> CorpusSummary:
+    """Write `config.shards` training and `config.heldout_shards` held-out tar shards under `url`
+    (local path, file://, s3://bucket/prefix; fsspec `storage_options`), each in one put."""
+    config = _validate(config)
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    base = url.rstrip("/")
+    written: dict[str, list[str]] = {"train": [], "heldout": []}
+    counts: Counter[str] = Counter()
+    samples = 0
+    for split, shard_count in (("train", config.shards), ("heldout", config.heldout_shards)):
+        for shard in range(shard_count):
+            payload, scenes = _shard(config, split, shard)
+            name = f"{split}-{shard:06d}.tar"
+            fs.pipe_file(f"{root.rstrip('/')}/{name}", payload)
+            written[split].append(f"{base}/{name}")
+            if split == "train":
+                samples += len(scenes)
+                counts.update(label for scene in scenes for label in scene.labels.values())
+    return CorpusSummary(
+        shards=sorted(written["train"]),
+        heldout=sorted(written["heldout"]),
+        samples=samples,
+        segments=sum(counts.values()),
+        class_counts=dict(sorted(counts.items())),
+    )
