@@ -1,0 +1,164 @@
+"""The Ray build end to end on a generated corpus: contents, resume, extend, exactly-once, failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import ray
+
+from bank_builder import manifest, store
+from bank_builder.manifest import BankMismatchError
+from bank_builder.pipeline import build_bank
+from bank_builder.synthetic import CorpusConfig, make_corpus
+from tests.build_helpers import assert_same_bank, read_bank, tiny_config
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """4 shards × 6 instance-mask samples at 96 px."""
+    root = tmp_path_factory.mktemp("corpus")
+    summary = make_corpus(str(root), CorpusConfig(shards=4, samples_per_shard=6, image_size=96, seed=1))
+    return root, summary
+
+
+@pytest.fixture(scope="module")
+def clean_bank(corpus, tmp_path_factory, ray_local):
+    """A bank built once, uninterrupted: the reference the other builds must reproduce."""
+    root, _ = corpus
+    bank = str(tmp_path_factory.mktemp("clean") / "bank")
+    report = build_bank(tiny_config(str(root / "train-*.tar"), bank))
+    return bank, report
+
+
+def _labels_from_corpus(shard: str) -> dict[tuple[str, int], str]:
+    """(image key, instance id) → label, from the json members of a shard."""
+    labels = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                key = member.name.split(".", 1)[0]
+                for seg in json.loads(tar.extractfile(member).read())["segments"]:
+                    labels[key, seg["id"]] = seg["label"]
+    return labels
+
+
+def test_build_writes_every_segment_with_its_label(corpus, clean_bank):
+    root, summary = corpus
+    bank, report = clean_bank
+    assert report.ok and report.version == "v000001" and report.parts_written == 4
+    m = manifest.read_manifest(bank)
+    assert [p["ordinal"] for p in m["parts"]] == [0, 1, 2, 3]
+    assert m["encoder"]["untrained"] and m["encoder"]["name"] == "tiny-clip"
+    assert "storage_options" not in m["build"]
+    table = read_bank(bank)
+    assert table.num_rows == m["totals"]["segments"] == report.segments
+    assert report.samples == summary.samples == 24
+    ids = table["segment_id"].to_pylist()
+    assert len(set(ids)) == len(ids)
+    expected = {}
+    for shard in summary.shards:
+        expected.update(_labels_from_corpus(shard))
+    # Every ground-truth instance of at least min_area pixels is a row with the corpus label.
+    got = {(k, i): lab for k, i, lab in zip(table["image_key"].to_pylist(), table["segment_index"].to_pylist(),
+                                            table["label"].to_pylist())}
+    assert set(got.values()) <= set(expected.values())
+    assert len(got) == len(expected) == table.num_rows
+    visual = np.stack(table["visual_embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(visual, axis=1), 1.0, atol=2e-3)
+    assert not table["text_embedding"].is_null().to_pylist().count(True)
+    for p in m["parts"]:
+        ordinal, row = zip(*(store.split_segment_id(s) for s in store.read_part(bank, p["name"])["segment_id"].to_pylist()))
+        assert set(ordinal) == {p["ordinal"]} and list(row) == list(range(p["rows"]))
+
+
+def test_rebuild_reuses_committed_parts(corpus, clean_bank):
+    root, _ = corpus
+    bank, _ = clean_bank
+    report = build_bank(tiny_config(str(root / "train-*.tar"), bank))
+    assert report.up_to_date and report.version is None
+    assert (report.parts_written, report.parts_skipped) == (0, 4)
+    assert manifest.current_version(bank) == "v000001"
+
+
+def test_extend_adds_a_version_with_stable_ordinals(corpus, clean_bank, tmp_path):
+    root, _ = corpus
+    bank = str(tmp_path / "bank")
+    shutil.copytree(clean_bank[0], bank)
+    extra = tmp_path / "more"
+    make_corpus(str(extra), CorpusConfig(shards=1, samples_per_shard=3, image_size=96, seed=9))
+    shutil.copy(extra / "train-000000.tar", root / "train-000099.tar")
+    try:
+        report = build_bank(tiny_config(str(root / "train-*.tar"), bank))
+    finally:
+        (root / "train-000099.tar").unlink()
+    assert report.version == "v000002" and (report.parts_written, report.parts_skipped) == (1, 4)
+    m = manifest.read_manifest(bank)
+    assert [p["ordinal"] for p in m["parts"]] == [0, 1, 2, 3, 4] and m["parent"] == "v000001"
+    assert m["parts"][4]["source"].endswith("train-000099.tar")
+
+
+def test_other_encoder_options_are_refused(corpus, clean_bank):
+    root, _ = corpus
+    config = tiny_config(str(root / "train-*.tar"), clean_bank[0])
+    config = type(config)(**{**vars(config), "encoder": type(config.encoder)(name="tiny-clip", weights="untrained", seed=7)})
+    with pytest.raises(BankMismatchError, match="new bank URI"):
+        build_bank(config)
+
+
+def test_killed_encoder_actor_loses_and_duplicates_nothing(corpus, clean_bank, tmp_path):
+    root, _ = corpus
+    killed = []
+
+    def kill_once(progress):
+        # After the first encoded batch, while most shards are still to come.
+        if not killed and progress.images and progress.shards_done < progress.shards_total - 1:
+            killed.append(progress.encoder_actors[0])
+            ray.kill(ray.get_actor(progress.encoder_actors[0]))
+
+    bank = str(tmp_path / "bank")
+    report = build_bank(tiny_config(str(root / "train-*.tar"), bank), on_progress=kill_once)
+    assert killed and report.ok and report.actor_restarts >= 1
+    assert_same_bank(read_bank(bank), read_bank(clean_bank[0]))
+
+
+def _bad_member_shard(path, good_shard: str) -> None:
+    """A shard: two good samples copied from `good_shard`, then samples that each break one rule."""
+    with tarfile.open(good_shard) as src:
+        members = [(m.name, src.extractfile(m).read()) for m in src.getmembers()][:6]
+    png = members[2][1]  # the first sample's mask.png
+    members += [("bad-json.jpg", members[0][1]), ("bad-json.json", b"{not json"), ("bad-json.mask.png", png),
+                ("bad-image.jpg", b"\xff\xd8 not a jpeg"), ("bad-image.json", b"{}"),
+                ("no-image.json", b"{}"), ("no-image.mask.png", png)]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_become_rejects_and_bad_shards_fail_the_build(corpus, tmp_path):
+    root, summary = corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    _bad_member_shard(src / "a-mixed.tar", summary.shards[0])
+    (src / "b-garbage.tar").write_bytes(b"this is not a tar file at all" * 100)
+    bank = str(tmp_path / "bank")
+    report = build_bank(tiny_config(str(src / "*.tar"), bank, max_attempts=2))
+    assert not report.ok and report.version is None and manifest.current_version(bank) is None
+    assert [f.shard for f in report.failed] == [str(src / "b-garbage.tar")]
+    assert "ShardReadError" in report.failed[0].error
+    assert report.shard_retries == 1  # tried twice, then reported
+    # The good shard's part is committed (a re-run reuses it) and its rejects carry their reasons.
+    name = store.part_name(str(src / "a-mixed.tar"))
+    info = store.read_commit(bank, name, {})
+    assert info.samples == 2 and info.reject_reasons == {"bad_json": 1, "undecodable_image": 1, "missing_image": 1}
+    rejects = store.read_rejects(bank, name)
+    assert sorted(zip(rejects["key"].to_pylist(), rejects["reason"].to_pylist())) == [
+        ("bad-image", "undecodable_image"), ("bad-json", "bad_json"), ("no-image", "missing_image")]
