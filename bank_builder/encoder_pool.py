@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from bank_builder.config import EncoderConfig, PipelineConfig
 from bank_builder.workers import EncoderWorker
@@ -52,9 +52,12 @@ class EncoderPool:
         self._started += 1
         actor = self._remote.options(name=name).remote(self._config, self._threads)
         try:
-            ray.get(actor.ready.remote())
-        except Exception as exc:  # the actor's constructor error, e.g. EncoderWeightsError
-            raise EncoderStartError(f"encoder actor failed to start: {exc}") from exc
+            ray.get(actor.load.remote())
+        except RayTaskError as exc:  # the loader's own error, e.g. EncoderWeightsError with its fix
+            ray.kill(actor)
+            raise EncoderStartError(f"encoder failed to load: {exc.cause}") from exc.cause
+        except RayActorError as exc:  # the process died while loading (out of memory, ...)
+            raise EncoderStartError(f"encoder actor died while loading its model: {exc}") from exc
         return actor, name
 
     @property

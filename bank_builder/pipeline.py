@@ -63,6 +63,7 @@ class BuildReport:
     reject_reasons: dict[str, int]
     failed: list[ShardFailure]
     seconds: float
+    startup_s: float  # part of `seconds` spent starting encoder actors (model load)
     images_per_s: float
     segments_per_s: float
     actor_restarts: int
@@ -139,7 +140,7 @@ class _Driver:
         self.config, self.spec, self.progress, self.on_progress = config, spec, progress, on_progress
         p = config.pipeline
         self.pool = EncoderPool(config.encoder, p)
-        progress.encoder_actors = self.pool.actor_names
+        progress.encoder_actors, progress.startup_s = self.pool.actor_names, progress.elapsed_s
         self.max_shards = p.max_shards_in_flight or 2 * self.pool.size + 1
         # Bounded generator buffer: a decode task pauses instead of filling the object store.
         self.decode = ray.remote(num_cpus=1, max_retries=0, _generator_backpressure_num_objects=2)(decode_shard)
@@ -279,11 +280,11 @@ class _Driver:
 
 def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None) -> BuildReport:
     """Build (or finish, or extend) the bank at config.bank from the shards at config.source."""
-    init_ray()
     spec = resolve_spec(config.encoder)
     fingerprint = build_fingerprint(config, spec)
     shards = list_shards(config.source, config.storage_options)
     plan = plan_build(config, spec, fingerprint, shards)
+    init_ray()  # after the cheap checks above, so a bad option fails in milliseconds, not after Ray starts
     progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done))
     log.info("%d shards: %d already committed, %d to build", len(shards), len(plan.done), len(plan.todo))
     written, failed = _Driver(config, spec, plan.todo, progress, on_progress).run() if plan.todo else ([], [])
@@ -300,7 +301,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         bank=config.bank, version=version, up_to_date=up_to_date, shards=len(shards),
         parts_written=len(written), parts_skipped=len(plan.done), segments=counts["segments"],
         samples=counts["samples"], rejects=counts["rejects"], reject_reasons=counts["reject_reasons"],
-        failed=failed, seconds=progress.elapsed_s, images_per_s=progress.images_per_s,
+        failed=failed, seconds=progress.elapsed_s, startup_s=progress.startup_s, images_per_s=progress.images_per_s,
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
     )

@@ -24,6 +24,7 @@ class BuildProgress:
     rejects: int = 0
     images_in_done_shards: int = 0
     encoder_actors: list[str] = field(default_factory=list)  # names of the live encoder actors
+    startup_s: float = 0.0  # until every encoder actor had loaded its model
     started: float = field(default_factory=time.monotonic)
 
     @property

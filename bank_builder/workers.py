@@ -100,14 +100,16 @@ class EncoderWorker:
     """Holds one loaded encoder; encodes decoded batches (one actor per GPU, or CPU actors)."""
 
     def __init__(self, config: EncoderConfig, threads: int) -> None:
-        # Match torch's intra-op threads to the CPUs Ray reserved for this actor, so the decode tasks
-        # running beside it keep their cores.
-        torch.set_num_threads(threads)
-        self.encoder = load_encoder(config)
+        self.config, self.threads = config, threads
+        self.encoder: Any = None
         self.text_cache: dict[str, np.ndarray] = {}
 
-    def ready(self) -> dict[str, Any]:
-        """The loaded encoder's spec; awaited once so a load failure surfaces before any work is sent."""
+    def load(self) -> dict[str, Any]:
+        """Load the model; returns its spec. A method, not __init__, so a failure keeps its exception type."""
+        # Match torch's intra-op threads to the CPUs Ray reserved for this actor, so the decode tasks
+        # running beside it keep their cores.
+        torch.set_num_threads(self.threads)
+        self.encoder = load_encoder(self.config)
         return self.encoder.spec.to_dict()
 
     def encode(self, batch: DecodedBatch) -> tuple[dict[str, int], EncodedBatch]:

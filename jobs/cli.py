@@ -65,15 +65,17 @@ def make_corpus_cmd(
 
 def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> int:
     """Run a build with console progress, print its report; returns the process exit status."""
+    from bank_builder.encoder_pool import EncoderStartError
     from bank_builder.encoders import EncoderWeightsError
     from bank_builder.manifest import BankMismatchError
     from bank_builder.pipeline import build_bank, init_ray
     from bank_builder.progress import ConsolePrinter
 
-    init_ray(ray_address)
+    if ray_address:
+        init_ray(ray_address)  # else build_bank starts a local Ray once the options are checked
     try:
         report = build_bank(config, on_progress=ConsolePrinter(config.pipeline.progress_interval_s))
-    except (EncoderWeightsError, BankMismatchError, ValueError) as exc:
+    except (EncoderWeightsError, EncoderStartError, BankMismatchError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     if as_json:

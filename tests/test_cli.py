@@ -45,11 +45,15 @@ def test_make_corpus_build_and_rebuild(tmp_path):
     assert again.returncode == 0 and "already up to date" in again.stdout
 
 
-def test_unavailable_weights_exit_2_with_the_fix(tmp_path):
+@pytest.mark.parametrize("encoder", ["tiny-clip", "clip-vit-b32"])
+def test_unavailable_weights_exit_2_with_the_fix(tmp_path, encoder):
+    # tiny-clip has no published weights (refused before Ray starts); clip-vit-b32's cannot be
+    # downloaded offline (the encoder actor fails to load them).
     refbank("make-corpus", str(tmp_path / "c"), "--shards", "1", "--samples-per-shard", "2", "--image-size", "96")
-    out = refbank("build", str(tmp_path / "c" / "*.tar"), str(tmp_path / "bank"), "--encoder", "tiny-clip")
-    assert out.returncode == 2
+    out = refbank("build", str(tmp_path / "c" / "*.tar"), str(tmp_path / "bank"), "--encoder", encoder)
+    assert out.returncode == 2, out.stderr
     assert "untrained" in out.stderr and "Traceback" not in out.stderr
+    assert manifest.current_version(str(tmp_path / "bank")) is None
 
 
 def test_failed_shard_exits_1_and_lists_it(tmp_path):
