@@ -162,3 +162,16 @@ def test_bad_samples_become_rejects_and_bad_shards_fail_the_build(corpus, tmp_pa
     rejects = store.read_rejects(bank, name)
     assert sorted(zip(rejects["key"].to_pylist(), rejects["reason"].to_pylist())) == [
         ("bad-image", "undecodable_image"), ("bad-json", "bad_json"), ("no-image", "missing_image")]
+
+
+def test_timm_encoder_on_unmasked_images_gives_unlabelled_superpixel_segments(corpus, tmp_path):
+    root, summary = corpus
+    config = tiny_config(str(root / "train-000000.tar"), str(tmp_path / "bank"), mask_kind="none")
+    config = type(config)(**{**vars(config), "encoder": type(config.encoder)(name="tiny-dino", weights="untrained")})
+    report = build_bank(config)
+    assert report.ok and report.samples == 6
+    table = read_bank(str(tmp_path / "bank"))
+    assert table.num_rows > 6  # several superpixels per image
+    assert set(table["label_source"].to_pylist()) == {"none"} and set(table["label"].to_pylist()) == {None}
+    assert all(table["text_embedding"].is_null().to_pylist())  # DINOv2-style encoders have no text tower
+    assert table.schema.field("visual_embedding").type.list_size == manifest.read_manifest(str(tmp_path / "bank"))["dims"]["visual"]
