@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,22 +20,10 @@ from bank_builder.encoder_pool import EncoderPool
 from bank_builder.encoders import EncoderSpec, resolve_spec
 from bank_builder.ingest import list_shards
 from bank_builder.progress import BuildProgress, ProgressCallback
+from bank_builder.ray_runtime import init_ray
 from bank_builder.workers import decode_shard, write_shard
 
 log = logging.getLogger("refbank.build")
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the Ray cluster at `address`, or start a local one when `address` is None."""
-    if ray.is_initialized():
-        return
-    if address is None:
-        # A local Ray advertises the machine's external interface by default; this keeps the whole local
-        # cluster on 127.0.0.1. A real cluster (an address) keeps its real addresses.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address=address)
 
 
 @dataclass

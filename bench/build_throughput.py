@@ -29,7 +29,8 @@ from bank_builder.config import BuildConfig, EncoderConfig, PipelineConfig
 from bank_builder.embed import prepare_image
 from bank_builder.encoders import load_encoder, resolve_spec
 from bank_builder.ingest import iter_samples, list_shards
-from bank_builder.pipeline import build_bank, init_ray
+from bank_builder.pipeline import build_bank
+from bank_builder.ray_runtime import init_ray
 from bank_builder.records import Reject
 from bank_builder.segments import make_segments
 from bank_builder.synthetic import CorpusConfig, make_corpus

@@ -1,0 +1,159 @@
+"""Add in parallel: one Ray task per part encodes the part's vectors with the shared trained index and writes
+its inverted lists as one staging object laid out by list, so a slice builder reads only its list range.
+
+Staging object of a part (little-endian, no header; nlist, code size, C and refine come from the manifest):
+  offsets  int64[nlist + 1]   entries of list l are records offsets[l] .. offsets[l+1]
+  records  RECORD[n]          sorted by list, rows in part order within a list;
+                              RECORD = (id int64, code uint8[code_size][, vector float16[C]])
+
+Encoding is what IndexIVF.add_with_ids does (coarse-assign with the quantizer, then encode_vectors on the
+assigned lists), so the codes equal those of one monolithic index built from the same trained index.
+The same pass computes, per part, the exact top-k of the autotune queries and the part's label texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import ray
+
+from bank_builder import storage
+from bank_builder.index import layout, source
+from bank_builder.index.params import apply_chain, split_index
+from bank_builder.index.train import deserialize
+
+
+def record_dtype(code_size: int, dim: int, refine: bool) -> np.dtype:
+    """The packed record of one stored vector: id, code, and the float16 vector when refine is on."""
+    fields: list[tuple] = [("id", "<i8"), ("code", "u1", (code_size,))]
+    if refine:
+        fields.append(("vector", "<f2", (dim,)))
+    return np.dtype(fields)
+
+
+@dataclass
+class PartAdded:
+    """What one add task reports back: list sizes, exact neighbours of the queries, label texts."""
+
+    name: str
+    rows: int
+    list_sizes: np.ndarray  # (nlist,) int64
+    exact_scores: np.ndarray  # (n_queries, k) float32 inner products, best first
+    exact_ids: np.ndarray  # (n_queries, k) int64 segment ids (-1 where the part has fewer than k rows)
+    labels: list[str] = field(default_factory=list)
+    text: np.ndarray | None = None  # (len(labels), D) float16, the first text embedding of each label
+
+
+def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(list number (n,) int64, code (n, code_size) uint8) of vectors x (n, C) float32."""
+    xt = np.ascontiguousarray(apply_chain(chain, x), dtype=np.float32)
+    _, assign = ivf.quantizer.search(xt, 1)
+    lists = np.ascontiguousarray(assign[:, 0])
+    codes = np.empty((len(x), ivf.code_size), dtype=np.uint8)
+    ivf.encode_vectors(len(x), faiss.swig_ptr(xt), faiss.swig_ptr(lists), faiss.swig_ptr(codes), False)
+    return lists, codes
+
+
+class _Labels:
+    """First text embedding seen for each label of a part."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, np.ndarray] = {}
+
+    def add(self, table) -> None:
+        valid = (table["label"].is_valid().to_numpy(zero_copy_only=False)
+                 & table["text_embedding"].is_valid().to_numpy(zero_copy_only=False))
+        if not valid.any():
+            return
+        labels = np.array(table["label"].to_pylist(), dtype=object)[valid]
+        text = source.matrix(table["text_embedding"])[valid]
+        names, first = np.unique(labels.astype(str), return_index=True)
+        for name, i in zip(names, first):
+            self.seen.setdefault(str(name), text[i])
+
+    def arrays(self) -> tuple[list[str], np.ndarray | None]:
+        names = sorted(self.seen)
+        return names, (np.stack([self.seen[n] for n in names]) if names else None)
+
+
+def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.ndarray, k: int,
+             refine: bool, text: bool, storage_options: dict[str, Any] | None) -> PartAdded:
+    """Encode one part row group by row group; write its staging object; return sizes, exact top-k, labels."""
+    faiss.omp_set_num_threads(1)  # one task = one CPU; parallelism comes from running tasks side by side
+    index = deserialize(trained)
+    chain, ivf = split_index(index)
+    dtype = record_dtype(ivf.code_size, index.d, refine)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    labels = _Labels()
+    lists, records = [], []
+    columns = ["segment_id", source.VISUAL] + (["label", "text_embedding"] if text else [])
+    for table in source.iter_row_groups(bank, part["name"], columns, storage_options):
+        x16 = source.matrix(table[source.VISUAL])
+        ids = table["segment_id"].to_numpy()
+        x = x16.astype(np.float32)
+        if len(queries):
+            scores, rows = faiss.knn(queries, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(scores, np.where(rows >= 0, ids[rows], -1))
+        assign, codes = encode(chain, ivf, x)
+        rec = np.empty(len(x), dtype=dtype)
+        rec["id"], rec["code"] = ids, codes
+        if refine:
+            rec["vector"] = x16
+        lists.append(assign)
+        records.append(rec)
+        if text:
+            labels.add(table)
+    heap.finalize()
+    assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+    order = np.argsort(assign, kind="stable")  # by list; part row order kept within a list
+    sizes = np.bincount(assign, minlength=ivf.nlist).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype("<i8")
+    body = np.concatenate(records)[order] if records else np.zeros(0, dtype)
+    storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), storage_options)
+    names, vectors = labels.arrays()
+    return PartAdded(part["name"], len(assign), sizes, heap.D, heap.I, names, vectors)
+
+
+@dataclass
+class AddResult:
+    """All parts added: total list sizes, exact top-k of the queries over the whole bank, label texts."""
+
+    list_sizes: np.ndarray  # (nlist,) int64
+    rows: dict[str, int]  # part name → vectors
+    exact_scores: np.ndarray
+    exact_ids: np.ndarray
+    labels: dict[str, np.ndarray]  # label → text embedding (float16), first seen in part-ordinal order
+
+
+def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist: int, queries: np.ndarray,
+              k: int, refine: bool, text: bool, storage_options: dict[str, Any] | None) -> AddResult:
+    """Run one add task per part; merge what they report as they finish."""
+    task = ray.remote(num_cpus=1, max_retries=2)(add_part)  # a retry rewrites the same staging object
+    trained_ref, queries_ref = ray.put(trained), ray.put(np.ascontiguousarray(queries, np.float32))
+    pending = {task.remote(bank, p, trained_ref, layout.staging_url(bank, index_id, p["name"]), queries_ref,
+                           k, refine, text, storage_options): p for p in parts}
+    sizes = np.zeros(nlist, np.int64)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    rows, by_part = {}, {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        part = pending.pop(done[0])
+        added: PartAdded = ray.get(done[0])
+        if added.rows != part["rows"]:
+            raise layout.IndexCorruptError(f"part {part['name']} has {added.rows} rows but the manifest says "
+                                           f"{part['rows']}; the part changed after it was committed")
+        sizes += added.list_sizes
+        if len(queries):
+            heap.add_result(added.exact_scores, added.exact_ids)
+        rows[part["name"]] = added.rows
+        by_part[part["ordinal"]] = (added.labels, added.text)
+    heap.finalize()
+    labels: dict[str, np.ndarray] = {}
+    for ordinal in sorted(by_part):
+        names, vectors = by_part[ordinal]
+        for i, name in enumerate(names):
+            labels.setdefault(name, vectors[i])
+    return AddResult(sizes, rows, heap.D, heap.I, labels)

@@ -1,0 +1,135 @@
+"""Train once: sample vectors from the parts (Ray task per part, row groups only), k-means the coarse
+quantizer (on GPU where faiss sees one), train the code (PQ / SQ / OPQ) on the residuals, serialise."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import ray
+
+from bank_builder import store
+from bank_builder.index import source
+from bank_builder.index.params import MIN_POINTS_PER_LIST, IndexConfig, IndexParams, make_index, split_index
+
+log = logging.getLogger("refbank.index")
+
+
+@dataclass
+class Sample:
+    """Training vectors and held-out autotune queries, float32 (n, C), as stored (L2-normalised float16)."""
+
+    train: np.ndarray
+    queries: np.ndarray
+    query_ids: np.ndarray  # (n_queries,) int64 segment ids of the query vectors
+
+
+def plan_sample(parts: list[dict], n_train: int, n_queries: int, seed: int,
+                oversample: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per part name: (sorted training rows, sorted query rows), disjoint, drawn without replacement.
+
+    Rows are drawn uniformly from a random set of row groups holding `oversample` times the rows needed, so
+    a sample of a huge bank reads ~oversample·(n_train + n_queries) rows instead of touching every row group."""
+    rows = np.array([p["rows"] for p in parts], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    group_starts = np.concatenate([np.arange(s, s + r, store.ROW_GROUP_SIZE) for s, r in zip(starts, rows)])
+    group_ends = np.minimum(group_starts + store.ROW_GROUP_SIZE, np.repeat(starts[1:], -(-rows // store.ROW_GROUP_SIZE)))
+    rng = np.random.default_rng(seed)
+    need = n_train + n_queries
+    order = rng.permutation(len(group_starts))
+    take = int(np.searchsorted(np.cumsum(group_ends[order] - group_starts[order]), oversample * need)) + 1
+    chosen_groups = np.sort(order[:take])
+    pool = np.concatenate([np.arange(a, b) for a, b in zip(group_starts[chosen_groups], group_ends[chosen_groups])])
+    chosen = pool[rng.choice(len(pool), need, replace=False)]
+    plan = {}
+    for i, p in enumerate(parts):
+        def local(g: np.ndarray) -> np.ndarray:
+            return np.sort(g[(g >= starts[i]) & (g < starts[i + 1])] - starts[i])
+
+        plan[p["name"]] = (local(chosen[n_queries:]), local(chosen[:n_queries]))
+    return plan
+
+
+def sample_vectors(bank: str, parts: list[dict], params: IndexParams, seed: int,
+                   storage_options: dict[str, Any] | None) -> Sample:
+    """Read the planned rows of every part in parallel (one Ray task per part that has some)."""
+    plan = plan_sample(parts, params.n_train, params.n_queries, seed)
+    read = ray.remote(num_cpus=1, max_retries=2)(source.read_rows)
+    refs = {}
+    for p in parts:
+        train_rows, query_rows = plan[p["name"]]
+        if len(train_rows) + len(query_rows):
+            refs[p["name"]] = read.remote(bank, p["name"], np.union1d(train_rows, query_rows), storage_options)
+    train, queries, ids = [], [], []
+    for p in parts:
+        if p["name"] not in refs:
+            continue
+        train_rows, query_rows = plan[p["name"]]
+        both = np.union1d(train_rows, query_rows)
+        x = ray.get(refs.pop(p["name"]))
+        train.append(x[np.searchsorted(both, train_rows)])
+        queries.append(x[np.searchsorted(both, query_rows)])
+        ids.append([store.segment_id(p["ordinal"], int(r)) for r in query_rows])
+    return Sample(train=np.concatenate(train).astype(np.float32),
+                  queries=np.concatenate(queries).astype(np.float32),
+                  query_ids=np.concatenate(ids).astype(np.int64))
+
+
+def use_gpu(requested: bool | None) -> bool:
+    """Whether to run k-means on GPU: `requested`, or (None) whether faiss sees a GPU."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if requested and gpus == 0:
+        raise ValueError("IndexConfig(use_gpu=True) but faiss sees no GPU (is faiss-cpu installed?); install "
+                         "faiss-gpu on a GPU machine, or leave use_gpu=None to use a GPU only when there is one")
+    return gpus > 0 if requested is None else bool(requested)
+
+
+def train_index(params: IndexParams, x: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, bool]:
+    """(the trained empty index, whether k-means ran on GPU) for training vectors x (n, C) float32."""
+    if len(x) < params.nlist:
+        raise ValueError(f"{params.factory!r} has {params.nlist} lists but only {len(x)} training vectors exist; "
+                         f"use fewer lists (≤ {max(1, len(x) // MIN_POINTS_PER_LIST)}) or a bigger bank")
+    if len(x) < MIN_POINTS_PER_LIST * params.nlist:
+        log.warning("training %d lists on %d vectors (faiss advises ≥ %d)", params.nlist, len(x),
+                    MIN_POINTS_PER_LIST * params.nlist)
+    index = make_index(params.factory, params.dim)
+    chain, ivf = split_index(index)
+    for vt in chain:  # OPQ: learn the rotation first, then everything downstream sees rotated vectors
+        vt.train(x)
+        x = vt.apply(x)
+    gpu = use_gpu(config.use_gpu)
+    # Spherical k-means: centroids stay unit-norm, the right quantizer for inner product on normalised vectors.
+    kmeans = faiss.Kmeans(ivf.d, params.nlist, niter=config.kmeans_iters, seed=config.seed, spherical=True,
+                          gpu=gpu, min_points_per_centroid=1)
+    kmeans.train(np.ascontiguousarray(x))
+    ivf.quantizer.add(kmeans.centroids)
+    _quiet_pq(ivf, len(x))
+    ivf.train(x)  # the quantizer is trained (ntotal == nlist), so this trains only the code on residuals
+    index.is_trained = True
+    return index, gpu
+
+
+def _quiet_pq(ivf: faiss.IndexIVF, n: int) -> None:
+    """Skip polysemous training; warn once (not once per sub-quantizer, as faiss does) on few training points."""
+    pq = getattr(ivf, "pq", None)
+    if pq is None:
+        return
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False  # only serves polysemous_ht filtering, which refbank does not use; slow
+    if n < MIN_POINTS_PER_LIST * pq.ksub:
+        log.warning("PQ trains %d centroids per sub-quantizer on %d vectors (faiss advises ≥ %d); codes may be "
+                    "coarse — raise train_sample or use a smaller index", pq.ksub, n, MIN_POINTS_PER_LIST * pq.ksub)
+    pq.cp.min_points_per_centroid = 1
+
+
+def serialize(index: faiss.Index) -> bytes:
+    """The index in plain faiss format (what faiss.write_index writes): readable by faiss.read_index."""
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    """The index serialised by `serialize`."""
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
