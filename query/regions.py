@@ -1,0 +1,189 @@
+"""Query regions: an image cut into regions (superpixels or the encoder's patch grid), reference prompts
+(mask, box, scribble) turned into masks, and region embeddings pooled exactly as the builder pools segments.
+
+Region embeddings go through `bank_builder.embed.encode_batch`, the builder's own call (squash to the
+encoder's S×S input, exact area-weighted soft masks on the g×g grid, mask pooling, float16), so a query
+region and a bank segment with the same pixels get the same vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from bank_builder.config import SegmentConfig
+from bank_builder.embed import encode_batch, prepare_image
+from bank_builder.encoders import Encoder
+from bank_builder.segments import superpixel_segments
+
+RegionKind = Literal["superpixel", "grid"]
+Box = tuple[float, float, float, float]  # XYXY pixels, max exclusive
+Point = tuple[float, float]  # (x, y) pixels
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """How a query image is cut into regions.
+
+    kind: "superpixel" (Felzenszwalb with the builder's SegmentConfig superpixel options) or "grid" (one
+    region per g×g feature cell of the encoder, i.e. per patch token).
+    """
+
+    kind: RegionKind = "superpixel"
+    segments: SegmentConfig = field(default_factory=SegmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("superpixel", "grid"):
+            raise ValueError(f"RegionConfig.kind={self.kind!r}: use 'superpixel' or 'grid'")
+
+
+@dataclass(eq=False)
+class Regions:
+    """Regions of one image. masks: (n, H, W) bool, disjoint, covering the image; embeddings: (n, C)
+    float32 L2-normalised (the builder's float16 values widened, so norms are 1 ± 1e-3)."""
+
+    masks: np.ndarray
+    embeddings: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+
+def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """The image if it is (H, W, 3) uint8 RGB with H, W ≥ 1; ValueError naming the fix otherwise."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise ValueError(f"{what} must be an (H, W, 3) uint8 RGB array, got shape {image.shape} {image.dtype}; "
+                         "decode it with PIL and np.asarray(img.convert('RGB'))")
+    return image
+
+
+def grid_masks(height: int, width: int, grid: int) -> np.ndarray:
+    """(n ≤ grid², H, W) bool: pixel (r, c) belongs to cell (r·grid // H, c·grid // W) of the encoder's grid
+    after the squash to S×S (the cell holding its top-left corner; exact when H, W are multiples of grid);
+    cells without a pixel (H or W < grid) are left out."""
+    rows = np.arange(height) * grid // height
+    cols = np.arange(width) * grid // width
+    cell = rows[:, None] * grid + cols[None, :]
+    ids = np.unique(cell)
+    return cell[None, :, :] == ids[:, None, None]
+
+
+def region_masks(image: np.ndarray, config: RegionConfig, grid: int) -> np.ndarray:
+    """(n, H, W) bool disjoint masks covering an (H, W, 3) uint8 image: superpixels or the g×g patch grid."""
+    image = check_image(image)
+    if config.kind == "grid":
+        return grid_masks(image.shape[0], image.shape[1], grid)
+    return np.stack(superpixel_segments(image, config.segments))
+
+
+def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 image + n (H, W) bool non-empty masks → (n, C) float32, pooled by the builder's own
+    path (prepare_image + encode_batch: one encoder call, float16 values widened to float32)."""
+    image = check_image(image)
+    masks = list(masks)
+    for i, mask in enumerate(masks):
+        if np.shape(mask) != image.shape[:2]:
+            raise ValueError(f"mask {i} has shape {np.shape(mask)}, the image is {image.shape[:2]} (H, W)")
+        if not np.any(mask):
+            raise ValueError(f"mask {i} is empty; every region must cover at least one pixel")
+    if not masks:
+        return np.zeros((0, encoder.spec.visual_dim), np.float32)
+    resized, soft = prepare_image(image, [np.asarray(m, dtype=bool) for m in masks], encoder.spec)
+    index = np.zeros(len(masks), dtype=np.int64)
+    out = encode_batch(encoder, np.stack([resized]), soft, index, [None] * len(masks), {})
+    return out.visual.astype(np.float32)
+
+
+def image_regions(encoder: Encoder, image: np.ndarray, config: RegionConfig = RegionConfig()) -> Regions:
+    """Regions of an (H, W, 3) uint8 image with their embeddings (one encoder call)."""
+    masks = region_masks(image, config, encoder.spec.grid)
+    return Regions(masks=masks, embeddings=embed_masks(encoder, image, masks))
+
+
+# ----------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """A reference prompt: an (H, W, 3) uint8 image and exactly one of mask ((H, W) bool), box (XYXY pixels) or
+    scribble ((x, y) points, a polyline); references sharing a label form one class."""
+
+    image: np.ndarray
+    mask: np.ndarray | None = None
+    box: Box | None = None
+    scribble: Sequence[Point] | None = None
+    label: str = "target"
+
+
+def prompt_mask(shape: tuple[int, int], mask: np.ndarray | None = None, box: Box | None = None,
+                scribble: Sequence[Point] | None = None, scribble_width: int | None = None) -> np.ndarray:
+    """The (H, W) bool region of a reference prompt; exactly one of:
+
+    mask: (H, W) bool / 0-1 array, non-empty; box: XYXY pixels (max exclusive, floats rounded), inside the
+    image; scribble: polyline of (x, y) pixel points inside the image, drawn `scribble_width` px wide
+    (default max(3, min(H, W) // 32)); one point is a dot of that width.
+    """
+    height, width = shape
+    given = [name for name, v in (("mask", mask), ("box", box), ("scribble", scribble)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"a reference needs exactly one of mask, box or scribble; got {given or 'none'}")
+    if mask is not None:
+        return _check_mask(mask, shape)
+    if box is not None:
+        return _box_mask(box, shape)
+    points = _check_points(scribble, shape)
+    line = scribble_width if scribble_width is not None else max(3, min(height, width) // 32)
+    if line < 1:
+        raise ValueError(f"scribble_width must be ≥ 1 pixel, got {line}")
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    if len(points) > 1:
+        draw.line(points, fill=255, width=line, joint="curve")
+    for x, y in points:  # round caps and single points
+        draw.ellipse((x - line / 2, y - line / 2, x + line / 2, y + line / 2), fill=255)
+    return np.asarray(canvas) > 0
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.shape != tuple(shape):
+        raise ValueError(f"reference mask has shape {array.shape}, its image is {tuple(shape)} (H, W); "
+                         "give a mask at the reference image's resolution")
+    array = array.astype(bool)
+    if not array.any():
+        raise ValueError("reference mask is empty; mark at least one pixel of the reference object")
+    return array
+
+
+def _box_mask(box: Box, shape: tuple[int, int]) -> np.ndarray:
+    height, width = shape
+    try:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be 4 numbers XYXY (x0, y0, x1, y1) in pixels, got {box!r}") from None
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {tuple(box)} (XYXY pixels, max exclusive) is not a non-empty box inside the "
+                         f"{width}x{height} (W x H) image; clip it to 0 ≤ x0 < x1 ≤ {width}, "
+                         f"0 ≤ y0 < y1 ≤ {height}")
+    out = np.zeros(shape, dtype=bool)
+    out[y0:y1, x0:x1] = True
+    return out
+
+
+def _check_points(points: Sequence[Point], shape: tuple[int, int]) -> list[tuple[float, float]]:
+    height, width = shape
+    try:
+        array = np.asarray(points, dtype=np.float64).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+    except (TypeError, ValueError):
+        raise ValueError("scribble must be a list of (x, y) pixel points") from None
+    if not len(array) or not np.isfinite(array).all():
+        raise ValueError("scribble must be a non-empty list of finite (x, y) pixel points")
+    outside = (array[:, 0] < 0) | (array[:, 0] > width) | (array[:, 1] < 0) | (array[:, 1] > height)
+    if outside.any():
+        raise ValueError(f"scribble point {tuple(array[np.argmax(outside)])} lies outside the {width}x{height} "
+                         "(W x H) image; points are (x, y) pixels")
+    return [(float(x), float(y)) for x, y in array]
