@@ -1,0 +1,415 @@
+"""HTTP API of one reference bank (FastAPI): segment an image, search the bank, describe it, reload a version.
+
+    POST /v1/segment   multipart: `image` file, `options` JSON (SegmentOptions), reference images / masks as
+                       more files → SegmentResponse JSON, or one PNG (label map / overlay)
+    POST /v1/search    multipart (`image` file + `options`) or JSON (SearchOptions: text / vector) → top-k hits
+    GET  /v1/bank      version, encoder spec (untrained flag), totals, index parameters, cache statistics
+    POST /admin/reload switch to another bank version (default CURRENT) without dropping a request
+    GET  /healthz      the process is up;  GET /readyz  the bank and encoder are loaded (503 until then)
+    GET  /metrics      Prometheus: requests and latency per endpoint, slice-cache counters and gauges
+    GET  /             a page to try it in a browser;  /docs, /openapi.json  the API description
+
+Every error is JSON {"error": code, "detail": message} with a 4xx status for anything the client can fix.
+Encoder forwards and searches run in the threadpool, one encoder forward at a time. With a token configured,
+/v1/* and /admin/* need `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+
+from bank_builder.manifest import current_version
+from query.api_models import (
+    BankResponse,
+    ErrorResponse,
+    ReloadRequest,
+    SearchOptions,
+    SearchResponse,
+    SegmentOptions,
+    SegmentResponse,
+)
+from query.bank import list_versions
+from query.middleware import BodyLimit, Metrics, MetricsMiddleware, SafeJSONResponse, install_error_handlers
+from query.regions import Reference, embed_masks, prompt_mask
+from query.render import SegmentationResult, label_map_png, overlay_png, palette
+from query.segment import ForegroundConfig, OpenSetConfig, ReferenceConfig, VocabularyConfig
+from query.serving import ApiError, ServiceConfig, ServiceState, Snapshot, decode_image, decode_mask
+
+__all__ = ["ApiError", "ServiceConfig", "create_app", "serve"]
+
+log = logging.getLogger("refbank.service")
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503)}
+
+
+# ----------------------------------------------------------------------------------------- the app
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The service for `config.bank`. Loading (encoder + bank) starts in a background thread when the server
+    starts, so /healthz answers at once and /readyz turns 200 when loaded; call `app.state.service.load()`
+    first to load before serving (as `serve` does)."""
+    state = ServiceState(config)
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not state.ready:
+            threading.Thread(target=_load_logged, args=(state,), name="refbank-load", daemon=True).start()
+        yield
+
+    app = FastAPI(title="refbank", version="1", lifespan=lifespan, default_response_class=SafeJSONResponse,
+                  description="Retrieval segmentation over a reference bank. Errors: {error, detail}.")
+    app.state.service, app.state.registry = state, registry
+    app.state.page = resources.files("query").joinpath("static/index.html").read_text(encoding="utf-8")
+    for router in (pages, probes, api, admin):
+        app.include_router(router)
+    install_error_handlers(app)
+    paths = {route.path for router in (pages, probes, api, admin) for route in router.routes}
+    paths |= {app.openapi_url, app.docs_url, app.redoc_url}
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=Metrics(registry, state), paths=paths)  # outermost
+    return app
+
+
+def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Load the bank and its encoder (failing fast with the loader's message), then serve with uvicorn."""
+    import uvicorn
+
+    app = create_app(config)
+    app.state.service.load()
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _load_logged(state: ServiceState) -> None:
+    try:
+        state.load()
+    except Exception:
+        log.exception("loading bank %s failed; /readyz reports it", state.config.bank)
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+_bearer = HTTPBearer(auto_error=False, description="needed when the server runs with a token")
+
+
+async def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """401 unless the request carries the configured bearer token (no token configured: open)."""
+    token = _state(request).config.token
+    if token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token; send the header "
+                                            "'Authorization: Bearer <token>'")
+
+
+pages = APIRouter(include_in_schema=False)
+probes = APIRouter(tags=["probes"])
+api = APIRouter(prefix="/v1", tags=["bank"], dependencies=[Depends(require_token)], responses=ERRORS)
+admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_token)], responses=ERRORS)
+
+
+@pages.get("/")
+async def page(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page)
+
+
+@probes.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@probes.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> dict[str, Any]:
+    """200 once the bank and its encoder are loaded; 503 while loading or after a failed load (with the reason)."""
+    snapshot = _state(request).live
+    return {"status": "ready", "version": snapshot.bank.version, "encoder": snapshot.bank.spec.name,
+            "untrained": snapshot.bank.spec.untrained}
+
+
+@probes.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _multipart(options: type[BaseModel], example: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """OpenAPI request body of a multipart endpoint whose `options` field is a JSON string of `options`."""
+    fields = {"image": {"type": "string", "format": "binary", "description": "the image file (PNG, JPEG, ...)"},
+              "options": {"type": "string", "description": f"JSON object: {options.__name__} (x-options-schema)",
+                          "example": json.dumps(example)}}
+    body = {"multipart/form-data": {"schema": {"type": "object", "properties": fields, "required": required,
+                                               "additionalProperties": {"type": "string", "format": "binary"}}}}
+    if options is SearchOptions:
+        body["application/json"] = {"schema": options.model_json_schema()}
+    return {"requestBody": {"required": True, "content": body}, "x-options-schema": options.model_json_schema()}
+
+
+@api.post("/segment", response_model=None, responses={200: {"model": SegmentResponse,
+                                                            "content": {"image/png": {}}}},
+          openapi_extra=_multipart(SegmentOptions, {"mode": "vocabulary", "classes": ["cat", "grass"],
+                                                    "return": ["json", "overlay"]}, ["image"]))
+async def segment(request: Request) -> Response:
+    """Segment the `image` file. Modes: vocabulary (`classes`), open_set, reference (`references`: each names a
+    form file holding its image and gives a box, scribble or a mask file), foreground."""
+    state = _state(request)
+    config = state.config
+    form = await _read_form(request, max_files=2 + 2 * config.max_references)
+    try:
+        options = _parse_options(form.get("options"), SegmentOptions)
+        if options.classes is not None and len(options.classes) > config.max_vocabulary:
+            raise ApiError(422, "limit_exceeded", f"{len(options.classes)} classes; this server takes at most "
+                                                  f"{config.max_vocabulary} per request")
+        if len(options.references) > config.max_references:
+            raise ApiError(422, "limit_exceeded", f"{len(options.references)} references; at most "
+                                                  f"{config.max_references}")
+        _check_k(options.k, config)
+        names = ["image"]
+        if options.mode == "reference":
+            names += [n for r in options.references for n in (r.image, r.mask) if n is not None]
+        files = await _read_files(form, names)
+    finally:
+        await form.close()
+    return await run_in_threadpool(_run_segment, state, state.live, files, options)
+
+
+@api.post("/search", response_model=SearchResponse,
+          openapi_extra=_multipart(SearchOptions, {"k": 10, "box": [0, 0, 64, 64]}, []))
+async def search(request: Request) -> Any:
+    """Top-k bank segments nearest to one query: an `image` file (the whole image, or `box`, mean-pooled as the
+    bank pools segments), `text` (matched to bank labels; their visual prototype is searched) or `vector`."""
+    state = _state(request)
+    image = None
+    if request.headers.get("content-type", "").startswith("application/json"):
+        options = _parse_options(await request.body(), SearchOptions)
+    else:
+        form = await _read_form(request, max_files=1)
+        try:
+            options = _parse_options(form.get("options") or "{}", SearchOptions)
+            if form.get("image") is not None:
+                image = (await _read_files(form, ["image"]))["image"]
+        finally:
+            await form.close()
+    given = [name for name, value in (("image", image), ("text", options.text), ("vector", options.vector))
+             if value is not None]
+    if len(given) != 1:
+        raise ApiError(422, "invalid_options", f"give exactly one query: an image file, text or vector; got "
+                                               f"{' and '.join(given) or 'none'}")
+    if options.box is not None and image is None:
+        raise ApiError(422, "invalid_options", "box applies to an image query; send the image file too")
+    _check_k(options.k, state.config)
+    return await run_in_threadpool(_run_search, state, state.live, image, options)
+
+
+@api.get("/bank", response_model=BankResponse)
+async def bank_info(request: Request) -> dict[str, Any]:
+    """The live bank version: encoder spec (untrained flag), totals, index parameters, cache statistics."""
+    state = _state(request)
+    return await run_in_threadpool(_bank_info, state, state.live)
+
+
+@admin.post("/reload")
+async def reload(request: Request, version: str | None = Query(None, description="default: the bank's CURRENT")
+                 ) -> dict[str, Any]:
+    """Serve another bank version (body {"version": ...} or ?version=; default CURRENT). The new version is
+    loaded off to the side and swapped in; requests in flight finish on the old one. 404 for an unknown
+    version (with the available ones), 409 when its encoder or index cannot be served here."""
+    state = _state(request)
+    body = await request.body()
+    if body.strip():
+        version = _parse_options(body, ReloadRequest).version or version
+    start = time.perf_counter()
+    previous, current = await run_in_threadpool(state.reload, version)
+    return {"previous": previous, "version": current, "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ----------------------------------------------------------------------------------------- request parsing
+
+
+async def _read_form(request: Request, max_files: int) -> FormData:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data: an 'image' file and an 'options' "
+                                                      "field holding a JSON object")
+    return await request.form(max_files=max_files, max_fields=8, max_part_size=1 << 20)
+
+
+def _parse_options(raw: Any, model: type[BaseModel]) -> Any:
+    """`raw` (JSON text or bytes; None = {}) validated as `model`: 400 for bad JSON, 422 for wrong fields."""
+    if raw is None:
+        raw = "{}"
+    if isinstance(raw, UploadFile):
+        raise ApiError(422, "invalid_options", "options must be a plain form field holding JSON, not a file")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_options", f"options is not valid JSON ({exc}); send a JSON object such as "
+                                               '{"mode": "vocabulary", "classes": ["cat"]}') from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_options", f"options must be a JSON object, got {type(value).__name__}")
+    return model.model_validate(value)
+
+
+async def _read_files(form: FormData, names: list[str]) -> dict[str, bytes]:
+    out = {}
+    for name in dict.fromkeys(names):
+        value = form.get(name)
+        if value is None:
+            raise ApiError(422, "missing_file", f"the form has no file field {name!r}; add it "
+                                                "(multipart/form-data, a file part)")
+        if not isinstance(value, UploadFile):
+            raise ApiError(422, "missing_file", f"form field {name!r} must be a file upload, not a text field")
+        out[name] = await value.read()
+    return out
+
+
+def _check_k(k: int | None, config: ServiceConfig) -> None:
+    if k is not None and k > config.max_k:
+        raise ApiError(422, "limit_exceeded", f"k={k} is above this server's max_k={config.max_k}")
+
+
+# ----------------------------------------------------------------------------------------- the work (threadpool)
+
+
+def _run_segment(state: ServiceState, snapshot: Snapshot, files: dict[str, bytes], options: SegmentOptions
+                 ) -> Response:
+    config, timings, start = state.config, {}, time.perf_counter()
+    images = {"image": decode_image(files["image"], config.max_pixels, "image")}
+    references = []
+    if options.mode == "reference":
+        for i, ref in enumerate(options.references):
+            if ref.image not in images:
+                images[ref.image] = decode_image(files[ref.image], config.max_pixels, f"reference {i} image")
+            image = images[ref.image]
+            mask = (None if ref.mask is None else
+                    decode_mask(files[ref.mask], image.shape[:2], config.max_pixels, f"reference {i} mask"))
+            references.append(Reference(image, mask=mask, box=ref.box, scribble=ref.scribble, label=ref.label))
+    timings["decode"], start = _ms(start), time.perf_counter()
+    with state.encoder_lock:
+        result = _dispatch(snapshot.segmenters[options.region], images["image"], references, options)
+    timings["segment"], start = _ms(start), time.perf_counter()
+    if isinstance(options.return_, str) and options.return_ != "json":
+        png = (label_map_png(result) if options.return_ == "label_map"
+               else overlay_png(images["image"], result, float(options.alpha)))
+        return Response(png, media_type="image/png", headers={
+            "X-Refbank-Version": snapshot.bank.version, "X-Refbank-Classes": json.dumps(result.classes),
+            "X-Refbank-Untrained": str(result.untrained).lower()})
+    parts = options.parts
+    out: dict[str, Any] = {"version": snapshot.bank.version, "legend": _legend(result)}
+    if "json" in parts:
+        out["result"] = result.to_dict()
+    if "label_map" in parts:
+        out["label_map_png"] = base64.b64encode(label_map_png(result)).decode("ascii")
+    if "overlay" in parts:
+        out["overlay_png"] = base64.b64encode(overlay_png(images["image"], result, float(options.alpha))).decode()
+    timings["render"] = _ms(start)
+    out["timings_ms"] = timings
+    return SafeJSONResponse(out)
+
+
+def _dispatch(segmenter: Any, image: np.ndarray, references: list[Reference],
+              options: SegmentOptions) -> SegmentationResult:
+    """Run the mode `options` names; a bad option raises ValueError (→ 400) from the segmenter."""
+    mode, o = options.mode, options
+    if mode == "vocabulary":
+        if not o.classes:
+            raise ApiError(422, "invalid_options", 'vocabulary mode needs "classes": a list of class names, '
+                                                   'e.g. ["cat", "grass"]')
+        return segmenter.vocabulary(image, o.classes, VocabularyConfig(**_given(
+            labels_per_class=o.labels_per_class, text_temperature=o.temperature, combine=o.combine,
+            background_threshold=o.background_threshold)))
+    if mode == "open_set":
+        return segmenter.open_set(image, OpenSetConfig(**_given(k=o.k, temperature=o.temperature,
+                                                                min_share=o.min_share)))
+    if mode == "reference":
+        if not references:
+            raise ApiError(422, "invalid_options", 'reference mode needs "references": [{"image": "<form file>", '
+                                                   '"box": [x0, y0, x1, y1], "label": "..."}]')
+        return segmenter.reference(image, references, ReferenceConfig(**_given(fpr=o.fpr, k=o.k,
+                                                                               temperature=o.temperature)))
+    labels = None if o.foreground_labels is None else frozenset(o.foreground_labels)
+    return segmenter.foreground(image, ForegroundConfig(**_given(threshold=o.threshold, foreground_labels=labels,
+                                                                 k=o.k, temperature=o.temperature)))
+
+
+def _run_search(state: ServiceState, snapshot: Snapshot, image: bytes | None, options: SearchOptions
+                ) -> dict[str, Any]:
+    if options.vector is not None:
+        vector, query = np.asarray(options.vector, np.float32)[None], {"kind": "vector"}
+    elif options.text is not None:
+        with state.encoder_lock:
+            prototypes, matched = snapshot.segmenters["superpixel"].class_prototypes([options.text])
+        vector = prototypes[0][:1]
+        query = {"kind": "text", "text": options.text, "labels": next(iter(matched.values()))}
+    else:
+        pixels = decode_image(image, state.config.max_pixels, "image")
+        box = options.box
+        mask = prompt_mask(pixels.shape[:2], box=box) if box is not None else np.ones(pixels.shape[:2], bool)
+        with state.encoder_lock:
+            vector = embed_masks(state.encoder, pixels, [mask])
+        query = {"kind": "image", "size": list(pixels.shape[:2]), "box": None if box is None else list(box)}
+    scores, ids = snapshot.searcher.search(vector, options.k, options.nprobe)
+    found = ids[0] >= 0
+    rows = snapshot.bank.metadata(ids[0][found])
+    results = [{"rank": rank, "score": float(score), "segment_id": int(sid),
+                "metadata": {k: v for k, v in row.items() if k != "segment_id"}}
+               for rank, (score, sid, row) in enumerate(zip(scores[0][found], ids[0][found], rows))]
+    return {"version": snapshot.bank.version, "query": query, "k": options.k, "results": results}
+
+
+def _bank_info(state: ServiceState, snapshot: Snapshot) -> dict[str, Any]:
+    bank, config = snapshot.bank, state.config
+    index = bank.index
+    if index is not None:
+        index = {k: index.get(k) for k in ("id", "factory", "kind", "metric", "vectors", "nlist", "code_size",
+                                           "nprobe", "refine", "refine_factor", "k", "recall_at_k", "target_recall",
+                                           "target_met", "created_at")}
+        index["slices"] = len(bank.index["slices"])
+        index["text_labels"] = (bank.index.get("text") or {}).get("labels", 0)
+    return {"uri": bank.uri, "version": bank.version,
+            "current": current_version(bank.uri, bank.storage_options),
+            "versions": list_versions(bank.uri, bank.storage_options), "encoder": bank.manifest["encoder"],
+            "untrained": bool(bank.spec.untrained), "dims": bank.dims, "totals": bank.manifest.get("totals", {}),
+            "index": index, "labels": len(snapshot.table.labels), "cache": snapshot.cache.stats(),
+            "limits": {"max_upload_bytes": config.max_upload_bytes, "max_pixels": config.max_pixels,
+                       "max_k": config.max_k, "max_vocabulary": config.max_vocabulary,
+                       "max_references": config.max_references},
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.loaded_at))}
+
+
+def _legend(result: SegmentationResult) -> list[dict[str, Any]]:
+    """One entry per label-map value: value, label (None = background), overlay colour, pixel count."""
+    colours = palette(len(result.classes) + 1)
+    pixels = np.bincount(result.label_map.ravel(), minlength=len(result.classes) + 1)
+    return [{"value": v, "label": None if v == 0 else result.classes[v - 1],
+             "color": "#{:02x}{:02x}{:02x}".format(*colours[v]), "pixels": int(pixels[v])}
+            for v in range(len(result.classes) + 1)]
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments that were given (not None): the rest keep the config's defaults."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _ms(start: float) -> float:
+    return round(1000 * (time.perf_counter() - start), 2)

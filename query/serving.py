@@ -1,0 +1,291 @@
+"""What the query service holds: the bank's encoder, loaded once, and the live bank version (bank, slice cache,
+searcher, segmenters) as one immutable `Snapshot` that a reload replaces atomically; plus decoding of uploaded
+images under the service's limits.
+
+A request reads `state.live` once and works on that snapshot to the end, so a reload never changes a bank under
+a running request: the new version is opened, its index loaded and its label table built off to the side, and
+only then is the reference swapped; the old snapshot is freed when its last request finishes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from bank_builder import store
+from bank_builder.config import EncoderConfig
+from bank_builder.encoders import Encoder, load_encoder, resolve_spec
+from bank_builder.manifest import BankMismatchError, current_version
+from query.bank import Bank, list_versions, open_bank
+from query.regions import RegionConfig
+from query.search import MAX_K, BankSearcher
+from query.segment import LabelTable, Segmenter
+from query.slices import DEFAULT_MEMORY_BYTES, SliceCache
+
+log = logging.getLogger("refbank.service")
+
+# Cache counters that only grow (summed over every version served); the rest of SliceCache.stats() are gauges.
+CACHE_COUNTERS = ("hits", "misses", "fetches", "bytes_fetched", "disk_hits", "disk_corrupt", "evictions", "oversize",
+                  "fetch_seconds")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Options of the query service.
+
+    bank: bank URI (any fsspec URL); version: the version to serve (None = CURRENT); storage_options: fsspec
+    options of the bank; cache_dir: local disk tier of the slice cache (None = memory only); memory_bytes: the
+    slice cache's memory budget. weights: a local checkpoint path for the bank's encoder when its spec names
+    pretrained weights (untrained banks always load seeded random weights, as built); device: "auto" / "cpu" /
+    "cuda". Limits: max_upload_bytes (whole request body), max_pixels (width × height, checked from the image
+    header before decoding), max_k (search results, ≤ query.search.MAX_K), max_vocabulary (classes per request),
+    max_references (reference prompts per request). token: when set, /v1/* and /admin/* need
+    `Authorization: Bearer <token>`.
+    """
+
+    bank: str
+    version: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    weights: str | None = None
+    device: str = "auto"
+    max_upload_bytes: int = 16 << 20
+    max_pixels: int = 40_000_000
+    max_k: int = 256
+    max_vocabulary: int = 64
+    max_references: int = 8
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_k <= MAX_K:
+            raise ValueError(f"max_k must be between 1 and {MAX_K} (query.search.MAX_K), got {self.max_k}")
+        for name in ("max_upload_bytes", "max_pixels", "max_vocabulary", "max_references"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("token must not be blank; leave it None to serve without authentication")
+
+
+class ApiError(Exception):
+    """An error answered as JSON {"error": code, "detail": detail, **extra} with an HTTP status."""
+
+    def __init__(self, status: int, code: str, detail: Any, **extra: Any) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+class NotReady(ApiError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, "not_ready", detail)
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """One loaded bank version: everything a request needs, never mutated after it is built."""
+
+    bank: Bank
+    cache: SliceCache
+    searcher: BankSearcher
+    table: LabelTable
+    segmenters: dict[str, Segmenter]  # region kind → Segmenter
+    loaded_at: float
+
+
+def label_table(bank: Bank) -> LabelTable:
+    """The bank's label table (labels, text (L, D), prototypes (L, C), counts (L,)): the text index when it carries
+    prototypes; otherwise (temporary, until the text index does) built from the parts, one pass per part: the mean
+    visual embedding of each label's segments, L2-normalised. A bank without labels gets an empty table."""
+    try:
+        text = bank.text_index()
+    except BankMismatchError:
+        return SimpleNamespace(labels=[], text=np.zeros((0, bank.dims["text"] or 1), np.float32),
+                               prototypes=np.zeros((0, bank.dims["visual"]), np.float32), counts=np.zeros(0, np.int64))
+    if getattr(text, "prototypes", None) is not None:
+        return text
+    row_of = {label: i for i, label in enumerate(text.labels)}
+    sums = np.zeros((len(text.labels), bank.dims["visual"]), np.float64)
+    counts = np.zeros(len(text.labels), np.int64)
+    for part in bank.manifest["parts"]:
+        ids = (np.int64(part["ordinal"]) << store.ROW_BITS) + np.arange(part["rows"], dtype=np.int64)
+        rows = np.array([row_of.get(label, -1) if label is not None else -1 for label in bank.labels(ids)])
+        keep = rows >= 0
+        np.add.at(sums, rows[keep], bank.visual_embeddings(ids[keep]))
+        np.add.at(counts, rows[keep], 1)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return SimpleNamespace(labels=list(text.labels), text=text.embeddings,
+                           prototypes=(sums / np.where(norms > 0, norms, 1)).astype(np.float32), counts=counts)
+
+
+def encoder_config(spec: dict[str, Any], weights: str | None = None, device: str = "auto") -> EncoderConfig:
+    """How to load the encoder a bank's manifest records: seeded untrained weights as built; else `weights` (a
+    checkpoint path) when given, the registry's pretrained weights when they are the ones recorded, or the
+    recorded weights as a checkpoint path."""
+    name = spec["name"]
+    if spec.get("untrained"):
+        return EncoderConfig(name=name, weights="untrained", seed=int(spec.get("seed") or 0), device=device)
+    if weights is not None:
+        return EncoderConfig(name=name, weights=weights, device=device)
+    try:
+        pretrained = resolve_spec(EncoderConfig(name=name, weights="pretrained")).weights
+    except Exception:  # no pretrained tag in the registry: the bank was built from a checkpoint
+        pretrained = None
+    return EncoderConfig(name=name, weights="pretrained" if pretrained == spec["weights"] else spec["weights"],
+                         device=device)
+
+
+class ServiceState:
+    """The encoder and the live Snapshot of a running service (thread-safe)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.encoder: Encoder | None = None
+        self.encoder_lock = threading.Lock()  # one encoder forward at a time (CPU cores; text caches)
+        self.error: str | None = None  # why the first load failed
+        self._live: Snapshot | None = None
+        self._reload_lock = threading.Lock()
+        self._retired: Counter[str] = Counter()  # cache counters of versions no longer served
+        self.reloads: Counter[str] = Counter()
+
+    @property
+    def live(self) -> Snapshot:
+        """The snapshot to serve this request from; NotReady (503) before the first load."""
+        snapshot = self._live
+        if snapshot is None:
+            raise NotReady(f"the bank is not loaded: {self.error}" if self.error else "the bank is still loading")
+        return snapshot
+
+    @property
+    def ready(self) -> bool:
+        return self._live is not None
+
+    def load(self) -> Snapshot:
+        """First load: the bank's encoder (from its manifest) and the configured version. Raises on failure."""
+        with self._reload_lock:
+            if self._live is not None:
+                return self._live
+            try:
+                start = time.perf_counter()
+                recorded = open_bank(self.config.bank, self.config.version, self.config.storage_options)
+                self.encoder = load_encoder(encoder_config(recorded.manifest["encoder"], self.config.weights,
+                                                           self.config.device))
+                self._live = self._open(recorded.version)
+                log.info("serving %s %s (%d segments) with encoder %s%s in %.1f s", self.config.bank,
+                         self._live.bank.version, self._live.bank.manifest["totals"]["segments"],
+                         self.encoder.spec.name, " (UNTRAINED weights)" if self.encoder.spec.untrained else "",
+                         time.perf_counter() - start)
+                self.error = None
+                return self._live
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                raise
+
+    def reload(self, version: str | None = None) -> tuple[str, str]:
+        """Serve `version` (None = the bank's CURRENT now): built off to the side, then swapped in one assignment;
+        requests already running finish on the old version. Returns (previous version, new version). ApiError 404
+        for a version the bank does not have, 409 when it cannot be served with this encoder."""
+        if not self.ready:
+            raise NotReady("the bank is not loaded yet, so there is no version to switch from")
+        so = self.config.storage_options
+        with self._reload_lock:
+            available = list_versions(self.config.bank, so)
+            version = version or current_version(self.config.bank, so)
+            if version not in available:
+                self.reloads["unknown_version"] += 1
+                raise ApiError(404, "unknown_version", f"bank {self.config.bank} has no version {version!r}",
+                               available=available)
+            try:
+                fresh = self._open(version)
+            except (BankMismatchError, ValueError) as exc:
+                self.reloads["refused"] += 1
+                raise ApiError(409, "bank_mismatch", str(exc)) from None
+            old = self._live
+            self._retired.update({k: v for k, v in old.cache.stats().items() if k in CACHE_COUNTERS})
+            self._live = fresh  # the swap: one reference assignment
+            self.reloads["ok"] += 1
+        log.info("switched from %s to %s", old.bank.version, fresh.bank.version)
+        return old.bank.version, fresh.bank.version
+
+    def cache_stats(self) -> dict[str, float]:
+        """Slice-cache counters summed over every version served, and the live cache's gauges."""
+        snapshot = self._live
+        stats: dict[str, float] = dict.fromkeys(CACHE_COUNTERS, 0)
+        stats.update(self._retired)
+        if snapshot is not None:
+            for key, value in snapshot.cache.stats().items():
+                stats[key] = stats.get(key, 0) + value if key in CACHE_COUNTERS else value
+        return stats
+
+    def _open(self, version: str) -> Snapshot:
+        """Open `version` checked against the loaded encoder, with its own slice cache and searcher."""
+        assert self.encoder is not None
+        config = self.config
+        bank = open_bank(config.bank, version, config.storage_options, expected_encoder=self.encoder.spec)
+        cache = SliceCache(bank, cache_dir=config.cache_dir, memory_bytes=config.memory_bytes)
+        searcher = BankSearcher(bank, cache)
+        table = label_table(bank)
+        segmenters = {kind: Segmenter(self.encoder, searcher, bank, table, RegionConfig(kind=kind))
+                      for kind in ("superpixel", "grid")}
+        return Snapshot(bank, cache, searcher, table, segmenters, time.time())
+
+
+# ----------------------------------------------------------------------------------------- uploads
+
+
+def decode_image(data: bytes, max_pixels: int, what: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an uploaded image file (EXIF orientation applied). ApiError 400 when it is not an
+    image or cannot be decoded (truncated, corrupt); 413 when its header claims more than max_pixels pixels —
+    checked before any pixel is decoded, so a small file cannot make the server allocate a huge image."""
+    image = _open_image(data, what)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ApiError(413, "image_too_large", f"{what} is {width}x{height} = {width * height} pixels; this server "
+                                               f"takes at most {max_pixels}. Downscale it first.")
+    try:
+        image.load()
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ... on bad data
+        raise ApiError(400, "invalid_image", f"{what} could not be decoded ({exc}); it may be truncated or "
+                                             "corrupt") from None
+
+
+def decode_mask(data: bytes, shape: tuple[int, int], max_pixels: int, what: str = "mask") -> np.ndarray:
+    """(H, W) bool of an uploaded mask image (non-zero pixels in any channel = the object), which must have the
+    `shape` (H, W) of its reference image. ApiError as in decode_image; 400 for a size mismatch."""
+    image = _open_image(data, what)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ApiError(413, "image_too_large", f"{what} is {width}x{height}; at most {max_pixels} pixels")
+    if (height, width) != tuple(shape):
+        raise ApiError(400, "invalid_mask", f"{what} is {width}x{height} (W x H); its reference image is "
+                                            f"{shape[1]}x{shape[0]}: give the mask at the image's size")
+    try:
+        image.load()
+        array = np.asarray(image)
+    except Exception as exc:
+        raise ApiError(400, "invalid_image", f"{what} could not be decoded ({exc})") from None
+    return array.any(axis=2) if array.ndim == 3 else array != 0
+
+
+def _open_image(data: bytes, what: str) -> Image.Image:
+    if not data:
+        raise ApiError(400, "invalid_image", f"{what} is empty")
+    try:
+        return Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:  # PIL's own guard (2 × Image.MAX_IMAGE_PIXELS) fired first
+        raise ApiError(413, "image_too_large", f"{what}: {exc}") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "invalid_image", f"{what} is not an image this server can read (PNG, JPEG, WebP, "
+                                             "BMP, TIFF, GIF)") from None
+    except Exception as exc:
+        raise ApiError(400, "invalid_image", f"{what} could not be read ({exc}); it may be truncated or "
+                                             "corrupt") from None
