@@ -13,6 +13,7 @@ import typer
 from bank_builder.config import (
     BuildConfig, EncoderConfig, IngestConfig, MaskKind, PipelineConfig, SegmentConfig,
 )
+from bank_builder.index.params import IndexConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -20,7 +21,13 @@ app = typer.Typer(
     help="Build reference banks of segment embeddings from WebDataset image+mask corpora, and serve them.",
 )
 
-STORAGE_HELP = "fsspec storage option KEY=VALUE for s3:// URLs (repeatable), e.g. endpoint_url=http://127.0.0.1:9000."
+# Options several commands share, declared once.
+STORAGE_OPTION = typer.Option(None, help="fsspec storage option KEY=VALUE for s3:// URLs (repeatable), "
+                              "e.g. endpoint_url=http://127.0.0.1:9000.")
+ENDPOINT_URL = typer.Option(None, envvar="REFBANK_S3_ENDPOINT", help="S3 endpoint URL.")
+RAY_ADDRESS = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray.")
+AS_JSON = typer.Option(False, "--json", help="Print the report as JSON.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Log stage details.")
 
 
 def _storage_options(items: list[str] | None, endpoint_url: str | None) -> dict[str, str]:
@@ -50,8 +57,8 @@ def make_corpus_cmd(
     image_format: str = typer.Option("jpg", help="Image encoding: jpg or png."),
     heldout_shards: int = typer.Option(0, help="Extra held-out shards (heldout-*.tar) for evaluation."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes byte-identical shards."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=STORAGE_HELP),
-    endpoint_url: Optional[str] = typer.Option(None, envvar="REFBANK_S3_ENDPOINT", help="S3 endpoint URL."),
+    storage_option: Optional[list[str]] = STORAGE_OPTION,
+    endpoint_url: Optional[str] = ENDPOINT_URL,
 ) -> None:
     """Write a synthetic, seeded WebDataset image+mask corpus (scenes cut from scikit-image's photos)."""
     from bank_builder.synthetic import CorpusConfig, make_corpus
@@ -68,8 +75,9 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     from bank_builder.encoder_pool import EncoderStartError
     from bank_builder.encoders import EncoderWeightsError
     from bank_builder.manifest import BankMismatchError
-    from bank_builder.pipeline import build_bank, init_ray
+    from bank_builder.pipeline import build_bank
     from bank_builder.progress import ConsolePrinter
+    from bank_builder.ray_runtime import init_ray
 
     if ray_address:
         init_ray(ray_address)  # else build_bank starts a local Ray once the options are checked
@@ -120,11 +128,11 @@ def build_cmd(
     batch_size: int = typer.Option(PipelineConfig.batch_size, help="Images per encoder call."),
     num_encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else one)."),
     max_attempts: int = typer.Option(PipelineConfig.max_attempts, help="Attempts per shard before it is reported failed."),
-    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray."),
-    storage_option: Optional[list[str]] = typer.Option(None, help=STORAGE_HELP),
-    endpoint_url: Optional[str] = typer.Option(None, envvar="REFBANK_S3_ENDPOINT", help="S3 endpoint URL."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log stage details."),
+    ray_address: Optional[str] = RAY_ADDRESS,
+    storage_option: Optional[list[str]] = STORAGE_OPTION,
+    endpoint_url: Optional[str] = ENDPOINT_URL,
+    as_json: bool = AS_JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Build (or resume, or extend) a bank: segments → embeddings → Parquet parts → a new bank version.
 
@@ -155,6 +163,96 @@ def encoders_cmd() -> None:
                    f"image={e['image_size']} patch={e['patch_size']} dims={e['visual_dim']}/{e.get('text_dim')}")
 
 
+@app.command("index")
+def index_cmd(
+    bank: str = typer.Argument(..., help="Bank URI whose CURRENT version to index (local dir or s3://...)."),
+    factory: Optional[str] = typer.Option(None, help="faiss factory string (IVF variants), e.g. 'IVF4096,PQ32'; "
+                                          "default: chosen from the bank size and --memory-target."),
+    memory_target: int = typer.Option(IndexConfig.memory_target_bytes_per_vector,
+                                      help="Resident bytes per vector of the searchable index (picks the code size)."),
+    opq: bool = typer.Option(False, help="Rotate with OPQ before IVF-PQ (automatic choice only)."),
+    refine: bool = typer.Option(True, help="Store float16 vectors in the slices and re-rank candidates exactly."),
+    target_recall: float = typer.Option(IndexConfig.target_recall, help="nprobe autotune target for recall@10."),
+    slice_mb: int = typer.Option(IndexConfig.slice_bytes >> 20, help="Target size of one slice object, MiB."),
+    ray_address: Optional[str] = RAY_ADDRESS,
+    storage_option: Optional[list[str]] = STORAGE_OPTION,
+    endpoint_url: Optional[str] = ENDPOINT_URL,
+    as_json: bool = AS_JSON,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Build the sharded IVF index of a bank: train once, add parts in parallel, write list-range slices.
+
+    Publishes the next bank version with the index in its manifest and a report (recall@10 vs nprobe,
+    latency, size) next to the index. Exit status: 0 ok, 2 bad options or a bank with no version.
+    """
+    _setup_logging(verbose)
+    config = IndexConfig(factory=factory, memory_target_bytes_per_vector=memory_target, opq=opq, refine=refine,
+                         target_recall=target_recall, slice_bytes=slice_mb << 20)
+    raise typer.Exit(run_index(bank, config, _storage_options(storage_option, endpoint_url), ray_address, as_json))
+
+
+def run_index(bank: str, config: IndexConfig, storage_options: dict, ray_address: str | None, as_json: bool) -> int:
+    """Build a bank's index, print its report; returns the process exit status."""
+    from bank_builder.index import build_index
+    from bank_builder.manifest import BankMismatchError
+    from bank_builder.ray_runtime import init_ray
+
+    if ray_address:
+        init_ray(ray_address)
+    try:
+        report = build_index(bank, config, storage_options)
+    except (BankMismatchError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=1))
+    else:
+        print_index_report(report)
+    return 0
+
+
+def print_index_report(report) -> None:
+    """Human-readable summary of an IndexReport."""
+    mib = report.bytes["total"] / 2**20
+    refine = f", refine x{report.refine_factor}" if report.refine_factor else ""
+    target = "" if report.target_met else "  (TARGET NOT MET: raise --memory-target or use a finer --factory)"
+    typer.echo("\n".join([
+        f"index     {report.bank}: published version {report.version} (index {report.index_id})",
+        f"layout    {report.factory} ({report.kind}), {report.vectors} vectors, {report.nlist} lists, "
+        f"{report.slices} slices, {mib:.1f} MiB",
+        f"search    nprobe {report.nprobe}{refine}: recall@{report.k} {report.recall_at_k:.3f}, "
+        f"{report.ms_per_query:.2f} ms/query{target}",
+        f"time      " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()),
+        f"report    {report.report}",
+    ]))
+
+
+@app.command("serve")
+def serve_cmd(
+    bank: str = typer.Argument(..., help="Bank URI to serve (local dir or s3://...); it must have an index."),
+    version: Optional[str] = typer.Option(None, help="Bank version; default: CURRENT."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Local disk cache for index slices."),
+    memory_mb: int = typer.Option(1024, help="Memory budget of resident index slices, MiB."),
+    weights: Optional[str] = typer.Option(None, help="Checkpoint path overriding the weights the bank records."),
+    token: Optional[str] = typer.Option(None, envvar="REFBANK_TOKEN", help="Require this bearer token on /v1 and /admin."),
+    storage_option: Optional[list[str]] = STORAGE_OPTION,
+    endpoint_url: Optional[str] = ENDPOINT_URL,
+) -> None:
+    """Serve a bank over HTTP: /v1/segment, /v1/search, /v1/bank, /metrics, /docs, and a page at /.
+
+    Loads the encoder the bank was built with (refusing a mismatch), then loads index slices on demand.
+    """
+    from query.service import serve
+    from query.serving import ServiceConfig
+
+    _setup_logging(True)
+    serve(ServiceConfig(bank=bank, version=version, storage_options=_storage_options(storage_option, endpoint_url),
+                        cache_dir=str(cache_dir) if cache_dir else None, memory_bytes=memory_mb << 20,
+                        weights=weights, token=token), host=host, port=port)
+
+
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), help="Directory for the generated corpus and the bank."),
@@ -162,12 +260,9 @@ def demo_cmd(
     shards: int = typer.Option(4, help="Corpus shards."),
     samples_per_shard: int = typer.Option(24, help="Samples per shard."),
 ) -> None:
-    """The main job end to end on embedded defaults: generate a corpus, build a bank locally, print a summary."""
+    """The main job end to end on embedded defaults: corpus, bank, index, HTTP service, held-out segmentation."""
+    from jobs.demo import DemoConfig, run_demo
+
     _setup_logging(False)
-    corpus = workdir / "corpus"
-    make_corpus_cmd(str(corpus), shards=shards, samples_per_shard=samples_per_shard, image_size=256,
-                    mask_kind=MaskKind.INSTANCE, image_format="jpg", heldout_shards=1, seed=0,
-                    storage_option=None, endpoint_url=None)
-    config = BuildConfig(source=str(corpus / "train-*.tar"), bank=str(workdir / "bank"),
-                         encoder=EncoderConfig(name=encoder, weights="untrained", seed=0))
-    raise typer.Exit(run_build(config, None, as_json=False))
+    raise typer.Exit(run_demo(DemoConfig(workdir=workdir, encoder=encoder, shards=shards,
+                                         samples_per_shard=samples_per_shard)))
