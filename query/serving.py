@@ -102,28 +102,13 @@ class Snapshot:
 
 
 def label_table(bank: Bank) -> LabelTable:
-    """The bank's label table (labels, text (L, D), prototypes (L, C), counts (L,)): the text index when it carries
-    prototypes; otherwise (temporary, until the text index does) built from the parts, one pass per part: the mean
-    visual embedding of each label's segments, L2-normalised. A bank without labels gets an empty table."""
+    """The bank's label table (labels, text (L, D), prototypes (L, C), counts (L,)): its text index, which the
+    index build writes with each label's mean visual embedding. A bank without labels gets an empty table."""
     try:
-        text = bank.text_index()
+        return bank.text_index()
     except BankMismatchError:
         return SimpleNamespace(labels=[], text=np.zeros((0, bank.dims["text"] or 1), np.float32),
                                prototypes=np.zeros((0, bank.dims["visual"]), np.float32), counts=np.zeros(0, np.int64))
-    if getattr(text, "prototypes", None) is not None:
-        return text
-    row_of = {label: i for i, label in enumerate(text.labels)}
-    sums = np.zeros((len(text.labels), bank.dims["visual"]), np.float64)
-    counts = np.zeros(len(text.labels), np.int64)
-    for part in bank.manifest["parts"]:
-        ids = (np.int64(part["ordinal"]) << store.ROW_BITS) + np.arange(part["rows"], dtype=np.int64)
-        rows = np.array([row_of.get(label, -1) if label is not None else -1 for label in bank.labels(ids)])
-        keep = rows >= 0
-        np.add.at(sums, rows[keep], bank.visual_embeddings(ids[keep]))
-        np.add.at(counts, rows[keep], 1)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return SimpleNamespace(labels=list(text.labels), text=text.embeddings,
-                           prototypes=(sums / np.where(norms > 0, norms, 1)).astype(np.float32), counts=counts)
 
 
 def encoder_config(spec: dict[str, Any], weights: str | None = None, device: str = "auto") -> EncoderConfig:

@@ -18,6 +18,7 @@ from bank_builder.index.autotune import drop_self, recall_at_k, sweep
 from bank_builder.index.layout import index_dir
 from bank_builder.index.slices import plan_slices
 from bank_builder.index.train import deserialize
+from tests.build_helpers import read_bank
 from index_helpers import assert_same_topk, clustered, exact_knn, make_bank, monolithic_search
 
 K = 10
@@ -189,6 +190,18 @@ def test_text_index_returns_the_exact_nearest_label(built):
     expected = np.argsort(-(q @ bank.label_text.astype(np.float32).T), axis=1)[:, :3]
     assert labels == [[bank.label_names[j] for j in row] for row in expected]
     assert scores.shape == (len(q), 3)
+
+
+def test_text_index_carries_each_labels_visual_prototype(built):
+    bank, _ = built
+    text = open_text_index(bank.url)
+    rows = read_bank(bank.url)
+    labels = np.array(rows["label"].to_pylist(), dtype=object)
+    visual = np.stack(rows["visual_embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
+    for i, name in enumerate(text.labels):  # brute force: the mean of the label's rows, L2-normalised
+        mean = visual[labels == name].sum(axis=0)
+        np.testing.assert_allclose(text.prototypes[i], mean / np.linalg.norm(mean), atol=2e-3)
+        assert text.counts[i] == int((labels == name).sum())
 
 
 @pytest.mark.parametrize("factory", ["IVF32,Flat", "OPQ8_48,IVF32,PQ8", "IVF32,SQ8"])

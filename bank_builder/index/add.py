@@ -45,6 +45,8 @@ class PartAdded:
     exact_ids: np.ndarray  # (n_queries, k) int64 segment ids (-1 where the part has fewer than k rows)
     labels: list[str] = field(default_factory=list)
     text: np.ndarray | None = None  # (len(labels), D) float16, the first text embedding of each label
+    visual_sums: np.ndarray | None = None  # (len(labels), C) float64, sum of each label's visual embeddings
+    counts: np.ndarray | None = None  # (len(labels),) segments per label
 
 
 def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,25 +60,38 @@ def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray,
 
 
 class _Labels:
-    """First text embedding seen for each label of a part."""
+    """Per label of a part: the first text embedding seen, and the sum and count of its visual embeddings."""
 
     def __init__(self) -> None:
         self.seen: dict[str, np.ndarray] = {}
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
 
-    def add(self, table) -> None:
+    def add(self, table, x: np.ndarray) -> None:
+        """Take the labelled rows of a row group; x (rows, C) float32 are its visual embeddings."""
         valid = (table["label"].is_valid().to_numpy(zero_copy_only=False)
                  & table["text_embedding"].is_valid().to_numpy(zero_copy_only=False))
         if not valid.any():
             return
         labels = np.array(table["label"].to_pylist(), dtype=object)[valid]
         text = source.matrix(table["text_embedding"])[valid]
-        names, first = np.unique(labels.astype(str), return_index=True)
-        for name, i in zip(names, first):
-            self.seen.setdefault(str(name), text[i])
+        names, first, inverse = np.unique(labels.astype(str), return_index=True, return_inverse=True)
+        sums = np.zeros((len(names), x.shape[1]), np.float64)
+        np.add.at(sums, inverse, x[valid])
+        counts = np.bincount(inverse, minlength=len(names))
+        for j, (name, i) in enumerate(zip(names, first)):
+            name = str(name)
+            self.seen.setdefault(name, text[i])
+            self.sums[name] = self.sums.get(name, 0.0) + sums[j]
+            self.counts[name] = self.counts.get(name, 0) + int(counts[j])
 
-    def arrays(self) -> tuple[list[str], np.ndarray | None]:
+    def arrays(self) -> tuple[list[str], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(sorted labels, text (L, D) float16, visual sums (L, C) float64, counts (L,)); Nones without labels."""
         names = sorted(self.seen)
-        return names, (np.stack([self.seen[n] for n in names]) if names else None)
+        if not names:
+            return names, None, None, None
+        return (names, np.stack([self.seen[n] for n in names]), np.stack([self.sums[n] for n in names]),
+                np.array([self.counts[n] for n in names], np.int64))
 
 
 def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.ndarray, k: int,
@@ -105,7 +120,7 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.nd
         lists.append(assign)
         records.append(rec)
         if text:
-            labels.add(table)
+            labels.add(table, x)
     heap.finalize()
     assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
     order = np.argsort(assign, kind="stable")  # by list; part row order kept within a list
@@ -113,8 +128,8 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.nd
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype("<i8")
     body = np.concatenate(records)[order] if records else np.zeros(0, dtype)
     storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), storage_options)
-    names, vectors = labels.arrays()
-    return PartAdded(part["name"], len(assign), sizes, heap.D, heap.I, names, vectors)
+    names, vectors, sums, counts = labels.arrays()
+    return PartAdded(part["name"], len(assign), sizes, heap.D, heap.I, names, vectors, sums, counts)
 
 
 @dataclass
@@ -126,6 +141,8 @@ class AddResult:
     exact_scores: np.ndarray
     exact_ids: np.ndarray
     labels: dict[str, np.ndarray]  # label → text embedding (float16), first seen in part-ordinal order
+    visual_sums: dict[str, np.ndarray]  # label → sum of its segments' visual embeddings (float64)
+    counts: dict[str, int]  # label → number of segments
 
 
 def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist: int, queries: np.ndarray,
@@ -149,11 +166,15 @@ def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist
         if len(queries):
             heap.add_result(added.exact_scores, added.exact_ids)
         rows[part["name"]] = added.rows
-        by_part[part["ordinal"]] = (added.labels, added.text)
+        by_part[part["ordinal"]] = added
     heap.finalize()
     labels: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     for ordinal in sorted(by_part):
-        names, vectors = by_part[ordinal]
-        for i, name in enumerate(names):
-            labels.setdefault(name, vectors[i])
-    return AddResult(sizes, rows, heap.D, heap.I, labels)
+        added = by_part[ordinal]
+        for i, name in enumerate(added.labels):
+            labels.setdefault(name, added.text[i])
+            sums[name] = sums.get(name, 0.0) + added.visual_sums[i]
+            counts[name] = counts.get(name, 0) + int(added.counts[i])
+    return AddResult(sizes, rows, heap.D, heap.I, labels, sums, counts)

@@ -133,7 +133,7 @@ def _build(bank: str, source: dict, parts: list[dict], params: IndexParams, conf
         table = build_slices(bank, index_id, parts, added.list_sizes, params.code_size, params.dim, config.refine,
                              config.slice_bytes, so)
     with stage("text"):
-        text_entry = write_text_index(bank, index_id, added.labels, so)
+        text_entry = write_text_index(bank, index_id, added.labels, added.visual_sums, added.counts, so)
     with stage("autotune"):
         sliced = SlicedIndex(deserialize(trained), [tuple(s["lists"]) for s in table],
                              storage_loader(bank, {"id": index_id, "slices": table}, so))
