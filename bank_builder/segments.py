@@ -51,7 +51,7 @@ def make_segments(sample: Sample, ingest: IngestConfig, config: SegmentConfig) -
 
 def superpixel_segments(image: np.ndarray, config: SegmentConfig) -> list[np.ndarray]:
     """Class-agnostic Felzenszwalb superpixels of an (H, W, 3) uint8 image: disjoint (H, W) bool masks covering it."""
-    regions = _label_map_regions(_superpixel_labels(image, config), {}, exclude=None)
+    regions = _label_map_regions(superpixel_labels(image, config), {}, exclude=None)
     return [regions.draw(i)[0] for i in range(len(regions.areas))]
 
 
@@ -66,7 +66,7 @@ def _regions(sample: Sample, kind: MaskKind, config: SegmentConfig) -> _Regions:
         return _binary_regions(mask, meta)
     if kind is MaskKind.RLE and sample.annotations is not None:
         return _rle_regions(sample.annotations, sample.image.shape[:2])
-    return _label_map_regions(_superpixel_labels(sample.image, config), {}, exclude=None)
+    return _label_map_regions(superpixel_labels(sample.image, config), {}, exclude=None)
 
 
 def _select(areas: np.ndarray, config: SegmentConfig) -> np.ndarray:
@@ -159,10 +159,13 @@ def _binary_regions(mask: np.ndarray, meta: dict[str, Any]) -> _Regions:
     return _Regions(np.array([np.count_nonzero(foreground)]), [label], lambda _: (foreground, _bbox(foreground)))
 
 
-def _superpixel_labels(image: np.ndarray, config: SegmentConfig) -> np.ndarray:
-    """(H, W) int32 Felzenszwalb label map of an (H, W, 3) uint8 image, computed at ≤ 256 px long side."""
+def superpixel_labels(image: np.ndarray, config: SegmentConfig, max_side: int = _SUPERPIXEL_SIDE) -> np.ndarray:
+    """(H, W) int32 Felzenszwalb label map of an (H, W, 3) uint8 image, computed on a bilinear copy whose long
+    side is at most `max_side` px (the builder's 256 by default) and upsampled nearest."""
+    if max_side < 1:
+        raise ValueError(f"superpixel max_side must be ≥ 1 pixel, got {max_side}")
     height, width = image.shape[:2]
-    shrink = _SUPERPIXEL_SIDE / max(height, width)
+    shrink = max_side / max(height, width)
     small = image
     if shrink < 1:
         size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
@@ -177,6 +180,7 @@ def _superpixel_labels(image: np.ndarray, config: SegmentConfig) -> np.ndarray:
     rows = np.arange(height) * small.shape[0] // height
     cols = np.arange(width) * small.shape[1] // width
     return labels[rows[:, None], cols[None, :]].astype(np.int32)
+
 
 
 # ----------------------------------------------------------------------------------------- COCO RLE

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from bank_builder.config import SegmentConfig
 from bank_builder.embed import encode_batch, prepare_image
 from bank_builder.encoders import Encoder
-from bank_builder.segments import superpixel_segments
+from bank_builder.segments import superpixel_labels
 
 RegionKind = Literal["superpixel", "grid"]
 Box = tuple[float, float, float, float]  # XYXY pixels, max exclusive
@@ -30,26 +30,42 @@ class RegionConfig:
 
     kind: "superpixel" (Felzenszwalb with the builder's SegmentConfig superpixel options) or "grid" (one
     region per g×g feature cell of the encoder, i.e. per patch token).
+    superpixel_max_side: superpixels are computed on a copy whose long side is at most this many pixels and
+    upsampled nearest (the builder uses 256; smaller is faster, with fewer, coarser regions).
     """
 
     kind: RegionKind = "superpixel"
     segments: SegmentConfig = field(default_factory=SegmentConfig)
+    superpixel_max_side: int = 160
 
     def __post_init__(self) -> None:
         if self.kind not in ("superpixel", "grid"):
             raise ValueError(f"RegionConfig.kind={self.kind!r}: use 'superpixel' or 'grid'")
+        if self.superpixel_max_side < 1:
+            raise ValueError(f"RegionConfig.superpixel_max_side must be ≥ 1 pixel, got {self.superpixel_max_side}")
 
 
 @dataclass(eq=False)
 class Regions:
     """Regions of one image. masks: (n, H, W) bool, disjoint, covering the image; embeddings: (n, C)
-    float32 L2-normalised (the builder's float16 values widened, so norms are 1 ± 1e-3)."""
+    float32 L2-normalised (the builder's float16 values widened, so norms are 1 ± 1e-3); labels: the same
+    regions as an (H, W) int64 map of region numbers 0..n-1 (None: derived from the masks when needed)."""
 
     masks: np.ndarray
     embeddings: np.ndarray
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
+
+    def label_map(self) -> np.ndarray:
+        """(H, W) int64 region number of each pixel (the kept `labels`, else the first mask holding the pixel;
+        0 where none does)."""
+        if self.labels is not None:
+            return self.labels
+        if not len(self.masks):
+            return np.zeros(self.masks.shape[1:], np.int64)
+        return self.masks.argmax(axis=0)
 
 
 def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
@@ -59,6 +75,26 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
         raise ValueError(f"{what} must be an (H, W, 3) uint8 RGB array, got shape {image.shape} {image.dtype}; "
                          "decode it with PIL and np.asarray(img.convert('RGB'))")
     return image
+
+
+def grid_labels(height: int, width: int, grid: int) -> np.ndarray:
+    """(H, W) int64 region numbers 0..n-1 of the grid cells `grid_masks` returns, in the same order."""
+    rows = np.arange(height) * grid // height
+    cols = np.arange(width) * grid // width
+    return _compact(rows[:, None] * grid + cols[None, :])
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """An (H, W) non-negative int map renumbered 0..n-1 in ascending order of its values (int64)."""
+    present = np.bincount(labels.ravel()) > 0
+    lookup = np.cumsum(present) - 1
+    return lookup[labels]
+
+
+def masks_from_labels(labels: np.ndarray) -> np.ndarray:
+    """(n, H, W) bool masks of an (H, W) map of region numbers 0..n-1 (region i = pixels numbered i)."""
+    n = int(labels.max()) + 1 if labels.size else 0
+    return labels[None, :, :] == np.arange(n)[:, None, None]
 
 
 def grid_masks(height: int, width: int, grid: int) -> np.ndarray:
@@ -72,12 +108,19 @@ def grid_masks(height: int, width: int, grid: int) -> np.ndarray:
     return cell[None, :, :] == ids[:, None, None]
 
 
-def region_masks(image: np.ndarray, config: RegionConfig, grid: int) -> np.ndarray:
-    """(n, H, W) bool disjoint masks covering an (H, W, 3) uint8 image: superpixels or the g×g patch grid."""
+def region_labels(image: np.ndarray, config: RegionConfig, grid: int) -> np.ndarray:
+    """(H, W) int64 region numbers 0..n-1 of an (H, W, 3) uint8 image: superpixels (computed at ≤
+    config.superpixel_max_side px long side, upsampled nearest) or the g×g patch grid; every number is used."""
     image = check_image(image)
     if config.kind == "grid":
-        return grid_masks(image.shape[0], image.shape[1], grid)
-    return np.stack(superpixel_segments(image, config.segments))
+        return grid_labels(image.shape[0], image.shape[1], grid)
+    return _compact(superpixel_labels(image, config.segments, config.superpixel_max_side))
+
+
+def region_masks(image: np.ndarray, config: RegionConfig, grid: int) -> np.ndarray:
+    """(n, H, W) bool disjoint masks covering an (H, W, 3) uint8 image: superpixels or the g×g patch grid
+    (region i = the pixels `region_labels` numbers i)."""
+    return masks_from_labels(region_labels(image, config, grid))
 
 
 def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -100,8 +143,9 @@ def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray]
 
 def image_regions(encoder: Encoder, image: np.ndarray, config: RegionConfig = RegionConfig()) -> Regions:
     """Regions of an (H, W, 3) uint8 image with their embeddings (one encoder call)."""
-    masks = region_masks(image, config, encoder.spec.grid)
-    return Regions(masks=masks, embeddings=embed_masks(encoder, image, masks))
+    labels = region_labels(image, config, encoder.spec.grid)
+    masks = masks_from_labels(labels)
+    return Regions(masks=masks, embeddings=embed_masks(encoder, image, masks), labels=labels)
 
 
 # ----------------------------------------------------------------------------------------- prompts

@@ -69,24 +69,35 @@ class SegmentationResult:
 
 
 def assemble_result(mode: Mode, masks: np.ndarray, assigned: np.ndarray, scores: np.ndarray, classes: list[str],
-                    spec: EncoderSpec, exists: bool | None = None,
-                    details: dict[str, Any] | None = None) -> SegmentationResult:
+                    spec: EncoderSpec, exists: bool | None = None, details: dict[str, Any] | None = None,
+                    labels: np.ndarray | None = None) -> SegmentationResult:
     """A result from (n, H, W) bool disjoint region masks, (n,) class numbers (0 = background, i = classes[i - 1])
-    and (n,) scores; pixels outside every region are 0 with score 0. `spec` names the encoder (and says untrained)."""
+    and (n,) scores; pixels outside every region are 0 with score 0. `spec` names the encoder (and says untrained).
+    labels: the same regions as an (H, W) int map of region numbers (-1 = no region), when the caller has it;
+    it replaces a pass over the whole mask stack."""
     if masks.ndim != 3 or len(assigned) != len(masks) or len(scores) != len(masks):
         raise ValueError(f"{len(assigned)} classes and {len(scores)} scores for masks of shape {masks.shape}")
     height, width = masks.shape[1:]
     assigned = np.asarray(assigned, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float32)
-    owner = masks.argmax(axis=0) if len(masks) else np.zeros((height, width), np.int64)
-    covered = masks.any(axis=0)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (height, width) or labels.dtype.kind not in "ui" or (
+                labels.size and int(labels.max()) >= len(masks)):
+            raise ValueError(f"region label map {labels.shape} {labels.dtype} does not match masks {masks.shape}")
+        covered = labels >= 0
+        owner = np.where(covered, labels, 0)
+        areas = np.bincount(labels[covered].astype(np.int64), minlength=len(masks))
+    else:
+        owner = masks.argmax(axis=0) if len(masks) else np.zeros((height, width), np.int64)
+        covered = masks.any(axis=0)
+        areas = masks.reshape(len(masks), -1).sum(axis=1)
     label_map = np.where(covered, assigned[owner] if len(masks) else 0, 0).astype(np.uint16)
     score_map = np.where(covered, scores[owner] if len(masks) else 0, 0).astype(np.float32)
     entries = []
     if len(masks):
         encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
         boxes = mask_utils.toBbox(encoded)  # XYWH
-        areas = masks.reshape(len(masks), -1).sum(axis=1)
         for i, rle in enumerate(encoded):
             x, y, w, h = (int(v) for v in boxes[i])
             entries.append(RegionResult(

@@ -225,6 +225,9 @@ class Segmenter:
         if isinstance(image, Regions):
             if image.embeddings.shape != (len(image.masks), self.encoder.spec.visual_dim) or image.masks.ndim != 3:
                 raise ValueError(f"regions must be (n, H, W) masks with (n, {self.encoder.spec.visual_dim}) embeddings")
+            if image.labels is not None and np.shape(image.labels) != image.masks.shape[1:]:
+                raise ValueError(f"regions labels must be an (H, W) map like the masks {image.masks.shape[1:]}, "
+                                 f"got {np.shape(image.labels)}")
             return image
         return image_regions(self.encoder, image, self.region_config)
 
@@ -280,7 +283,7 @@ class Segmenter:
         assigned = best + 1
         if config.background_threshold is not None:
             assigned = np.where(score >= config.background_threshold, assigned, 0)
-        return self._result("vocabulary", regions.masks, assigned, score, list(matched),
+        return self._result("vocabulary", regions, assigned, score, list(matched),
                             details={"prototypes": matched})
 
     # ------------------------------------------------------------------------------------- open set
@@ -295,7 +298,7 @@ class Segmenter:
         keep = [w is not None and s >= config.min_share for w, s in zip(winners, share)]
         classes = sorted({w for w, ok in zip(winners, keep) if ok})
         assigned = np.array([classes.index(w) + 1 if ok else 0 for w, ok in zip(winners, keep)], dtype=np.int64)
-        return self._result("open_set", regions.masks, assigned, share, classes)
+        return self._result("open_set", regions, assigned, share, classes)
 
     # ------------------------------------------------------------------------------------- reference
 
@@ -386,7 +389,7 @@ class Segmenter:
         details = {"exists_by_class": {c: bool(matched[:, j].any()) for j, c in enumerate(classes)},
                    "references": [{"label": p.label, "threshold": p.threshold, "bank_labels": p.bank_labels}
                                   for p in prepared]}
-        return self._result("reference", regions.masks, np.where(passed, best + 1, 0), score, classes,
+        return self._result("reference", regions, np.where(passed, best + 1, 0), score, classes,
                             exists=bool(passed.any()), details=details)
 
     # ------------------------------------------------------------------------------------- foreground
@@ -402,11 +405,12 @@ class Segmenter:
         if score.shape != (len(regions),) or not np.all((score >= 0) & (score <= 1)):
             raise ValueError(f"foreground scorer must return ({len(regions)},) scores in [0, 1], got {score.shape}")
         assigned = (score >= config.threshold).astype(np.int64)
-        return self._result("foreground", regions.masks, assigned, score, ["foreground"])
+        return self._result("foreground", regions, assigned, score, ["foreground"])
 
-    def _result(self, mode: Mode, masks: np.ndarray, assigned: np.ndarray, scores: np.ndarray, classes: list[str],
+    def _result(self, mode: Mode, regions: Regions, assigned: np.ndarray, scores: np.ndarray, classes: list[str],
                 **extra) -> SegmentationResult:
-        return assemble_result(mode, masks, assigned, scores, classes, self.encoder.spec, **extra)
+        return assemble_result(mode, regions.masks, assigned, scores, classes, self.encoder.spec,
+                               labels=regions.labels, **extra)
 
 
 def _check_classes(classes: Sequence[str]) -> list[str]:

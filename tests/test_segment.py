@@ -22,7 +22,17 @@ from bank_builder.pipeline import build_bank
 from bank_builder.segments import make_segments
 from bank_builder.synthetic import BACKGROUND_CLASSES, CorpusConfig, class_names, make_corpus
 from jobs import evaluate
-from query.regions import RegionConfig, embed_masks, grid_masks, prompt_mask, region_masks
+from query.regions import (
+    RegionConfig,
+    Regions,
+    embed_masks,
+    grid_labels,
+    grid_masks,
+    masks_from_labels,
+    prompt_mask,
+    region_labels,
+    region_masks,
+)
 from query.render import label_map_png, overlay_png, palette
 from query.segment import (
     ForegroundConfig,
@@ -146,6 +156,42 @@ def test_region_masks_cover_the_image(world):
     _, soft = prepare_image(image, list(grid_masks(*image.shape[:2], grid)), world["encoder"].spec)
     assert (soft.reshape(len(soft), -1).argmax(axis=1) == np.arange(grid * grid)).all()
     assert soft.reshape(len(soft), -1).max(axis=1).min() > 0.5
+
+
+def test_region_label_map_is_the_masks(world):
+    image = world["heldout"][0].image
+    grid = world["encoder"].spec.grid
+    for config in (RegionConfig(), RegionConfig(kind="grid"), RegionConfig(superpixel_max_side=32)):
+        labels = region_labels(image, config, grid)
+        assert labels.shape == image.shape[:2] and labels.dtype.kind == "i"
+        assert set(np.unique(labels)) == set(range(int(labels.max()) + 1))  # numbered 0..n-1, every number used
+        np.testing.assert_array_equal(masks_from_labels(labels), region_masks(image, config, grid))
+    shape = image.shape[:2]
+    np.testing.assert_array_equal(masks_from_labels(grid_labels(*shape, grid)), grid_masks(*shape, grid))
+    # The working size is honoured: at 32 px long side a 128-px image's superpixels are whole 4×4 blocks.
+    coarse = region_labels(image, RegionConfig(superpixel_max_side=32), grid)
+    assert image.shape[:2] == (128, 128)
+    np.testing.assert_array_equal(coarse, np.repeat(np.repeat(coarse[::4, ::4], 4, axis=0), 4, axis=1))
+    # A large image is cut at ≤ superpixel_max_side px and upsampled nearest: blocks of 2 for 320 px at 160.
+    big = np.asarray(Image.fromarray(image).resize((320, 320), Image.Resampling.BILINEAR))
+    labels = region_labels(big, RegionConfig(), grid)
+    np.testing.assert_array_equal(labels, np.repeat(np.repeat(labels[::2, ::2], 2, axis=0), 2, axis=1))
+    with pytest.raises(ValueError, match="superpixel_max_side"):
+        RegionConfig(superpixel_max_side=0)
+
+
+def test_results_from_the_kept_label_map_equal_the_mask_stack(world):
+    """Assembly reads the region step's label map; without one (Regions built by hand) it derives it from the masks."""
+    segmenter = world["segmenter"]
+    for regions in world["regions"][:3]:
+        assert regions.labels is not None
+        bare = Regions(regions.masks, regions.embeddings)
+        for run in (lambda r: segmenter.vocabulary(r, NAMES), lambda r: segmenter.open_set(r),
+                    lambda r: segmenter.foreground(r)):
+            kept, derived = run(regions), run(bare)
+            np.testing.assert_array_equal(kept.label_map, derived.label_map)
+            np.testing.assert_array_equal(kept.score_map, derived.score_map)
+            assert kept.to_dict() == derived.to_dict()
 
 
 def test_vocabulary_miou_on_heldout(world):
