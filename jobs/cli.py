@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -70,6 +70,25 @@ def make_corpus_cmd(
                f"{summary.segments} segments to {out}")
 
 
+def _run_job(job: Callable[[], Any], errors: tuple[type[Exception], ...], show: Callable[[Any], None],
+             ray_address: str | None, as_json: bool) -> Any:
+    """Connect Ray if asked, run `job`, print its report (JSON or `show`); None after a user error (printed)."""
+    from bank_builder.ray_runtime import init_ray
+
+    if ray_address:
+        init_ray(ray_address)  # else the job starts a local Ray once its options are checked
+    try:
+        report = job()
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return None
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=1))
+    else:
+        show(report)
+    return report
+
+
 def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> int:
     """Run a build with console progress, print its report; returns the process exit status."""
     from bank_builder.encoder_pool import EncoderStartError
@@ -77,20 +96,11 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     from bank_builder.manifest import BankMismatchError
     from bank_builder.pipeline import build_bank
     from bank_builder.progress import ConsolePrinter
-    from bank_builder.ray_runtime import init_ray
 
-    if ray_address:
-        init_ray(ray_address)  # else build_bank starts a local Ray once the options are checked
-    try:
-        report = build_bank(config, on_progress=ConsolePrinter(config.pipeline.progress_interval_s))
-    except (EncoderWeightsError, EncoderStartError, BankMismatchError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    if as_json:
-        typer.echo(json.dumps(asdict(report), indent=1))
-    else:
-        print_report(report)
-    return 0 if report.ok else 1
+    report = _run_job(lambda: build_bank(config, on_progress=ConsolePrinter(config.pipeline.progress_interval_s)),
+                      (EncoderWeightsError, EncoderStartError, BankMismatchError, ValueError), print_report,
+                      ray_address, as_json)
+    return 2 if report is None else 0 if report.ok else 1
 
 
 def print_report(report) -> None:
@@ -195,20 +205,10 @@ def run_index(bank: str, config: IndexConfig, storage_options: dict, ray_address
     """Build a bank's index, print its report; returns the process exit status."""
     from bank_builder.index import build_index
     from bank_builder.manifest import BankMismatchError
-    from bank_builder.ray_runtime import init_ray
 
-    if ray_address:
-        init_ray(ray_address)
-    try:
-        report = build_index(bank, config, storage_options)
-    except (BankMismatchError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    if as_json:
-        typer.echo(json.dumps(asdict(report), indent=1))
-    else:
-        print_index_report(report)
-    return 0
+    report = _run_job(lambda: build_index(bank, config, storage_options), (BankMismatchError, ValueError),
+                      print_index_report, ray_address, as_json)
+    return 2 if report is None else 0
 
 
 def print_index_report(report) -> None:
