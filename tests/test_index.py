@@ -15,6 +15,7 @@ from bank_builder import manifest, storage
 from bank_builder.index import (IndexConfig, IndexCorruptError, SliceArrays, build_index, choose_params, index_entry,
                                 open_index, open_text_index)
 from bank_builder.index.autotune import drop_self, recall_at_k, sweep
+from bank_builder.index.exact import TopK
 from bank_builder.index.layout import index_dir
 from bank_builder.index.slices import plan_slices
 from bank_builder.index.train import deserialize
@@ -266,3 +267,23 @@ def test_leave_one_out_recall_helpers():
     np.testing.assert_array_equal(drop_self(ids, np.array([7, 9]), 3), [[1, 2, 3], [4, 5, 6]])
     assert recall_at_k(np.array([[1, 2, 9]]), np.array([[1, 2, 3]])) == pytest.approx(2 / 3)
     assert recall_at_k(np.array([[1, -1]]), np.array([[1, -1]])) == 1.0
+
+
+def test_streamed_exact_topk_equals_brute_force():
+    """The autotune's ground truth: blocks and parts of any size (fewer rows than k too), merged across parts."""
+    rng = np.random.default_rng(3)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    parts = [rng.standard_normal((n, 16)).astype(np.float32) for n in (3, 2500, 1, 4000)]
+    ids = np.split(rng.permutation(10_000)[:sum(len(p) for p in parts)], np.cumsum([len(p) for p in parts])[:-1])
+    total = TopK(queries, K + 1)
+    for x, i in zip(parts, ids):
+        part = TopK(queries, K + 1)
+        part.add(x, i)
+        total.merge(part.scores, part.ids)
+    scores = queries @ np.concatenate(parts).T
+    best = np.argsort(-scores, axis=1)[:, :K + 1]
+    np.testing.assert_array_equal(total.ids, np.concatenate(ids)[best])
+    np.testing.assert_allclose(total.scores, np.take_along_axis(scores, best, axis=1), rtol=1e-5)
+    small = TopK(queries, K + 1)
+    small.add(parts[0], ids[0])
+    assert (small.ids[:, 3:] == -1).all() and np.isneginf(small.scores[:, 3:]).all()

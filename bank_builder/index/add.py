@@ -8,7 +8,8 @@ Staging object of a part (little-endian, no header; nlist, code size, C and refi
 
 Encoding is what IndexIVF.add_with_ids does (coarse-assign with the quantizer, then encode_vectors on the
 assigned lists), so the codes equal those of one monolithic index built from the same trained index.
-The same pass computes, per part, the exact top-k of the autotune queries and the part's label texts.
+The same pass computes, per part, the exact top-k of the autotune queries (exact.TopK, on the float32 rows it
+encodes anyway) and the part's label texts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ray
 
 from bank_builder import storage
 from bank_builder.index import layout, source
+from bank_builder.index.exact import TopK
 from bank_builder.index.params import apply_chain, split_index
 from bank_builder.index.train import deserialize
 
@@ -102,7 +104,7 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.nd
     index = deserialize(trained)
     chain, ivf = split_index(index)
     dtype = record_dtype(ivf.code_size, index.d, refine)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    exact = TopK(queries, k)
     labels = _Labels()
     lists, records = [], []
     columns = ["segment_id", source.VISUAL] + (["label", "text_embedding"] if text else [])
@@ -110,9 +112,7 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.nd
         x16 = source.matrix(table[source.VISUAL])
         ids = table["segment_id"].to_numpy()
         x = x16.astype(np.float32)
-        if len(queries):
-            scores, rows = faiss.knn(queries, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, np.where(rows >= 0, ids[rows], -1))
+        exact.add(x, ids)
         assign, codes = encode(chain, ivf, x)
         rec = np.empty(len(x), dtype=dtype)
         rec["id"], rec["code"] = ids, codes
@@ -122,7 +122,6 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.nd
         records.append(rec)
         if text:
             labels.add(table, x)
-    heap.finalize()
     assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
     order = np.argsort(assign, kind="stable")  # by list; part row order kept within a list
     sizes = np.bincount(assign, minlength=ivf.nlist).astype(np.int64)
@@ -130,7 +129,7 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.nd
     body = np.concatenate(records)[order] if records else np.zeros(0, dtype)
     storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), storage_options)
     names, vectors, sums, counts = labels.arrays()
-    return PartAdded(part["name"], len(assign), sizes, heap.D, heap.I, names, vectors, sums, counts)
+    return PartAdded(part["name"], len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts)
 
 
 @dataclass
@@ -154,7 +153,7 @@ def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist
     pending = {task.remote(bank, p, trained_ref, layout.staging_url(bank, index_id, p["name"]), queries_ref,
                            k, refine, text, storage_options): p for p in parts}
     sizes = np.zeros(nlist, np.int64)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    exact = TopK(queries, k)
     rows, by_part = {}, {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -164,11 +163,9 @@ def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist
             raise layout.IndexCorruptError(f"part {part['name']} has {added.rows} rows but the manifest says "
                                            f"{part['rows']}; the part changed after it was committed")
         sizes += added.list_sizes
-        if len(queries):
-            heap.add_result(added.exact_scores, added.exact_ids)
+        exact.merge(added.exact_scores, added.exact_ids)
         rows[part["name"]] = added.rows
         by_part[part["ordinal"]] = added
-    heap.finalize()
     labels: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -178,4 +175,4 @@ def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist
             labels.setdefault(name, added.text[i])
             sums[name] = sums.get(name, 0.0) + added.visual_sums[i]
             counts[name] = counts.get(name, 0) + int(added.counts[i])
-    return AddResult(sizes, rows, heap.D, heap.I, labels, sums, counts)
+    return AddResult(sizes, rows, exact.scores, exact.ids, labels, sums, counts)
