@@ -12,9 +12,13 @@ Object names in the manifest are relative to the index folder, so a bank can mov
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
+import threading
 import time
 from typing import Any
+
+import numpy as np
 
 from bank_builder import storage
 
@@ -23,8 +27,20 @@ TEXT_OBJECT = "text.npz"
 REPORT_OBJECT = "report.json"
 
 
+# np.load parses each .npy header with ast.literal_eval, whose AST recursion counter CPython 3.11/3.12 shares
+# between threads (python/cpython gh-106905): concurrent parses fail at random with "AST constructor recursion
+# depth mismatch". The query service loads slices from many threads, so header parsing is serialised here.
+_NPZ_PARSE_LOCK = threading.Lock()
+
+
 class IndexCorruptError(ValueError):
     """An index object on storage does not match the checksum or shape the manifest records."""
+
+
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an .npz object (no pickle), safe to call from many threads at once."""
+    with _NPZ_PARSE_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
 
 
 def new_index_id() -> str:

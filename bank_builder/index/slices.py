@@ -49,10 +49,9 @@ class SliceArrays:
     @classmethod
     def from_bytes(cls, data: bytes) -> SliceArrays:
         """Parse a slice object written by `to_bytes`."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            lo, hi = (int(v) for v in z["lists"])
-            vectors = z["vectors"] if "vectors" in z.files else None
-            return cls(lo, hi, z["offsets"], z["ids"], z["codes"], vectors)
+        z = layout.read_npz(data)
+        lo, hi = (int(v) for v in z["lists"])
+        return cls(lo, hi, z["offsets"], z["ids"], z["codes"], z.get("vectors"))
 
 
 def _greedy(cum: np.ndarray, cap: int) -> list[tuple[int, int]]:

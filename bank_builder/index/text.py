@@ -56,11 +56,11 @@ class TextIndex:
     @classmethod
     def from_bytes(cls, data: bytes) -> TextIndex:
         """Parse text.npz bytes."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if "prototypes" not in z.files:
-                raise layout.IndexCorruptError("this text index predates label prototypes (text.npz has no "
-                                               "'prototypes'); rebuild the index with `refbank index`")
-            return cls([str(s) for s in z["labels"]], z["embeddings"], z["prototypes"], z["counts"])
+        z = layout.read_npz(data)
+        if "prototypes" not in z:
+            raise layout.IndexCorruptError("this text index predates label prototypes (text.npz has no "
+                                           "'prototypes'); rebuild the index with `refbank index`")
+        return cls([str(s) for s in z["labels"]], z["embeddings"], z["prototypes"], z["counts"])
 
 
 def write_text_index(bank: str, index_id: str, labels: dict[str, np.ndarray], visual_sums: dict[str, np.ndarray],
