@@ -6,8 +6,8 @@
 Prints one JSON document with three sections, each a ratio taken inside this run (so load from other work on a
 shared machine hits both sides alike: the timed variants alternate, and the fastest of --repeat runs counts):
 
-knn         QPS of `query.search.BankSearcher` (slices lazily loaded through a `SliceCache` whose budget exceeds
-            the index, measured warm: every slice the queries touch is resident) ÷ QPS of one in-memory faiss index
+knn         QPS of `query.search.BankSearcher` (whole-index mode: a `SliceCache` budget above the index; measured
+            warm: every slice the queries touch is installed) ÷ QPS of one in-memory faiss index
             built from the same trained index (IndexIDMap(IndexRefineFlat(trained IVF)) with every bank vector
             added in part order: same quantizer, same codes, same list order), at the same nprobe, k and refine
             factor; for batch sizes 1 and 64 (--batch-sizes). Also the fraction of result ids the two agree on.

@@ -180,7 +180,8 @@ class MetricsMiddleware:
 
 
 _CACHE_HELP = {
-    "hits": "slice requests served from memory (or joined to a load in flight)",
+    "hits": ("slice requests served from memory (or joined to a load in flight; whole-index mode: "
+             "searches that fetched nothing)"),
     "misses": "slice requests that loaded the slice", "fetches": "slice objects read from the bank",
     "bytes_fetched": "bytes read from the bank", "disk_hits": "slices read from the local disk cache",
     "disk_corrupt": "damaged disk-cache files replaced", "evictions": "slices evicted from memory",

@@ -92,6 +92,12 @@ class SliceCache:
         pending.set_result(value)
         return value
 
+    def note_hit(self) -> None:
+        """Count a request served from memory that never asked for a slice (a whole-index search, which
+        touches only slices already installed)."""
+        with self._lock:
+            self._counts["hits"] += 1
+
     def arrays(self, n: int) -> SliceArrays:
         """Slice n parsed from the disk tier or the bank (not kept in memory: that is `get`'s job)."""
         return SliceArrays.from_bytes(self.read(self.index["slices"][n]))
@@ -129,9 +135,9 @@ class SliceCache:
 
     def stats(self) -> dict[str, int | float]:
         """Counters since creation: hits / misses of the memory tier (a request that joins a load already in
-        flight is a hit), fetches and bytes_fetched from the bank, disk_hits, disk_corrupt (damaged local
-        copies replaced), evictions, oversize (slices served but too big to keep), fetch_seconds; gauges
-        resident_bytes, resident_slices, memory_bytes."""
+        flight is a hit; so is a whole-index search that fetched nothing), fetches and bytes_fetched from the
+        bank, disk_hits, disk_corrupt (damaged local copies replaced), evictions, oversize (slices served but
+        too big to keep), fetch_seconds; gauges resident_bytes, resident_slices, memory_bytes."""
         with self._lock:
             return {**self._counts, "resident_slices": len(self._memory), "memory_bytes": self.memory_bytes,
                     "fetch_seconds": round(self._fetch_seconds, 6)}

@@ -41,18 +41,29 @@ def storage_loader(bank: str, index: dict, storage_options: dict[str, Any] | Non
     return load
 
 
+def fill_lists(invlists: faiss.ArrayInvertedLists, arrays: SliceArrays, labels: np.ndarray) -> None:
+    """Append slice `arrays`' codes to their lists in `invlists`, labelled by `labels` (one int64 per row)."""
+    labels, codes = np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(arrays.codes)
+    for j in np.flatnonzero(np.diff(arrays.offsets)):
+        start, end = int(arrays.offsets[j]), int(arrays.offsets[j + 1])
+        invlists.add_entries(arrays.lo + int(j), end - start, faiss.swig_ptr(labels[start:end]),
+                             faiss.swig_ptr(codes[start:end]))
+
+
+def probe(chain: list, ivf: faiss.IndexIVF, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(transformed queries, coarse scores (nq, nprobe), probed lists (nq, nprobe)) of queries x (nq, C)."""
+    xt = np.ascontiguousarray(apply_chain(chain, x), dtype=np.float32)
+    scores, lists = ivf.quantizer.search(xt, min(nprobe, ivf.nlist))
+    return xt, scores, lists
+
+
 class _Resident:
     """A loaded slice: ids (and vectors) as numpy, codes inside a faiss ArrayInvertedLists over all nlist lists."""
 
     def __init__(self, arrays: SliceArrays, nlist: int, code_size: int) -> None:
         self.lo, self.offsets, self.ids, self.vectors = arrays.lo, arrays.offsets, arrays.ids, arrays.vectors
         self.invlists = faiss.ArrayInvertedLists(nlist, code_size)
-        sizes = np.diff(arrays.offsets)
-        ids, codes = np.ascontiguousarray(arrays.ids), np.ascontiguousarray(arrays.codes)
-        for j in np.flatnonzero(sizes):
-            start, end = int(arrays.offsets[j]), int(arrays.offsets[j + 1])
-            self.invlists.add_entries(arrays.lo + int(j), end - start, faiss.swig_ptr(ids[start:end]),
-                                      faiss.swig_ptr(codes[start:end]))
+        fill_lists(self.invlists, arrays, arrays.ids)
 
     def rows(self, pairs: np.ndarray) -> np.ndarray:
         """Slice rows of faiss store_pairs results (list << 32 | offset); -1 stays -1."""
@@ -88,9 +99,7 @@ class SlicedIndex:
 
     def probe(self, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(transformed queries, coarse scores (nq, nprobe), probed lists (nq, nprobe)) of queries x (nq, C)."""
-        xt = np.ascontiguousarray(apply_chain(self.chain, x), dtype=np.float32)
-        scores, lists = self.ivf.quantizer.search(xt, min(nprobe, self.nlist))
-        return xt, scores, lists
+        return probe(self.chain, self.ivf, x, nprobe)
 
     def slices_for(self, lists: np.ndarray) -> np.ndarray:
         """Slice number of each list number (-1 stays -1)."""
