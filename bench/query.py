@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--refine-factor", type=int, default=IndexConfig.refine_factor, help="0 = no refine")
     g.add_argument("--slice-mb", type=float, default=IndexConfig.slice_bytes / 2**20, help="target slice size")
     g.add_argument("--nprobe", type=int, default=None, help="default: the index's autotuned nprobe")
+    g.add_argument("--rebuild-index", action="store_true",
+                   help="index the bank again even when CURRENT has an index built with this config (after a "
+                        "change to the index code)")
     g.add_argument("--k", type=int, default=10)
     g.add_argument("--queries", type=int, default=2000)
     g.add_argument("--noise", type=float, default=0.1, help="query = normalise(bank vector + noise·N(0, I/d))")
@@ -147,11 +150,11 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
     return IndexConfig(**{**base.__dict__, "factory": args.factory})  # None: refbank's automatic choice
 
 
-def ensure_index(bank: str, config: IndexConfig) -> dict:
-    """Index the bank unless CURRENT already has an index built with this config; what was done."""
+def ensure_index(bank: str, config: IndexConfig, rebuild: bool = False) -> dict:
+    """Index the bank unless CURRENT already has an index built with this config (or `rebuild`); what was done."""
     want = json.loads(json.dumps(config_to_dict(config)))
     entry = manifest.read_manifest(bank).get("index")
-    if entry and entry.get("config") == want:
+    if entry and entry.get("config") == want and not rebuild:
         return {"reused": True}
     try:
         report = build_index(bank, config)
@@ -233,7 +236,7 @@ def knn(args: argparse.Namespace) -> tuple[dict, dict]:
     bank, _ = ensure_bank(argparse.Namespace(out=args.out, vectors=args.vectors, dim=args.dim, parts=args.parts,
                                              clusters=args.clusters, spread=args.spread))
     bank_s = time.perf_counter() - t
-    built = ensure_index(bank, config)
+    built = ensure_index(bank, config, args.rebuild_index)
     opened = open_bank(bank)
     entry = opened.index
     nprobe = args.nprobe or entry["nprobe"]

@@ -18,7 +18,7 @@ from bank_builder.index.autotune import drop_self, recall_at_k, sweep
 from bank_builder.index.exact import TopK
 from bank_builder.index.layout import index_dir
 from bank_builder.index.slices import plan_slices
-from bank_builder.index.train import deserialize
+from bank_builder.index.train import deserialize, locality_order
 from tests.build_helpers import read_bank
 from index_helpers import assert_same_topk, clustered, exact_knn, make_bank, monolithic_search
 
@@ -86,6 +86,39 @@ def test_slice_plan_is_contiguous_bounded_and_balanced():
     assert max(totals) <= 200_000 and len(ranges) == -(-sizes.sum() // 200_000)  # fewest slices possible here
     assert max(totals) - min(totals) < 0.25 * 200_000  # balanced, not greedy-full then a small tail
     assert plan_slices(np.array([10, 5000, 10]), 100) == [(0, 1), (1, 2), (2, 3)]  # a huge list stands alone
+
+
+def test_locality_order_keeps_nearby_centroids_in_nearby_lists():
+    rng = np.random.default_rng(5)
+    centroids = clustered(rng, rng.standard_normal((40, 32)), 1500).astype(np.float32)
+    order = locality_order(centroids)
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(centroids)))
+
+    def mean_gap(perm):  # how far apart, in list numbers, each centroid is from its 8 nearest centroids
+        position = np.argsort(perm)
+        scores = centroids @ centroids.T
+        np.fill_diagonal(scores, -np.inf)
+        nearest = np.argsort(-scores, axis=1)[:, :8]
+        return np.abs(position[nearest] - position[:, None]).mean()
+
+    assert mean_gap(order) < 0.4 * mean_gap(np.arange(len(centroids)))  # k-means order: ~n/3, no locality
+
+
+def test_a_query_touches_few_slices(built):
+    bank, _ = built
+    entry = index_entry(bank.url)
+    trained = deserialize(storage.read_bytes(storage.join(index_dir(bank.url, entry["id"]), "trained.faissindex")))
+    ivf = faiss.extract_index_ivf(trained)
+    _, lists = ivf.quantizer.search(_queries(bank), 8)
+    starts = np.array([s["lists"][0] for s in entry["slices"]])
+
+    def slices_per_query(list_numbers):
+        owners = np.searchsorted(starts, list_numbers, side="right") - 1
+        return np.mean([len(np.unique(row)) for row in owners])
+
+    shuffled = np.random.default_rng(0).permutation(entry["nlist"])  # what arbitrary list numbers would give
+    assert len(entry["slices"]) >= 8
+    assert slices_per_query(lists) < 0.6 * slices_per_query(shuffled[lists])
 
 
 def test_every_segment_is_in_exactly_one_slice_once(built):

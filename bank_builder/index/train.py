@@ -1,5 +1,6 @@
 """Train once: sample vectors from the parts (Ray task per part, row groups only), k-means the coarse
-quantizer (on GPU where faiss sees one), train the code (PQ / SQ / OPQ) on the residuals, serialise."""
+quantizer (on GPU where faiss sees one), number its lists for locality, train the code (PQ / SQ / OPQ) on the
+residuals, serialise."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from bank_builder.index import source
 from bank_builder.index.params import MIN_POINTS_PER_LIST, IndexConfig, IndexParams, make_index, split_index
 
 log = logging.getLogger("refbank.index")
+
+LOCALITY_LEAF = 16  # lists ordered by bisection down to groups this small; slices hold many more lists than this
 
 
 @dataclass
@@ -105,11 +108,31 @@ def train_index(params: IndexParams, x: np.ndarray, config: IndexConfig) -> tupl
     kmeans = faiss.Kmeans(ivf.d, params.nlist, niter=config.kmeans_iters, seed=config.seed, spherical=True,
                           gpu=gpu, min_points_per_centroid=1)
     kmeans.train(np.ascontiguousarray(x))
-    ivf.quantizer.add(kmeans.centroids)
+    ivf.quantizer.add(kmeans.centroids[locality_order(kmeans.centroids)])
     _quiet_pq(ivf, len(x))
     ivf.train(x)  # the quantizer is trained (ntotal == nlist), so this trains only the code on residuals
     index.is_trained = True
     return index, gpu
+
+
+def locality_order(centroids: np.ndarray, leaf: int = LOCALITY_LEAF) -> np.ndarray:
+    """A permutation of the centroids that gives nearby centroids nearby list numbers.
+
+    k-means numbers its centroids arbitrarily, and slices are contiguous list ranges: without this, a query's
+    probed lists land in as many unrelated slices, and loading slices on demand saves nothing. Recursive
+    bisection at the median along each group's principal axis (a PCA tree) keeps neighbours together."""
+    order = np.arange(len(centroids))
+    pending = [(0, len(order))]
+    while pending:
+        lo, hi = pending.pop()
+        if hi - lo <= leaf:
+            continue
+        centred = centroids[order[lo:hi]] - centroids[order[lo:hi]].mean(axis=0)
+        axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]  # eigenvalues ascend: the last is the principal axis
+        order[lo:hi] = order[lo:hi][np.argsort(centred @ axis, kind="stable")]
+        mid = (lo + hi) // 2
+        pending += [(lo, mid), (mid, hi)]
+    return order
 
 
 def _quiet_pq(ivf: faiss.IndexIVF, n: int) -> None:
