@@ -234,7 +234,9 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
     cache_dir: Optional[Path] = typer.Option(None, help="Local disk cache for index slices."),
-    memory_mb: int = typer.Option(1024, help="Memory budget of resident index slices, MiB."),
+    memory_mb: int = typer.Option(1024, help="Memory budget of resident index slices, MiB. When the whole index fits, "
+                                  "it is searched as one faiss index (fastest); otherwise slices are paged in and "
+                                  "out, least recently used first."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint path overriding the weights the bank records."),
     token: Optional[str] = typer.Option(None, envvar="REFBANK_TOKEN", help="Require this bearer token on /v1 and /admin."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,

@@ -386,6 +386,7 @@ def _bank_info(state: ServiceState, snapshot: Snapshot) -> dict[str, Any]:
                                            "target_met", "created_at")}
         index["slices"] = len(bank.index["slices"])
         index["text_labels"] = (bank.index.get("text") or {}).get("labels", 0)
+        index["search_mode"] = snapshot.searcher.mode  # "whole" when the memory budget holds the index, else "paged"
     return {"uri": bank.uri, "version": bank.version,
             "current": current_version(bank.uri, bank.storage_options),
             "versions": list_versions(bank.uri, bank.storage_options), "encoder": bank.manifest["encoder"],

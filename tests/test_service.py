@@ -23,6 +23,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
+from bank_builder import manifest
 from bank_builder.config import IngestConfig
 from bank_builder.index import IndexConfig, build_index
 from bank_builder.ingest import iter_samples
@@ -77,18 +78,22 @@ def server(world):
     config = ServiceConfig(bank=world["bank"], cache_dir=str(world["root"] / "cache"), max_upload_bytes=MAX_UPLOAD,
                            max_k=64, max_vocabulary=16, token=TOKEN)
     running = Server(create_app(config))
-    client = RefbankClient(running.url, token=TOKEN, timeout=60)
-    deadline = time.monotonic() + 90
-    while True:  # /healthz answers at once; /readyz once the encoder and the bank are loaded
+    wait_ready(RefbankClient(running.url, token=TOKEN, timeout=60))
+    yield running
+    running.stop()
+
+
+def wait_ready(client: RefbankClient, seconds: float = 90) -> None:
+    """Return once /readyz says ready (the encoder and the bank are loaded; /healthz answers at once)."""
+    deadline = time.monotonic() + seconds
+    while True:
         try:
             client.ready()
-            break
+            return
         except (RefbankError, OSError) as exc:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the server did not get ready: {exc}")
             time.sleep(0.2)
-    yield running
-    running.stop()
 
 
 @pytest.fixture
@@ -153,6 +158,7 @@ def test_probes_and_bank_info(server, client, world):
     assert info["encoder"]["name"] == "tiny-clip" and info["labels"] == len(NAMES)
     assert info["totals"]["segments"] == read_bank(world["bank"]).num_rows > 0
     assert info["index"]["slices"] >= 2 and info["index"]["nprobe"] >= 1 and info["index"]["factory"].startswith("IVF")
+    assert info["index"]["search_mode"] == "whole"  # the default budget holds this small index
     assert {"hits", "misses", "bytes_fetched", "resident_bytes"} <= set(info["cache"])
     assert info["limits"]["max_k"] == 64 and info["limits"]["max_upload_bytes"] == MAX_UPLOAD
     status, headers, body = raw(server.url, "/openapi.json", token=None)
@@ -192,6 +198,33 @@ def test_vocabulary_miou_over_http(client, world):
                    for c in range(1, len(NAMES) + 1))
     print(f"vocabulary mIoU over HTTP {miou:.3f}, best constant {constant:.3f}")
     assert miou >= 0.12 and miou >= 4 * constant
+
+
+def test_a_budget_smaller_than_the_index_pages_slices_and_answers_the_same(client, world):
+    """A second server whose slice budget holds one slice, not the index: same answers, budget kept."""
+    slices = manifest.read_manifest(world["bank"])["index"]["slices"]
+    budget = max(s["bytes"] for s in slices) + 1024  # decoded, a slice holds about its object's bytes
+    assert len(slices) >= 2 and budget < sum(s["bytes"] for s in slices)
+    paged = Server(create_app(ServiceConfig(bank=world["bank"], memory_bytes=budget, max_k=64)))
+    try:
+        small = RefbankClient(paged.url, timeout=60)
+        wait_ready(small)
+        table = read_bank(world["bank"])
+        for row in (3, 40, 77, 120):
+            vector = np.asarray(table["visual_embedding"][row].as_py(), np.float32)
+            vector /= np.linalg.norm(vector)
+            got, want = small.search(vector=vector, k=20)["results"], client.search(vector=vector, k=20)["results"]
+            assert [h["segment_id"] for h in got] == [h["segment_id"] for h in want]
+            np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], rtol=1e-6, atol=1e-6)
+        for sample in world["heldout"][:3]:
+            got = small.segment(png(sample.image), mode="open_set", k=5, return_=["label_map"])["label_map"]
+            want = client.segment(png(sample.image), mode="open_set", k=5, return_=["label_map"])["label_map"]
+            np.testing.assert_array_equal(got, want)
+        info = small.bank()
+        assert info["index"]["search_mode"] == "paged"
+        assert 0 < info["cache"]["resident_bytes"] <= budget and info["cache"]["evictions"] > 0
+    finally:
+        paged.stop()
 
 
 def test_segment_other_modes(client, world):
