@@ -20,9 +20,9 @@ cold_start  From an empty cache (no disk tier), batch-1 queries one after anothe
             list sizes and the real probed lists), since slice granularity is what decides them.
 segmentation `Segmenter.vocabulary` latency (p50 / p99) on held-out images of a small real bank (generated corpus,
             `build_bank` with --encoder, untrained weights, then `build_index`, opened as the service opens it)
-            ÷ the bare `encoder.encode_dense` forward of the same single image (p50). Target: ≤ 1.25. The rest of the
-            call is timed piece by piece on the same images (superpixels, resize + soft masks, forward, pooling,
-            scoring + result assembly) so the ratio is explained.
+            ÷ the bare `encoder.encode_dense` forward of the same single image, p50 ÷ p50 and p99 ÷ p99. Target: both
+            ≤ 1.25. The rest of the call is timed piece by piece on the same images (superpixels, resize + soft
+            masks, forward, pooling, scoring + result assembly) so the ratio is explained.
 Timings use one faiss thread and one torch thread by default (--threads, --torch-threads; see their help): both
 sides of each ratio run on the same thread count, and the overheads measured here are single-threaded anyway.
 """
@@ -439,8 +439,10 @@ def segmentation(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(), "first_call_ms": ms(first_s),
         "latency": stats,
         "ratio_p50": round(p50["vocabulary"] / p50["bare_forward"], 3),
+        "ratio_p99": round(stats["vocabulary"]["p99_ms"] / stats["bare_forward"]["p99_ms"], 3),
         "ratio_p99_over_forward_p50": round(stats["vocabulary"]["p99_ms"] / p50["bare_forward"], 3),
-        "target_met": p50["vocabulary"] / p50["bare_forward"] <= 1.25,
+        "target_met": max(p50["vocabulary"] / p50["bare_forward"],
+                          stats["vocabulary"]["p99_ms"] / stats["bare_forward"]["p99_ms"]) <= 1.25,
         "share_of_vocabulary_p50": {n: round(p50[n] / p50["vocabulary"], 3) for n in names[2:]},
         "pieces_p50_sum_ms": round(parts_sum, 3),
     }
