@@ -16,7 +16,6 @@ this index only when the whole index fits its budget.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import faiss
@@ -24,7 +23,7 @@ import numpy as np
 
 from bank_builder.index import layout
 from bank_builder.index.params import split_index
-from bank_builder.index.search import fill_lists, probe
+from bank_builder.index.search import check_range, fill_lists, probe
 from bank_builder.index.slices import SliceArrays
 
 SliceFetch = Callable[[int], None]  # slice number → returns once that slice is installed (caller single-flights)
@@ -71,13 +70,10 @@ class ResidentIndex:
         self.refined = None if self.store is None else faiss.IndexRefine(self.trained, self.store)
         self.complete = False  # every slice installed: searches skip the residency check
         self._params: dict[tuple[int, int], tuple] = {}
-        self._lock = threading.Lock()
 
     def install(self, n: int, arrays: SliceArrays) -> int:
         """Put slice n's lists, segment ids and refine vectors in place; returns the bytes it holds."""
-        if (arrays.lo, arrays.hi) != self.ranges[n] or len(arrays.offsets) != arrays.hi - arrays.lo + 1:
-            raise layout.IndexCorruptError(f"slice {n} holds lists {arrays.lo}..{arrays.hi}, "
-                                           f"expected {self.ranges[n]}")
+        check_range(n, arrays, self.ranges[n])
         start, end = int(self.row_starts[n]), int(self.row_starts[n + 1])
         if self.loaded[arrays.lo:arrays.hi].all():  # installed before (its cache entry was evicted): adding
             return resident_bytes(end - start, self.code_size, self.dim, self.refine)  # again would duplicate
@@ -131,6 +127,7 @@ class ResidentIndex:
             if refine_factor:
                 params = faiss.IndexRefineSearchParameters()
                 params.k_factor, params.base_index_params = float(refine_factor), ivf
-            with self._lock:
-                made = self._params.setdefault(key, (params, ivf))  # the IVF params must outlive the wrapper
+            # setdefault is atomic: racing threads all use the first pair stored. The IVF params must outlive
+            # the wrapper that points at them, so both are kept.
+            made = self._params.setdefault(key, (params, ivf))
         return made[0]

@@ -113,7 +113,7 @@ class BankSearcher:
         low, high = SQUARED_NORM_RANGE
         if all(low <= v <= high for v in squared.tolist()):
             return x
-        ok = (squared >= SQUARED_NORM_RANGE[0]) & (squared <= SQUARED_NORM_RANGE[1])
+        ok = (squared >= low) & (squared <= high)
         if not np.isfinite(x).all():
             rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
             raise ValueError(f"queries hold NaN or inf (rows {rows[:10].tolist()})")

@@ -41,6 +41,12 @@ def storage_loader(bank: str, index: dict, storage_options: dict[str, Any] | Non
     return load
 
 
+def check_range(n: int, arrays: SliceArrays, expected: tuple[int, int]) -> None:
+    """Raise IndexCorruptError unless slice n's arrays hold exactly the lists the slice table gives it."""
+    if (arrays.lo, arrays.hi) != tuple(expected) or len(arrays.offsets) != arrays.hi - arrays.lo + 1:
+        raise layout.IndexCorruptError(f"slice {n} holds lists {arrays.lo}..{arrays.hi}, expected {tuple(expected)}")
+
+
 def fill_lists(invlists: faiss.ArrayInvertedLists, arrays: SliceArrays, labels: np.ndarray) -> None:
     """Append slice `arrays`' codes to their lists in `invlists`, labelled by `labels` (one int64 per row)."""
     labels, codes = np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(arrays.codes)
@@ -108,8 +114,7 @@ class SlicedIndex:
     def load(self, n: int) -> _Resident:
         """Slice n through the loader, checked against the slice table (not cached: see `slice`)."""
         arrays = self.loader(n)
-        if (arrays.lo, arrays.hi) != tuple(self.ranges[n]) or len(arrays.offsets) != arrays.hi - arrays.lo + 1:
-            raise layout.IndexCorruptError(f"slice {n} holds lists {arrays.lo}..{arrays.hi}, expected {self.ranges[n]}")
+        check_range(n, arrays, self.ranges[n])
         return _Resident(arrays, self.nlist, self.ivf.code_size)
 
     def slice(self, n: int) -> _Resident:
