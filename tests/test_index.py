@@ -15,7 +15,7 @@ from bank_builder import manifest, storage
 from bank_builder.index import (IndexConfig, IndexCorruptError, SliceArrays, build_index, choose_params, index_entry,
                                 open_index, open_text_index)
 from bank_builder.index.autotune import drop_self, recall_at_k, sweep
-from bank_builder.index.exact import TopK
+from bank_builder.index.exact import TopK, floors
 from bank_builder.index.layout import index_dir
 from bank_builder.index.slices import plan_slices
 from bank_builder.index.train import deserialize, locality_order
@@ -302,21 +302,32 @@ def test_leave_one_out_recall_helpers():
     assert recall_at_k(np.array([[1, -1]]), np.array([[1, -1]])) == 1.0
 
 
-def test_streamed_exact_topk_equals_brute_force():
-    """The autotune's ground truth: blocks and parts of any size (fewer rows than k too), merged across parts."""
+@pytest.mark.parametrize("floored", [False, True])
+def test_streamed_exact_topk_equals_brute_force(floored):
+    """The autotune's ground truth: blocks and parts of any size (fewer rows than k too), merged across parts;
+    with floors from a sample of the vectors, the same result."""
     rng = np.random.default_rng(3)
     queries = rng.standard_normal((40, 16)).astype(np.float32)
     parts = [rng.standard_normal((n, 16)).astype(np.float32) for n in (3, 2500, 1, 4000)]
     ids = np.split(rng.permutation(10_000)[:sum(len(p) for p in parts)], np.cumsum([len(p) for p in parts])[:-1])
+    everything = np.concatenate(parts)
+    floor = floors(queries, everything[rng.choice(len(everything), 300, replace=False)], K + 1) if floored else None
     total = TopK(queries, K + 1)
     for x, i in zip(parts, ids):
-        part = TopK(queries, K + 1)
+        part = TopK(queries, K + 1, floor)
         part.add(x, i)
         total.merge(part.scores, part.ids)
-    scores = queries @ np.concatenate(parts).T
+    scores = queries @ everything.T
     best = np.argsort(-scores, axis=1)[:, :K + 1]
     np.testing.assert_array_equal(total.ids, np.concatenate(ids)[best])
     np.testing.assert_allclose(total.scores, np.take_along_axis(scores, best, axis=1), rtol=1e-5)
+    if floored:  # the floors are real lower bounds, and close enough to prune nearly every score
+        assert (floor <= total.scores[:, -1]).all() and np.mean(scores >= floor[:, None]) < 0.1
     small = TopK(queries, K + 1)
     small.add(parts[0], ids[0])
     assert (small.ids[:, 3:] == -1).all() and np.isneginf(small.scores[:, 3:]).all()
+
+
+def test_floors_of_a_sample_smaller_than_k_prune_nothing():
+    queries = np.eye(4, dtype=np.float32)
+    assert np.isneginf(floors(queries, queries[:2], 3)).all()

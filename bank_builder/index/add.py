@@ -9,16 +9,18 @@ Staging object of a part (little-endian, no header; nlist, code size, C and refi
 Encoding is what IndexIVF.add_with_ids does (coarse-assign with the quantizer, then encode_vectors on the
 assigned lists), so the codes equal those of one monolithic index built from the same trained index.
 The same pass computes, per part, the exact top-k of the autotune queries (exact.TopK, on the float32 rows it
-encodes anyway) and the part's label texts.
+encodes anyway) and the part's labels: their text embeddings and the sums of their visual embeddings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import ray
 
 from bank_builder import storage
@@ -62,66 +64,96 @@ def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray,
 
 
 class _Labels:
-    """Per label of a part: the first text embedding seen, and the sum and count of its visual embeddings."""
+    """Per label of a part: the first text embedding seen, and the sum and count of its visual embeddings.
 
-    def __init__(self) -> None:
-        self.seen: dict[str, np.ndarray] = {}
-        self.sums: dict[str, np.ndarray] = {}
-        self.counts: dict[str, int] = {}
+    Labels are read dictionary-encoded, so a row group costs one bincount and one reduceat over integer codes,
+    and its text column is read only when it holds a label not seen before."""
 
-    def add(self, table, x: np.ndarray) -> None:
-        """Take the labelled rows of a row group; x (rows, C) float32 are its visual embeddings."""
-        valid = (table["label"].is_valid().to_numpy(zero_copy_only=False)
-                 & table["text_embedding"].is_valid().to_numpy(zero_copy_only=False))
-        if not valid.any():
-            return
-        labels = np.array(table["label"].to_pylist(), dtype=object)[valid]
-        text = source.matrix(table["text_embedding"])[valid]
-        names, first, inverse = np.unique(labels.astype(str), return_index=True, return_inverse=True)
-        counts = np.bincount(inverse, minlength=len(names))
-        # Rows grouped by label, then one reduceat: np.add.at would cost as much as encoding the rows.
-        order = np.argsort(inverse, kind="stable")
-        sums = np.add.reduceat(x[valid][order], np.cumsum(counts) - counts, axis=0, dtype=np.float64)
-        for j, (name, i) in enumerate(zip(names, first)):
-            name = str(name)
-            self.seen.setdefault(name, text[i])
-            self.sums[name] = self.sums.get(name, 0.0) + sums[j]
-            self.counts[name] = self.counts.get(name, 0) + int(counts[j])
+    def __init__(self, dim: int) -> None:
+        self.slot: dict[str, int] = {}  # label → row of sums / counts, in order of first appearance
+        self.text: dict[str, np.ndarray] = {}
+        self.sums = np.zeros((0, dim), np.float64)
+        self.counts = np.zeros(0, np.int64)
+
+    def add(self, labels: pa.ChunkedArray, x: np.ndarray, read_text: Callable[[], pa.ChunkedArray]) -> None:
+        """Take a row group's label column and x (rows, C) float32, its visual embeddings; `read_text` reads
+        its text embedding column. Rows without a label count nowhere; a label with no text embedding in any
+        row gets none (and no entry in the text index)."""
+        offset, text = 0, None
+        for chunk in labels.chunks:
+            codes = chunk.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            names = chunk.dictionary.to_pylist()
+            rows = slice(offset, offset + len(chunk))
+            offset += len(chunk)
+            counts = np.bincount(codes[codes >= 0], minlength=len(names))
+            present = np.flatnonzero(counts)
+            if not len(present):
+                continue
+            # Rows grouped by label, then one reduceat: np.add.at would cost as much as encoding the rows. A row
+            # group's sums stay in float32 (≤ 4096 unit vectors each); the part's totals are float64.
+            order = np.argsort(np.where(codes >= 0, codes, len(names)), kind="stable")[:int(counts.sum())]
+            sums = np.add.reduceat(x[rows][order], np.cumsum(counts[present]) - counts[present], axis=0)
+            slots = np.array([self._slot(names[c]) for c in present], np.int64)
+            self.sums[slots] += sums
+            self.counts[slots] += counts[present]
+            if any(names[c] not in self.text for c in present):
+                text = read_text() if text is None else text
+                self._take_text(names, codes, text.slice(rows.start, len(codes)))
+
+    def _slot(self, name: str) -> int:
+        if name not in self.slot:
+            self.slot[name] = len(self.slot)
+            self.sums = np.vstack([self.sums, np.zeros((1, self.sums.shape[1]))])
+            self.counts = np.append(self.counts, 0)
+        return self.slot[name]
+
+    def _take_text(self, names: list[str], codes: np.ndarray, text: pa.ChunkedArray) -> None:
+        """Record the first text embedding of each label in `codes` that has none yet."""
+        with_text = (codes >= 0) & text.is_valid().to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(with_text)
+        found, first = np.unique(codes[rows], return_index=True)
+        vectors = source.matrix(text)
+        for code, row in zip(found, rows[first]):
+            self.text.setdefault(names[code], vectors[row])
 
     def arrays(self) -> tuple[list[str], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """(sorted labels, text (L, D) float16, visual sums (L, C) float64, counts (L,)); Nones without labels."""
-        names = sorted(self.seen)
+        names = sorted(self.text)
         if not names:
             return names, None, None, None
-        return (names, np.stack([self.seen[n] for n in names]), np.stack([self.sums[n] for n in names]),
-                np.array([self.counts[n] for n in names], np.int64))
+        slots = [self.slot[n] for n in names]
+        return names, np.stack([self.text[n] for n in names]), self.sums[slots], self.counts[slots]
 
 
-def add_part(bank: str, part: dict, trained: bytes, staging: str, queries: np.ndarray, k: int,
-             refine: bool, text: bool, storage_options: dict[str, Any] | None) -> PartAdded:
-    """Encode one part row group by row group; write its staging object; return sizes, exact top-k, labels."""
+def add_part(bank: str, part: dict, trained: bytes, staging: str, exact: TopK, refine: bool, text: bool,
+             storage_options: dict[str, Any] | None) -> PartAdded:
+    """Encode one part row group by row group; write its staging object; return sizes, exact top-k, labels.
+
+    exact: an empty TopK of the autotune queries (with their floors); this part's vectors are streamed into it."""
     faiss.omp_set_num_threads(1)  # one task = one CPU; parallelism comes from running tasks side by side
+    exact = exact.fresh()
     index = deserialize(trained)
     chain, ivf = split_index(index)
     dtype = record_dtype(ivf.code_size, index.d, refine)
-    exact = TopK(queries, k)
-    labels = _Labels()
+    labels = _Labels(index.d)
     lists, records = [], []
-    columns = ["segment_id", source.VISUAL] + (["label", "text_embedding"] if text else [])
-    for table in source.iter_row_groups(bank, part["name"], columns, storage_options):
-        x16 = source.matrix(table[source.VISUAL])
-        ids = table["segment_id"].to_numpy()
-        x = x16.astype(np.float32)
-        exact.add(x, ids)
-        assign, codes = encode(chain, ivf, x)
-        rec = np.empty(len(x), dtype=dtype)
-        rec["id"], rec["code"] = ids, codes
-        if refine:
-            rec["vector"] = x16
-        lists.append(assign)
-        records.append(rec)
-        if text:
-            labels.add(table, x)
+    columns = ["segment_id", source.VISUAL] + (["label"] if text else [])
+    with source.open_part(bank, part["name"], storage_options, dictionary=["label"]) as f:
+        for g in range(f.num_row_groups):
+            table = f.read_row_group(g, columns=columns)
+            x16 = source.matrix(table[source.VISUAL])
+            ids = table["segment_id"].to_numpy()
+            x = x16.astype(np.float32)
+            exact.add(x, ids)
+            assign, codes = encode(chain, ivf, x)
+            rec = np.empty(len(x), dtype=dtype)
+            rec["id"], rec["code"] = ids, codes
+            if refine:
+                rec["vector"] = x16
+            lists.append(assign)
+            records.append(rec)
+            if text:
+                labels.add(table["label"], x, lambda g=g: source.read_column(f, g, "text_embedding"))
     assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
     order = np.argsort(assign, kind="stable")  # by list; part row order kept within a list
     sizes = np.bincount(assign, minlength=ivf.nlist).astype(np.int64)
@@ -145,15 +177,16 @@ class AddResult:
     counts: dict[str, int]  # label → number of segments
 
 
-def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist: int, queries: np.ndarray,
-              k: int, refine: bool, text: bool, storage_options: dict[str, Any] | None) -> AddResult:
-    """Run one add task per part; merge what they report as they finish."""
+def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist: int, exact: TopK, refine: bool,
+              text: bool, storage_options: dict[str, Any] | None) -> AddResult:
+    """Run one add task per part; merge what they report as they finish.
+
+    exact: an empty TopK of the autotune queries (with floors); each task fills a copy, merged here."""
     task = ray.remote(num_cpus=1, max_retries=2)(add_part)  # a retry rewrites the same staging object
-    trained_ref, queries_ref = ray.put(trained), ray.put(np.ascontiguousarray(queries, np.float32))
-    pending = {task.remote(bank, p, trained_ref, layout.staging_url(bank, index_id, p["name"]), queries_ref,
-                           k, refine, text, storage_options): p for p in parts}
+    trained_ref, exact_ref = ray.put(trained), ray.put(exact)
+    pending = {task.remote(bank, p, trained_ref, layout.staging_url(bank, index_id, p["name"]), exact_ref,
+                           refine, text, storage_options): p for p in parts}
     sizes = np.zeros(nlist, np.int64)
-    exact = TopK(queries, k)
     rows, by_part = {}, {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -16,11 +16,19 @@ VISUAL = "visual_embedding"
 
 
 @contextmanager
-def open_part(bank: str, name: str, storage_options: dict[str, Any] | None) -> Iterator[pq.ParquetFile]:
-    """A part as a ParquetFile over a seekable fsspec file: row groups are fetched as they are read."""
+def open_part(bank: str, name: str, storage_options: dict[str, Any] | None,
+              dictionary: list[str] | None = None) -> Iterator[pq.ParquetFile]:
+    """A part as a ParquetFile over a seekable fsspec file: row groups are fetched as they are read.
+
+    dictionary: string columns to read dictionary-encoded (integer codes + the row group's distinct values)."""
     fs, path = storage.url_to_fs(store.part_url(bank, name), storage_options)
     with fs.open(path, "rb") as f:
-        yield pq.ParquetFile(f)
+        yield pq.ParquetFile(f, read_dictionary=dictionary)
+
+
+def read_column(f: pq.ParquetFile, group: int, column: str) -> pa.ChunkedArray:
+    """One column of one row group."""
+    return f.read_row_group(group, columns=[column])[column]
 
 
 def matrix(column: pa.ChunkedArray | pa.Array, dtype: type = np.float16) -> np.ndarray:
