@@ -87,29 +87,30 @@ def build_slice(n: int, lo: int, hi: int, staging: list[str], nlist: int, code_s
     """Gather lists [lo, hi) from every part's staging object (2 range reads each), write slice n; its entry."""
     dtype = record_dtype(code_size, dim, refine)
     heads = layout.read_ranges([(url, 8 * lo, 8 * (hi + 1)) for url in staging], storage_options)
-    offsets = [np.frombuffer(h, "<i8") for h in heads]
+    offsets = np.stack([np.frombuffer(h, "<i8") for h in heads]) if heads else np.zeros((0, hi - lo + 1), np.int64)
+    counts = np.diff(offsets, axis=1)  # (parts, lists) entries of each part in each list
+    starts = np.concatenate([[0], np.cumsum(counts.sum(axis=0))])
+    # Parts in ordinal order within a list (the monolithic add order): part p's run of list lo+j starts after
+    # the runs of the parts before it.
+    runs = starts[:-1] + np.cumsum(counts, axis=0) - counts
     header = 8 * (nlist + 1)
-    wanted = [(url, header + int(o[0]) * dtype.itemsize, header + int(o[-1]) * dtype.itemsize)
-              for url, o in zip(staging, offsets) if o[-1] > o[0]]
-    bodies = iter(layout.read_ranges(wanted, storage_options))
-    records, lists = [], []
-    for o in offsets:  # parts in ordinal order, so each list keeps the monolithic add order
-        if o[-1] > o[0]:
-            records.append(np.frombuffer(next(bodies), dtype))
-            lists.append(np.repeat(np.arange(lo, hi), np.diff(o)))
-    del bodies
-    rec = np.concatenate(records) if records else np.zeros(0, dtype)
-    del records  # the fetched bytes go with it: peak memory ≈ 2 slices + the npz being written
-    assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    order = np.argsort(assign, kind="stable")
-    counts = np.bincount(assign - lo, minlength=hi - lo)
-    ids, codes = rec["id"][order], rec["code"][order]
-    vectors = rec["vector"][order] if refine else None
-    del rec
-    data = SliceArrays(lo, hi, np.concatenate([[0], np.cumsum(counts)]), ids, codes, vectors).to_bytes()
-    del ids, codes, vectors
+    owners = [p for p in range(len(staging)) if counts[p].sum()]
+    bodies = layout.read_ranges([(staging[p], header + int(offsets[p, 0]) * dtype.itemsize,
+                                  header + int(offsets[p, -1]) * dtype.itemsize) for p in owners], storage_options)
+    total = int(starts[-1])
+    ids, codes = np.empty(total, np.int64), np.empty((total, code_size), np.uint8)
+    vectors = np.empty((total, dim), np.float16) if refine else None
+    for i, p in enumerate(owners):  # scatter each part's list-sorted records straight to their slice rows
+        rec, bodies[i] = np.frombuffer(bodies[i], dtype), None
+        dest = np.arange(len(rec)) + np.repeat(runs[p] - (offsets[p, :-1] - offsets[p, 0]), counts[p])
+        ids[dest], codes[dest] = rec["id"], rec["code"]
+        if refine:
+            vectors[dest] = rec["vector"]
+        del rec
+    data = SliceArrays(lo, hi, starts, ids, codes, vectors).to_bytes()
+    del ids, codes, vectors  # peak memory ≈ 2 slices + the npz being written
     entry = layout.write_object(bank, index_id, layout.slice_object(n), data, storage_options)
-    return {"lists": [lo, hi], **entry, "vectors": int(counts.sum())}
+    return {"lists": [lo, hi], **entry, "vectors": total}
 
 
 def build_slices(bank: str, index_id: str, parts: list[dict], list_sizes: np.ndarray, code_size: int, dim: int,
