@@ -91,6 +91,9 @@ class SlicedIndex:
                  refine_factor: int = 0, max_resident: int | None = None) -> None:
         self.index = trained
         self.chain, self.ivf = split_index(trained)
+        # Under the default parallel_mode 0, search_preassigned runs on one thread (IndexIVF.search parallelises
+        # above it, over query blocks); mode 3 splits the queries over OpenMP threads inside it, same results.
+        self.ivf.parallel_mode = 3
         self.dim, self.nlist = trained.d, self.ivf.nlist
         bounds = [lo for lo, _ in ranges] + [ranges[-1][1] if ranges else 0]
         if bounds[0] != 0 or bounds[-1] != self.nlist or any(lo >= hi for lo, hi in ranges) or any(
@@ -211,12 +214,21 @@ class Candidates:
         return cls(none, np.full((nq, m), -1, np.int64), none.copy() if refine else None)
 
     def merge(self, other: Candidates, k: int) -> Candidates:
-        """The k best of both by code score (descending), ties by id: what one index scanning both would keep."""
-        cols = [np.concatenate([a, b], axis=1) for a, b in ((self.scores, other.scores), (self.ids, other.ids))]
-        if self.exact is not None:
-            cols.append(np.concatenate([self.exact, other.exact], axis=1))
-        top = _top(cols, k)
-        return Candidates(top[0], top[1], top[2] if self.exact is not None else None)
+        """The k best of both by code score (descending), ties by id: what one index scanning both would keep.
+
+        Both hold k columns per query. Only the queries `other` found something for are re-ranked: a slice
+        serves a fraction of the queries, and the rest keep their candidates as they are."""
+        hit = np.flatnonzero(other.ids[:, 0] >= 0)  # faiss puts found results first, -1 after
+        mine, theirs = self.columns(), other.columns()
+        top = _top([np.concatenate([a[hit], b[hit]], axis=1) for a, b in zip(mine, theirs)], k)
+        out = [c.copy() for c in mine]
+        for c, t in zip(out, top):
+            c[hit] = t
+        return Candidates(*out)
+
+    def columns(self) -> list[np.ndarray]:
+        """scores, ids and (with refine) exact scores, in that order."""
+        return [self.scores, self.ids] + ([] if self.exact is None else [self.exact])
 
     def result(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the best k: by code score, or re-ranked by exact score when refined."""
