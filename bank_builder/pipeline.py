@@ -74,18 +74,20 @@ class _Plan:
     done: list[store.PartInfo]
     todo: list[store.PartInfo]  # rows/bytes/sha256 filled in by the writer
     parent: dict | None
+    current: manifest.Current  # what CURRENT named when planned: the publish is conditional on it
 
 
 def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards: list[str]) -> _Plan:
     """Split shards into committed parts (reused) and the rest, with stable ordinals."""
     so = config.storage_options
-    current = manifest.read_manifest(config.bank, storage_options=so)
-    if current is not None and current["fingerprint"] != fingerprint:
+    current = manifest.read_current(config.bank, so)
+    parent = manifest.read_manifest(config.bank, current.version, so) if current.version else None
+    if parent is not None and parent["fingerprint"] != fingerprint:
         raise manifest.BankMismatchError(
-            f"bank {config.bank} version {current['version']} was built with other options or another encoder "
-            f"({current['encoder']['name']}, weights {current['encoder']['weights']}); build into a new bank URI."
+            f"bank {config.bank} version {parent['version']} was built with other options or another encoder "
+            f"({parent['encoder']['name']}, weights {parent['encoder']['weights']}); build into a new bank URI."
         )
-    known = {p["source"]: store.PartInfo(**p) for p in (current or {}).get("parts", [])}
+    known = {p["source"]: store.PartInfo(**p) for p in (parent or {}).get("parts", [])}
     next_ordinal = max((p.ordinal for p in known.values()), default=-1) + 1
     ordinals = {}
     for shard in shards:  # sorted: a fresh (or resumed) build numbers its shards the same way every time
@@ -93,16 +95,16 @@ def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards:
             ordinals[shard] = known[shard].ordinal
         else:
             ordinals[shard], next_ordinal = next_ordinal, next_ordinal + 1
-    fresh = [s for s in shards if s not in known]
+    fresh = [(s, store.part_name(s, ordinals[s], fingerprint)) for s in shards if s not in known]
     with ThreadPoolExecutor(16) as pool:  # one small read per shard: overlap the round trips
-        commits = list(pool.map(lambda s: store.read_commit(config.bank, store.part_name(s), so), fresh))
+        commits = list(pool.map(lambda sn: store.read_commit(config.bank, sn[1], so), fresh))
     done, todo = list(known.values()), []
-    for shard, commit in zip(fresh, commits):
+    for (shard, name), commit in zip(fresh, commits):
         if commit and commit.fingerprint == fingerprint and commit.ordinal == ordinals[shard] and commit.source == shard:
             done.append(commit)
         else:
-            todo.append(store.PartInfo(store.part_name(shard), ordinals[shard], shard, 0, 0, "", 0, 0, {}, fingerprint))
-    return _Plan(done=done, todo=todo, parent=current)
+            todo.append(store.PartInfo(name, ordinals[shard], shard, 0, 0, "", 0, 0, {}, fingerprint))
+    return _Plan(done=done, todo=todo, parent=parent, current=current)
 
 
 @dataclass
@@ -265,8 +267,16 @@ class _Driver:
             self.on_progress(self.progress)
 
 
+MAX_REPLANS = 5  # publishes lost to concurrent writers before a build gives up
+
+
 def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None) -> BuildReport:
-    """Build (or finish, or extend) the bank at config.bank from the shards at config.source."""
+    """Build (or finish, or extend) the bank at config.bank from the shards at config.source.
+
+    Publishing is a compare-and-swap on CURRENT. When another writer publishes while this build runs, the build
+    plans again on top of the new version: its new shards get the next free ordinals (their parts are
+    renumbered copies, nothing is encoded again) and it publishes after that writer's version, so no shard is
+    lost and no segment id means two segments. A bank whose new version has other options is refused."""
     spec = resolve_spec(config.encoder)
     fingerprint = build_fingerprint(config, spec)
     shards = list_shards(config.source, config.storage_options)
@@ -275,14 +285,22 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done))
     log.info("%d shards: %d already committed, %d to build", len(shards), len(plan.done), len(plan.todo))
     written, failed = _Driver(config, spec, plan.todo, progress, on_progress).run() if plan.todo else ([], [])
-    parts = plan.done + written
-    named = {p["name"] for p in (plan.parent or {}).get("parts", [])}
-    up_to_date = not failed and plan.parent is not None and {p.name for p in parts} == named
+    pending = {p.source: p for p in _unpublished(plan) + written}  # parts the parent lacks, by shard
     version = None
-    if not failed and not up_to_date:
-        build = {k: v for k, v in config_to_dict(config).items() if k != "storage_options"}  # may hold secrets
-        body = manifest.make_manifest(parts, spec.to_dict(), fingerprint, build)
-        version = manifest.publish(config.bank, body, config.storage_options)
+    for attempt in range(MAX_REPLANS + 1):
+        parts = _published(plan) + list(pending.values())
+        up_to_date = not failed and plan.parent is not None and not pending
+        if failed or up_to_date:
+            break
+        try:
+            version = _publish(config, spec, fingerprint, parts, plan.current)
+            break
+        except manifest.ConcurrentUpdateError as exc:
+            if attempt == MAX_REPLANS:
+                raise
+            log.warning("%s; planning again on top of it", str(exc).split(";")[0])
+            plan = plan_build(config, spec, fingerprint, shards)
+            pending = _renumber(config, spec, plan, pending)
     counts = manifest.totals(parts)
     return BuildReport(
         bank=config.bank, version=version, up_to_date=up_to_date, shards=len(shards),
@@ -292,3 +310,44 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
     )
+
+
+def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: list[store.PartInfo],
+             expected: manifest.Current) -> str:
+    """Publish a version naming `parts`, on condition that CURRENT still names `expected`."""
+    build = {k: v for k, v in config_to_dict(config).items() if k != "storage_options"}  # may hold secrets
+    body = manifest.make_manifest(parts, spec.to_dict(), fingerprint, build)
+    return manifest.publish(config.bank, body, expected, config.storage_options)
+
+
+def _published(plan: _Plan) -> list[store.PartInfo]:
+    """The parts of the version the plan starts from."""
+    return [store.PartInfo(**p) for p in (plan.parent or {}).get("parts", [])]
+
+
+def _unpublished(plan: _Plan) -> list[store.PartInfo]:
+    """Committed parts the plan reuses that its parent version does not list (an earlier run's work)."""
+    named = {p["name"] for p in (plan.parent or {}).get("parts", [])}
+    return [p for p in plan.done if p.name not in named]
+
+
+def _renumber(config: BuildConfig, spec: EncoderSpec, plan: _Plan,
+              pending: dict[str, store.PartInfo]) -> dict[str, store.PartInfo]:
+    """The parts still to publish after another writer published `plan.parent`: each pending part at the
+    ordinal the new plan gives its shard (a renumbered copy when it changed; nothing is encoded again).
+
+    A shard the new parent already holds (the other writer built it too) is dropped: its published part is
+    reused. A shard whose part at the new ordinal is committed already keeps that part."""
+    target = {p.source: p for p in plan.todo} | {p.source: p for p in _unpublished(plan)}
+    moved = {}
+    for source, part in pending.items():
+        want = target.get(source)
+        if want is None:
+            continue  # published by the other writer
+        if want.ordinal == part.ordinal or want.sha256:  # same ordinal, or already committed at the new one
+            moved[source] = part if want.ordinal == part.ordinal else want
+            continue
+        log.info("shard %s: ordinal %d was taken by another writer; renumbered to %d", source, part.ordinal,
+                 want.ordinal)
+        moved[source] = store.renumber_part(config.bank, part, want.ordinal, spec.to_dict(), config.storage_options)
+    return moved

@@ -39,11 +39,19 @@ def split_segment_id(sid: int) -> tuple[int, int]:
     return sid >> ROW_BITS, sid & ((1 << ROW_BITS) - 1)
 
 
-def part_name(shard_url: str) -> str:
-    """A stable part name for an input shard: readable stem + hash of the full URL (no twins on re-run)."""
+def shard_stem(shard_url: str) -> str:
+    """A stable, readable prefix for the parts of an input shard: its file stem + 10 hex of sha1(URL)."""
     stem = re.sub(r"(\.tar)?(\.gz)?$", "", shard_url.rstrip("/").rsplit("/", 1)[-1])
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:64]
     return f"{stem}-{hashlib.sha1(shard_url.encode()).hexdigest()[:10]}"
+
+
+def part_name(shard_url: str, ordinal: int, fingerprint: str) -> str:
+    """The part of `shard_url` built as ordinal `ordinal` with build fingerprint `fingerprint`.
+
+    Everything that decides a part's bytes is in its name, so an object, once a manifest lists it, is never
+    rewritten: a shard given another ordinal (after a concurrent publish) becomes another object."""
+    return f"{shard_stem(shard_url)}-o{ordinal}-{fingerprint[:8]}"
 
 
 def part_url(bank: str, name: str) -> str:
@@ -172,15 +180,52 @@ def _parquet_bytes(table: pa.Table, metadata: dict[str, Any] | None = None) -> b
 def write_part(
     bank: str, table: pa.Table, info: PartInfo, encoder_spec: dict[str, Any], storage_options: dict[str, Any]
 ) -> PartInfo:
-    """Write a part's Parquet object, then its commit marker; returns `info` with bytes and sha256 filled."""
+    """Write a part's Parquet object, then its commit marker; returns `info` with bytes and sha256 filled.
+
+    The object is created only if absent: a part object is never overwritten. One that exists already (an
+    earlier run died before its marker, or a concurrent build wrote the same shard with the same ordinal) is
+    adopted after its footer shows it was built from the same shard, ordinal and fingerprint."""
     meta = {"format_version": FORMAT_VERSION, "encoder": encoder_spec, "part": info.name,
             "ordinal": info.ordinal, "source": info.source, "fingerprint": info.fingerprint}
     data = _parquet_bytes(table, meta)
-    storage.write_bytes(part_url(bank, info.name), data, storage_options)
+    url = part_url(bank, info.name)
+    try:
+        storage.write_if_absent(url, data, storage_options)
+    except storage.PreconditionFailed:
+        data = _adopt(url, meta, storage_options)
     info.bytes, info.sha256 = len(data), hashlib.sha256(data).hexdigest()
     # The marker goes last: a part counts as done only once its whole object is on storage.
     storage.write_json(commit_url(bank, info.name), asdict(info), storage_options)
     return info
+
+
+def _adopt(url: str, meta: dict[str, Any], storage_options: dict[str, Any]) -> bytes:
+    """The bytes of an existing part object that matches `meta` (same part, shard, ordinal, fingerprint)."""
+    data = storage.read_bytes(url, storage_options)
+    found = json.loads(pq.read_schema(io.BytesIO(data)).metadata.get(PARQUET_META_KEY, b"{}"))
+    keys = ("part", "ordinal", "source", "fingerprint")
+    if any(found.get(k) != meta[k] for k in keys):
+        raise ValueError(f"{url} exists and was not built from {meta['source']} as ordinal {meta['ordinal']} "
+                         f"with fingerprint {meta['fingerprint']} (its footer says "
+                         f"{ {k: found.get(k) for k in keys} }); refusing to overwrite it")
+    return data
+
+
+def renumber_part(bank: str, info: PartInfo, ordinal: int, encoder_spec: dict[str, Any],
+                  storage_options: dict[str, Any]) -> PartInfo:
+    """A copy of committed part `info` as ordinal `ordinal` (new segment ids and name, same rows and
+    embeddings), committed like a fresh part: what a build of the same shard at that ordinal writes."""
+    name = part_name(info.source, ordinal, info.fingerprint)
+    table = read_part(bank, info.name, storage_options)
+    n = table.num_rows
+    table = table.set_column(table.schema.get_field_index("segment_id"), "segment_id",
+                             pa.array([segment_id(ordinal, r) for r in range(n)], pa.int64()))
+    table = table.set_column(table.schema.get_field_index("part"), "part", pa.array([name] * n, pa.string()))
+    rejects = read_rejects(bank, info.name, storage_options)
+    rejects = rejects.set_column(0, "part", pa.array([name] * rejects.num_rows, pa.string()))
+    _write_new(rejects_url(bank, name), _parquet_bytes(rejects), storage_options)
+    moved = PartInfo(**{**asdict(info), "name": name, "ordinal": ordinal, "bytes": 0, "sha256": ""})
+    return write_part(bank, table.replace_schema_metadata(None), moved, encoder_spec, storage_options)
 
 
 def write_rejects(bank: str, name: str, rejects: list[Reject], storage_options: dict[str, Any]) -> None:
@@ -194,7 +239,15 @@ def write_rejects(bank: str, name: str, rejects: list[Reject], storage_options: 
             "detail": pa.array([r.detail for r in rejects], pa.string()),
         }
     )
-    storage.write_bytes(rejects_url(bank, name), _parquet_bytes(table), storage_options)
+    _write_new(rejects_url(bank, name), _parquet_bytes(table), storage_options)
+
+
+def _write_new(url: str, data: bytes, storage_options: dict[str, Any]) -> None:
+    """Create an object that a part's name fully determines; an existing one (an earlier run's) is kept."""
+    try:
+        storage.write_if_absent(url, data, storage_options)
+    except storage.PreconditionFailed:
+        pass
 
 
 def read_commit(bank: str, name: str, storage_options: dict[str, Any]) -> PartInfo | None:

@@ -86,7 +86,7 @@ def ensure_bank(args: argparse.Namespace) -> tuple[str, np.ndarray]:
         info = store.PartInfo(name, ordinal, f"synthetic://{name}", int(n), 0, "", int(n), 0, {}, "bench")
         infos.append(store.write_part(bank, table, info, {"name": "synthetic"}, {}))
     spec = {"name": "synthetic", "visual_dim": args.dim, "text_dim": 32}
-    manifest.publish(bank, manifest.make_manifest(infos, spec, "bench", {}))
+    manifest.publish(bank, manifest.make_manifest(infos, spec, "bench", {}), manifest.read_current(bank))
     np.save(os.path.join(bank, "centers.npy"), centers)
     json.dump(shape, open(marker, "w"))
     return bank, centers

@@ -22,7 +22,7 @@ from bank_builder.index import layout
 from bank_builder.index.build import INDEX_FORMAT
 from bank_builder.index.source import matrix
 from bank_builder.index.text import TextIndex
-from bank_builder.manifest import BankMismatchError
+from bank_builder.manifest import BankMismatchError, list_versions
 
 log = logging.getLogger("refbank.query")
 
@@ -31,15 +31,6 @@ VISUAL = "visual_embedding"
 METADATA_COLUMNS = ["segment_id", "part", "image_key", "segment_index", "label", "label_source", "bbox", "area",
                     "mask", "quality"]
 SPEC_FIELDS = [f.name for f in fields(EncoderSpec)]
-
-
-def list_versions(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Names of the versions under <uri>/versions/, sorted (published or not: CURRENT names the live one)."""
-    fs, path = storage.url_to_fs(storage.join(uri, "versions"), storage_options)
-    fs.invalidate_cache(path)  # another process may have published since this filesystem listed it
-    if not fs.exists(path):
-        return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
 def encoder_differences(recorded: dict[str, Any], expected: EncoderSpec | dict[str, Any]) -> dict[str, tuple]:

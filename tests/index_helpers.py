@@ -66,7 +66,8 @@ def make_bank(url: str, part_rows: tuple[int, ...] = (1500, 5000, 800, 1700), di
         vectors.append(x)
         ids.append([store.segment_id(ordinal, r) for r in range(n)])
     spec = {"name": "synthetic", "visual_dim": dim, "text_dim": text_dim}
-    manifest.publish(url, manifest.make_manifest(infos, spec, "fp", {}), storage_options)
+    manifest.publish(url, manifest.make_manifest(infos, spec, "fp", {}), manifest.read_current(url, storage_options),
+                     storage_options)
     return SyntheticBank(url, np.concatenate(vectors), np.concatenate(ids).astype(np.int64), centers, names,
                          label_text)
 

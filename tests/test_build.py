@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,8 @@ import ray
 
 from bank_builder import manifest, store
 from bank_builder.manifest import BankMismatchError
-from bank_builder.pipeline import build_bank
+from bank_builder.encoders import resolve_spec
+from bank_builder.pipeline import build_bank, build_fingerprint
 from bank_builder.synthetic import CorpusConfig, make_corpus
 from tests.build_helpers import assert_same_bank, read_bank, tiny_config
 
@@ -104,6 +110,59 @@ def test_extend_adds_a_version_with_stable_ordinals(corpus, clean_bank, tmp_path
     assert m["parts"][4]["source"].endswith("train-000099.tar")
 
 
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _build_in_another_process(source: str, bank: str) -> subprocess.CompletedProcess:
+    """A whole build in a second Python process with its own local Ray: a concurrent writer."""
+    code = ("from bank_builder.pipeline import build_bank; from tests.build_helpers import tiny_config; "
+            f"r = build_bank(tiny_config({source!r}, {bank!r})); print(r.version)")
+    env = {**os.environ, "PYTHONPATH": str(_REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.run([sys.executable, "-c", code], cwd=_REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_builds_adding_shards_at_once_lose_nothing(corpus, clean_bank, tmp_path):
+    """Build A adds shard X; while A encodes, build B (another process) adds shard Y and publishes first.
+    Both planned Y and X as ordinal 4: A must re-plan on top of B's version, never drop Y or reuse its ids."""
+    root, _ = corpus
+    bank = str(tmp_path / "bank")
+    shutil.copytree(clean_bank[0], bank)
+    more = tmp_path / "more"
+    make_corpus(str(more / "x"), CorpusConfig(shards=1, samples_per_shard=3, image_size=96, seed=11))
+    make_corpus(str(more / "y"), CorpusConfig(shards=1, samples_per_shard=3, image_size=96, seed=12))
+    x, y = str(more / "x" / "train-000000.tar"), str(more / "y" / "train-000000.tar")
+    concurrent = []
+
+    def race(progress):
+        if not concurrent and progress.images:  # A is encoding, its plan (X as ordinal 4) already made
+            concurrent.append(_build_in_another_process(f"{{{root}/train-*.tar,{y}}}", bank))
+
+    report = build_bank(tiny_config(f"{{{root}/train-*.tar,{x}}}", bank), on_progress=race)
+    other = concurrent[0]
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert other.stdout.split()[-1] == "v000002"
+    assert report.ok and report.version == "v000003"
+    m = manifest.read_manifest(bank)
+    assert m["parent"] == "v000002" and manifest.list_versions(bank) == ["v000001", "v000002", "v000003"]
+    by_source = {p["source"]: p for p in m["parts"]}
+    assert (by_source[y]["ordinal"], by_source[x]["ordinal"]) == (4, 5)  # Y kept B's ordinal; X moved after it
+    table = read_bank(bank)
+    ids = table["segment_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == m["totals"]["segments"]
+    # X's rows were renumbered, not re-encoded: its embeddings equal those of the part A wrote as ordinal 4.
+    first = store.read_part(bank, store.part_name(x, 4, m["fingerprint"]))
+    moved = store.read_part(bank, by_source[x]["name"])
+    assert moved["segment_id"].to_pylist() == [store.segment_id(5, r) for r in range(moved.num_rows)]
+    for column in ["image_key", "segment_index", "label", "mask", "visual_embedding", "text_embedding"]:
+        assert moved[column].to_pylist() == first[column].to_pylist(), column
+    # No object that any published version names was rewritten.
+    for version in manifest.list_versions(bank):
+        for part in manifest.read_manifest(bank, version)["parts"]:
+            data = Path(store.part_url(bank, part["name"])).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == part["sha256"], (version, part["name"])
+
+
 def test_other_encoder_options_are_refused(corpus, clean_bank):
     root, _ = corpus
     config = tiny_config(str(root / "train-*.tar"), clean_bank[0])
@@ -150,13 +209,14 @@ def test_bad_samples_become_rejects_and_bad_shards_fail_the_build(corpus, tmp_pa
     _bad_member_shard(src / "a-mixed.tar", summary.shards[0])
     (src / "b-garbage.tar").write_bytes(b"this is not a tar file at all" * 100)
     bank = str(tmp_path / "bank")
-    report = build_bank(tiny_config(str(src / "*.tar"), bank, max_attempts=2))
+    config = tiny_config(str(src / "*.tar"), bank, max_attempts=2)
+    report = build_bank(config)
     assert not report.ok and report.version is None and manifest.current_version(bank) is None
     assert [f.shard for f in report.failed] == [str(src / "b-garbage.tar")]
     assert "ShardReadError" in report.failed[0].error
     assert report.shard_retries == 1  # tried twice, then reported
     # The good shard's part is committed (a re-run reuses it) and its rejects carry their reasons.
-    name = store.part_name(str(src / "a-mixed.tar"))
+    name = store.part_name(str(src / "a-mixed.tar"), 0, build_fingerprint(config, resolve_spec(config.encoder)))
     info = store.read_commit(bank, name, {})
     assert info.samples == 2 and info.reject_reasons == {"bad_json": 1, "undecodable_image": 1, "missing_image": 1}
     rejects = store.read_rejects(bank, name)

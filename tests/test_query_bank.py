@@ -39,7 +39,7 @@ def built(ray_local, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(store, "ROW_GROUP_SIZE", ROWS_PER_GROUP)
         bank = make_bank(url, part_rows=(900, 1400, 700), dim=32, n_clusters=24, seed=4)
-    manifest.publish(url, {**manifest.read_manifest(url), "encoder": SPEC.to_dict()})
+    manifest.publish(url, {**manifest.read_manifest(url), "encoder": SPEC.to_dict()}, manifest.read_current(url))
     build_index(url, CONFIG)
     return bank
 
@@ -245,10 +245,14 @@ def test_open_bank_checks_encoder_format_and_version(built, tmp_path):
     with pytest.raises(ValueError, match="has no index"):
         SliceCache(old)
     tiny = make_bank(str(tmp_path / "tiny"), part_rows=(40,))
-    storage.write_json(manifest.manifest_url(tiny.url, "v000002"),
-                       {**manifest.read_manifest(tiny.url), "format_version": 99})
+    manifest.publish(tiny.url, {**manifest.read_manifest(tiny.url), "format_version": 99},
+                     manifest.read_current(tiny.url))
     with pytest.raises(manifest.BankMismatchError, match="format 99"):
         open_bank(tiny.url, version="v000002")
+    # A manifest that CURRENT never named (a writer died before its swap) is not a version.
+    storage.write_json(manifest.manifest_url(tiny.url, "v000003"), manifest.read_manifest(tiny.url, "v000001"))
+    with pytest.raises(manifest.BankMismatchError, match="no version 'v000003'; available: v000001, v000002"):
+        open_bank(tiny.url, version="v000003")
     with pytest.raises(manifest.BankMismatchError, match="no published version"):
         open_bank(str(tmp_path / "nothing"))
 

@@ -39,11 +39,14 @@ def test_segment_ids_encode_part_and_row():
 
 
 def test_part_names_are_stable_readable_and_distinct():
-    a = store.part_name("s3://bucket/corpus/train-000003.tar")
-    assert a == store.part_name("s3://bucket/corpus/train-000003.tar")
-    assert a.startswith("train-000003-")
-    assert a != store.part_name("s3://bucket/other/train-000003.tar")
-    assert store.part_name("/data/shard 1.tar.gz").startswith("shard_1-")
+    a = store.part_name("s3://bucket/corpus/train-000003.tar", 3, "fp012345678")
+    assert a == store.part_name("s3://bucket/corpus/train-000003.tar", 3, "fp012345678")
+    assert a.startswith("train-000003-") and a.endswith("-o3-fp012345")
+    assert a != store.part_name("s3://bucket/other/train-000003.tar", 3, "fp012345678")
+    # Another ordinal or fingerprint makes another object: a listed part is never rewritten with other bytes.
+    assert a != store.part_name("s3://bucket/corpus/train-000003.tar", 4, "fp012345678")
+    assert a != store.part_name("s3://bucket/corpus/train-000003.tar", 3, "other-fp")
+    assert store.part_name("/data/shard 1.tar.gz", 0, "f").startswith("shard_1-")
 
 
 def test_part_round_trip(tmp_path):
@@ -86,27 +89,111 @@ def test_atomic_local_write_leaves_no_temp_files(tmp_path):
     assert os.listdir(tmp_path / "a") == ["b.json"]
 
 
+def _publish_next(bank: str, parts: list[store.PartInfo], spec: dict) -> str:
+    return manifest.publish(bank, manifest.make_manifest(parts, spec, "fp", {}), manifest.read_current(bank))
+
+
 def test_publish_versions_and_current(tmp_path):
     bank = str(tmp_path)
     assert manifest.current_version(bank) is None and manifest.read_manifest(bank) is None
     p = _info()
     p.rows, p.samples, p.rejects, p.reject_reasons = 5, 2, 1, {"bad_json": 1}
     spec = {"visual_dim": 5, "text_dim": 4}
-    v1 = manifest.publish(bank, manifest.make_manifest([p], spec, "fp", {}))
-    v2 = manifest.publish(bank, manifest.make_manifest([p], spec, "fp", {}))
+    v1 = _publish_next(bank, [p], spec)
+    v2 = _publish_next(bank, [p], spec)
     assert (v1, v2) == ("v000001", "v000002")
     assert manifest.current_version(bank) == "v000002"
     m = manifest.read_manifest(bank)
     assert m["version"] == "v000002" and m["parent"] == "v000001"
     assert m["totals"] == {"parts": 1, "segments": 5, "samples": 2, "rejects": 1, "reject_reasons": {"bad_json": 1}}
     assert manifest.read_manifest(bank, "v000001")["version"] == "v000001"
+    assert manifest.list_versions(bank) == ["v000001", "v000002"]
+    record = storage.read_json(manifest.published_url(bank, "v000002"))
+    assert record["parent"] == "v000001" and record["version"] == "v000002"
     with pytest.raises(manifest.BankMismatchError, match="no version"):
         manifest.read_manifest(bank, "v000009")
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_bank(request, tmp_path):
+    """(bank URI, storage options): a local folder, or a prefix in a fresh bucket on the moto S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "bank"), {}
+    options, bucket = request.getfixturevalue("s3")
+    return f"s3://{bucket}/banks/b", options
+
+
+def test_a_publish_from_a_stale_current_is_refused_and_leaves_no_visible_version(any_bank):
+    bank, so = any_bank
+    spec = {"visual_dim": 5, "text_dim": 4}
+
+    def publish(names: list[str], current: manifest.Current) -> str:
+        parts = [_info(n, i) for i, n in enumerate(names)]
+        return manifest.publish(bank, manifest.make_manifest(parts, spec, "fp", {}), current, so)
+
+    publish(["a"], manifest.read_current(bank, so))
+    stale = manifest.read_current(bank, so)  # both writers plan from v000001
+    assert publish(["a", "b"], stale) == "v000002"
+    with pytest.raises(manifest.ConcurrentUpdateError, match="CURRENT moved from v000001 to v000002"):
+        publish(["a", "c"], stale)
+    # The winner's version is intact and live; the loser's manifest is gone; nothing lists a third version.
+    assert manifest.current_version(bank, so) == "v000002"
+    assert [p["name"] for p in manifest.read_manifest(bank, storage_options=so)["parts"]] == ["a", "b"]
+    assert manifest.list_versions(bank, so) == ["v000001", "v000002"]
+    assert not storage.exists(manifest.manifest_url(bank, "v000003"), so)
+    # The next writer that planned from v000002 publishes after it.
+    assert publish(["a"], manifest.read_current(bank, so)) == "v000003"
+
+
+def test_conditional_create_never_overwrites(any_bank):
+    bank, so = any_bank
+    url = storage.join(bank, "x")
+    storage.write_if_absent(url, b"first", so)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.write_if_absent(url, b"second", so)
+    assert storage.read_bytes(url, so) == b"first"
+
+
+def test_an_orphan_manifest_is_never_listed_nor_reused(tmp_path):
+    bank = str(tmp_path)
+    spec = {"visual_dim": 5, "text_dim": None}
+    _publish_next(bank, [_info()], spec)
+    # A writer that died between its manifest and the swap of CURRENT left v000002 behind.
+    storage.write_json(manifest.manifest_url(bank, "v000002"), {"format_version": store.FORMAT_VERSION})
+    assert manifest.list_versions(bank) == ["v000001"]
+    assert _publish_next(bank, [_info()], spec) == "v000003"  # a fresh name: the orphan is never overwritten
+    assert manifest.read_manifest(bank)["parent"] == "v000001"
+    assert manifest.list_versions(bank) == ["v000001", "v000003"]
+
+
+@pytest.mark.parametrize("content", [b"\x89\xff\x00garbage", b"../../etc/passwd\n", b""])
+def test_a_current_that_names_no_version_says_so(tmp_path, content):
+    (tmp_path / "CURRENT").write_bytes(content)
+    with pytest.raises(manifest.BankMismatchError, match="CURRENT does not name a version"):
+        manifest.current_version(str(tmp_path))
+
+
+def test_a_part_object_is_never_overwritten(tmp_path):
+    bank = str(tmp_path / "bank")
+    rows = store.SegmentRows()
+    rows.add("k0", _segments(2))
+    visual = np.ones((2, 5), np.float16)
+    table = store.part_table("p", 3, rows, visual, np.zeros(2), [None, None], None)
+    first = store.write_part(bank, table, _info(), {"name": "enc"}, {})
+    before = open(store.part_url(bank, "p"), "rb").read()
+    # The same part again (a run that died before its marker, re-run): the object on storage is adopted.
+    again = store.write_part(bank, table.slice(0, 1), _info(), {"name": "enc"}, {})
+    assert open(store.part_url(bank, "p"), "rb").read() == before and again.sha256 == first.sha256
+    # Another part under the same name is refused, and the object stays as it was.
+    other = store.PartInfo("p", 4, "file:///x/other.tar", 0, 0, "", 0, 0, {}, "fp")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        store.write_part(bank, table, other, {"name": "enc"}, {})
+    assert open(store.part_url(bank, "p"), "rb").read() == before
 
 
 def test_other_format_version_is_refused(tmp_path):
     bank = str(tmp_path)
     m = manifest.make_manifest([], {"visual_dim": 5, "text_dim": None}, "fp", {})
-    manifest.publish(bank, {**m, "format_version": 999})
+    manifest.publish(bank, {**m, "format_version": 999}, manifest.read_current(bank))
     with pytest.raises(manifest.BankMismatchError, match="format 999"):
         manifest.read_manifest(bank)

@@ -80,14 +80,14 @@ def build_index(bank: str, config: IndexConfig = IndexConfig(), storage_options:
     `version` is not CURRENT, or when CURRENT moves while indexing (the new index objects are then left
     unreferenced under index/<id>/; re-run)."""
     so = storage_options or {}
-    source = manifest.read_manifest(bank, version, so)
-    if source is None:
+    current = manifest.read_current(bank, so)
+    if current.version is None:
         raise manifest.BankMismatchError(f"{bank} has no published version; build it first (`refbank build`)")
-    current = manifest.current_version(bank, so)
-    if source["version"] != current:
+    if version is not None and version != current.version:
         raise manifest.BankMismatchError(
-            f"bank {bank}: {source['version']} is not CURRENT ({current}); an index is published as the next "
+            f"bank {bank}: {version} is not CURRENT ({current.version}); an index is published as the next "
             "version, so only CURRENT can be indexed. Drop the version argument to index CURRENT.")
+    source = manifest.read_manifest(bank, current.version, so)
     parts = sorted(source["parts"], key=lambda p: p["ordinal"])
     n, dim = sum(p["rows"] for p in parts), source["dims"]["visual"]
     params = choose_params(n, dim, config)
@@ -98,11 +98,12 @@ def build_index(bank: str, config: IndexConfig = IndexConfig(), storage_options:
     try:
         entry, report = _build(bank, source, parts, params, config, index_id, stage, so)
         with stage("publish"):
-            if manifest.current_version(bank, so) != source["version"]:
-                raise manifest.BankMismatchError(
-                    f"bank {bank} moved from {source['version']} to {manifest.current_version(bank, so)} while "
-                    f"indexing; index/{index_id} is left unreferenced. Re-run `refbank index` on the new version.")
-            published = manifest.publish(bank, {**source, "index": entry, "created_at": entry["created_at"]}, so)
+            try:
+                published = manifest.publish(bank, {**source, "index": entry, "created_at": entry["created_at"]},
+                                             current, so)
+            except manifest.ConcurrentUpdateError as exc:
+                raise manifest.ConcurrentUpdateError(
+                    f"{exc} The new index/{index_id} is left unreferenced: re-run `refbank index`.") from None
     finally:
         layout.remove_tree(storage.join(layout.index_dir(bank, index_id), "staging"), so)
     tune = report["autotune"]
