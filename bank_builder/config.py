@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from bank_builder.format.ref import BankRef
+
 
 class MaskKind(str, Enum):
     """How to read a sample's mask (see DESIGN.md, corpus convention)."""
@@ -89,6 +91,11 @@ class BuildConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. endpoint_url
+
+    @property
+    def bank_ref(self) -> BankRef:
+        """The bank as a BankRef (URI + storage options)."""
+        return BankRef(self.bank, self.storage_options)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

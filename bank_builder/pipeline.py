@@ -14,7 +14,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from bank_builder import manifest, store
+from bank_builder.format import BankMismatchError, BankRef, ConcurrentUpdateError, Current, Manifest, PartEntry
+from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, totals
 from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields
 from bank_builder.encoder_pool import EncoderPool
 from bank_builder.encoders import EncoderSpec, resolve_spec
@@ -71,23 +72,23 @@ def build_fingerprint(config: BuildConfig, spec: EncoderSpec) -> str:
 
 @dataclass
 class _Plan:
-    done: list[store.PartInfo]
-    todo: list[store.PartInfo]  # rows/bytes/sha256 filled in by the writer
-    parent: dict | None
-    current: manifest.Current  # what CURRENT named when planned: the publish is conditional on it
+    done: list[PartEntry]
+    todo: list[PartEntry]  # rows/bytes/sha256 filled in by the writer
+    parent: Manifest | None
+    current: Current  # what CURRENT named when planned: the publish is conditional on it
 
 
 def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards: list[str]) -> _Plan:
     """Split shards into committed parts (reused) and the rest, with stable ordinals."""
-    so = config.storage_options
-    current = manifest.read_current(config.bank, so)
-    parent = manifest.read_manifest(config.bank, current.version, so) if current.version else None
-    if parent is not None and parent["fingerprint"] != fingerprint:
-        raise manifest.BankMismatchError(
-            f"bank {config.bank} version {parent['version']} was built with other options or another encoder "
-            f"({parent['encoder']['name']}, weights {parent['encoder']['weights']}); build into a new bank URI."
+    ref = config.bank_ref
+    current = read_current(ref)
+    parent = read_manifest(ref, current.version) if current.version else None
+    if parent is not None and parent.fingerprint != fingerprint:
+        raise BankMismatchError(
+            f"bank {ref} version {parent.version} was built with other options or another encoder "
+            f"({parent.encoder['name']}, weights {parent.encoder['weights']}); build into a new bank URI."
         )
-    known = {p["source"]: store.PartInfo(**p) for p in (parent or {}).get("parts", [])}
+    known = {p.source: p for p in (parent.parts if parent else [])}
     next_ordinal = max((p.ordinal for p in known.values()), default=-1) + 1
     ordinals = {}
     for shard in shards:  # sorted: a fresh (or resumed) build numbers its shards the same way every time
@@ -95,15 +96,15 @@ def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards:
             ordinals[shard] = known[shard].ordinal
         else:
             ordinals[shard], next_ordinal = next_ordinal, next_ordinal + 1
-    fresh = [(s, store.part_name(s, ordinals[s], fingerprint)) for s in shards if s not in known]
+    fresh = [(s, part_io.part_name(s, ordinals[s], fingerprint)) for s in shards if s not in known]
     with ThreadPoolExecutor(16) as pool:  # one small read per shard: overlap the round trips
-        commits = list(pool.map(lambda sn: store.read_commit(config.bank, sn[1], so), fresh))
+        commits = list(pool.map(lambda sn: part_io.read_commit(ref, sn[1]), fresh))
     done, todo = list(known.values()), []
     for (shard, name), commit in zip(fresh, commits):
         if commit and commit.fingerprint == fingerprint and commit.ordinal == ordinals[shard] and commit.source == shard:
             done.append(commit)
         else:
-            todo.append(store.PartInfo(name, ordinals[shard], shard, 0, 0, "", 0, 0, {}, fingerprint))
+            todo.append(PartEntry(name, ordinals[shard], shard, 0, 0, "", 0, 0, {}, fingerprint))
     return _Plan(done=done, todo=todo, parent=parent, current=current)
 
 
@@ -111,7 +112,7 @@ def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards:
 class _ShardRun:
     """Driver-side state of one shard attempt."""
 
-    info: store.PartInfo
+    info: PartEntry
     attempt: int = 0
     gen: Any = None
     held: ray.ObjectRef | None = None  # the newest generator output; it is the ShardTail if the generator ends next
@@ -124,7 +125,7 @@ class _ShardRun:
 class _Driver:
     """The event loop: bounded shards in flight, bounded batches queued per actor, retries per shard."""
 
-    def __init__(self, config: BuildConfig, spec: EncoderSpec, todo: list[store.PartInfo],
+    def __init__(self, config: BuildConfig, spec: EncoderSpec, todo: list[PartEntry],
                  progress: BuildProgress, on_progress: ProgressCallback | None) -> None:
         self.config, self.spec, self.progress, self.on_progress = config, spec, progress, on_progress
         p = config.pipeline
@@ -139,10 +140,10 @@ class _Driver:
         self.waiting: deque[tuple[_ShardRun, int, int, ray.ObjectRef]] = deque()  # (run, attempt, batch, ref)
         self.calls: dict[ray.ObjectRef, tuple] = {}  # stats ref → (run, attempt, batch, decoded ref, slot, actor, encoded ref)
         self.writes: dict[ray.ObjectRef, tuple[_ShardRun, int]] = {}
-        self.written: list[store.PartInfo] = []
+        self.written: list[PartEntry] = []
         self.failed: list[ShardFailure] = []
 
-    def run(self) -> tuple[list[store.PartInfo], list[ShardFailure]]:
+    def run(self) -> tuple[list[PartEntry], list[ShardFailure]]:
         """Process every queued shard; returns (parts written, shards that failed every attempt)."""
         try:
             while self.queue or self.active or self.writes:
@@ -223,8 +224,7 @@ class _Driver:
         """Once a shard is decoded and all its batches encoded, hand it to a writer task."""
         if run.gen is None and run.tail is not None and len(run.encoded) == run.batches and run in self.active:
             refs = [run.encoded[i] for i in range(run.batches)]
-            ref = self.write.remote(self.config.bank, run.info, self.spec.to_dict(), run.tail, refs,
-                                    self.config.storage_options)
+            ref = self.write.remote(self.config.bank_ref, run.info, self.spec.to_dict(), run.tail, refs)
             self.writes[ref] = (run, run.attempt)
             self.active.remove(run)
 
@@ -295,13 +295,13 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         try:
             version = _publish(config, spec, fingerprint, parts, plan.current)
             break
-        except manifest.ConcurrentUpdateError as exc:
+        except ConcurrentUpdateError as exc:
             if attempt == MAX_REPLANS:
                 raise
             log.warning("%s; planning again on top of it", str(exc).split(";")[0])
             plan = plan_build(config, spec, fingerprint, shards)
             pending = _renumber(config, spec, plan, pending)
-    counts = manifest.totals(parts)
+    counts = totals(parts)
     return BuildReport(
         bank=config.bank, version=version, up_to_date=up_to_date, shards=len(shards),
         parts_written=len(written), parts_skipped=len(plan.done), segments=counts["segments"],
@@ -312,27 +312,26 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     )
 
 
-def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: list[store.PartInfo],
-             expected: manifest.Current) -> str:
+def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: list[PartEntry],
+             expected: Current) -> str:
     """Publish a version naming `parts`, on condition that CURRENT still names `expected`."""
     build = {k: v for k, v in config_to_dict(config).items() if k != "storage_options"}  # may hold secrets
-    body = manifest.make_manifest(parts, spec.to_dict(), fingerprint, build)
-    return manifest.publish(config.bank, body, expected, config.storage_options)
+    return publish(config.bank_ref, make_manifest(parts, spec.to_dict(), fingerprint, build), expected)
 
 
-def _published(plan: _Plan) -> list[store.PartInfo]:
+def _published(plan: _Plan) -> list[PartEntry]:
     """The parts of the version the plan starts from."""
-    return [store.PartInfo(**p) for p in (plan.parent or {}).get("parts", [])]
+    return list(plan.parent.parts) if plan.parent else []
 
 
-def _unpublished(plan: _Plan) -> list[store.PartInfo]:
+def _unpublished(plan: _Plan) -> list[PartEntry]:
     """Committed parts the plan reuses that its parent version does not list (an earlier run's work)."""
-    named = {p["name"] for p in (plan.parent or {}).get("parts", [])}
+    named = {p.name for p in _published(plan)}
     return [p for p in plan.done if p.name not in named]
 
 
 def _renumber(config: BuildConfig, spec: EncoderSpec, plan: _Plan,
-              pending: dict[str, store.PartInfo]) -> dict[str, store.PartInfo]:
+              pending: dict[str, PartEntry]) -> dict[str, PartEntry]:
     """The parts still to publish after another writer published `plan.parent`: each pending part at the
     ordinal the new plan gives its shard (a renumbered copy when it changed; nothing is encoded again).
 
@@ -349,5 +348,5 @@ def _renumber(config: BuildConfig, spec: EncoderSpec, plan: _Plan,
             continue
         log.info("shard %s: ordinal %d was taken by another writer; renumbered to %d", source, part.ordinal,
                  want.ordinal)
-        moved[source] = store.renumber_part(config.bank, part, want.ordinal, spec.to_dict(), config.storage_options)
+        moved[source] = part_io.renumber_part(config.bank_ref, part, want.ordinal, spec.to_dict())
     return moved

@@ -19,6 +19,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # A local Ray advertises the machine's external interface by default; this keeps the whole local
         # cluster on 127.0.0.1. A real cluster (an address) keeps its real addresses.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # address="local" starts a cluster of this process's own: without it Ray joins whatever cluster another
+        # process started on this machine (`ray start`, another job), with its resources and its code.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address)

@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from bank_builder import store
+from bank_builder.format import BankRef, PartEntry, parts as part_io
 from bank_builder.config import BuildConfig, EncoderConfig
 from bank_builder.embed import encode_batch, prepare_image
 from bank_builder.encoders import EncoderSpec, load_encoder
@@ -32,14 +32,14 @@ class DecodedBatch:
     images: np.ndarray
     soft_masks: np.ndarray
     image_index: np.ndarray
-    rows: store.SegmentRows
+    rows: part_io.SegmentRows
 
 
 @dataclass
 class EncodedBatch:
     """A batch's segment rows with their embeddings: visual (n, C) float16, quality (n,), text per row."""
 
-    rows: store.SegmentRows
+    rows: part_io.SegmentRows
     visual: np.ndarray
     quality: np.ndarray
     text: list[np.ndarray | None]
@@ -61,7 +61,7 @@ class _BatchBuilder:
         self.images: list[np.ndarray] = []
         self.soft: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
-        self.rows = store.SegmentRows()
+        self.rows = part_io.SegmentRows()
 
     def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list) -> None:
         self.index.append(np.full(len(segments), len(self.images), dtype=np.int64))
@@ -122,20 +122,19 @@ class EncoderWorker:
 
 
 def write_shard(
-    bank: str, info: store.PartInfo, spec: dict[str, Any], tail: ShardTail,
-    encoded: list[ray.ObjectRef], storage_options: dict[str, Any],
-) -> store.PartInfo:
+    ref: BankRef, info: PartEntry, spec: dict[str, Any], tail: ShardTail, encoded: list[ray.ObjectRef],
+) -> PartEntry:
     """Concatenate a shard's encoded batches in order and commit them as one part (+ its rejects)."""
     batches: list[EncodedBatch] = ray.get(encoded)
-    rows = store.SegmentRows()
+    rows = part_io.SegmentRows()
     for b in batches:
         for name in vars(rows):
             getattr(rows, name).extend(getattr(b.rows, name))
     visual = np.concatenate([b.visual for b in batches]) if batches else np.zeros((0, spec["visual_dim"]), np.float16)
     quality = np.concatenate([b.quality for b in batches]) if batches else np.zeros(0, np.float32)
     text = [t for b in batches for t in b.text]
-    table = store.part_table(info.name, info.ordinal, rows, visual, quality, text, spec["text_dim"])
+    table = part_io.part_table(info.name, info.ordinal, rows, visual, quality, text, spec["text_dim"])
     info.rows, info.samples, info.rejects = len(rows), tail.samples, len(tail.rejects)
     info.reject_reasons = dict(Counter(r.reason.value for r in tail.rejects))
-    store.write_rejects(bank, info.name, tail.rejects, storage_options)
-    return store.write_part(bank, table, info, spec, storage_options)
+    part_io.write_rejects(ref, info.name, tail.rejects)
+    return part_io.write_part(ref, table, info, spec)

@@ -93,7 +93,7 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     """Run a build with console progress, print its report; returns the process exit status."""
     from bank_builder.encoder_pool import EncoderStartError
     from bank_builder.encoders import EncoderWeightsError
-    from bank_builder.manifest import BankMismatchError
+    from bank_builder.format import BankError as BankMismatchError
     from bank_builder.pipeline import build_bank
     from bank_builder.progress import ConsolePrinter
 
@@ -181,30 +181,31 @@ def index_cmd(
     memory_target: int = typer.Option(IndexConfig.memory_target_bytes_per_vector,
                                       help="Resident bytes per vector of the searchable index (picks the code size)."),
     opq: bool = typer.Option(False, help="Rotate with OPQ before IVF-PQ (automatic choice only)."),
-    refine: bool = typer.Option(True, help="Store float16 vectors in the slices and re-rank candidates exactly."),
+    refine: bool = typer.Option(True, help="Store float16 vectors with the lists and re-rank candidates exactly."),
     target_recall: float = typer.Option(IndexConfig.target_recall, help="nprobe autotune target for recall@10."),
-    slice_mb: int = typer.Option(IndexConfig.slice_bytes >> 20, help="Target size of one slice object, MiB."),
+    object_mb: int = typer.Option(IndexConfig.object_bytes >> 20, help="Target size of one list object, MiB (readers "
+                                  "fetch single lists by byte range; this bounds the builder's memory)."),
     ray_address: Optional[str] = RAY_ADDRESS,
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
     as_json: bool = AS_JSON,
     verbose: bool = VERBOSE,
 ) -> None:
-    """Build the sharded IVF index of a bank: train once, add parts in parallel, write list-range slices.
+    """Build the IVF index of a bank: train once, add parts in parallel, write list objects and a list directory.
 
     Publishes the next bank version with the index in its manifest and a report (recall@10 vs nprobe,
     latency, size) next to the index. Exit status: 0 ok, 2 bad options or a bank with no version.
     """
     _setup_logging(verbose)
     config = IndexConfig(factory=factory, memory_target_bytes_per_vector=memory_target, opq=opq, refine=refine,
-                         target_recall=target_recall, slice_bytes=slice_mb << 20)
+                         target_recall=target_recall, object_bytes=object_mb << 20)
     raise typer.Exit(run_index(bank, config, _storage_options(storage_option, endpoint_url), ray_address, as_json))
 
 
 def run_index(bank: str, config: IndexConfig, storage_options: dict, ray_address: str | None, as_json: bool) -> int:
     """Build a bank's index, print its report; returns the process exit status."""
     from bank_builder.index import build_index
-    from bank_builder.manifest import BankMismatchError
+    from bank_builder.format import BankError as BankMismatchError
 
     report = _run_job(lambda: build_index(bank, config, storage_options), (BankMismatchError, ValueError),
                       print_index_report, ray_address, as_json)
@@ -219,7 +220,7 @@ def print_index_report(report) -> None:
     typer.echo("\n".join([
         f"index     {report.bank}: published version {report.version} (index {report.index_id})",
         f"layout    {report.factory} ({report.kind}), {report.vectors} vectors, {report.nlist} lists, "
-        f"{report.slices} slices, {mib:.1f} MiB",
+        f"{report.objects} list objects, {mib:.1f} MiB",
         f"search    nprobe {report.nprobe}{refine}: recall@{report.k} {report.recall_at_k:.3f}, "
         f"{report.ms_per_query:.2f} ms/query{target}",
         f"time      " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()),
@@ -233,10 +234,12 @@ def serve_cmd(
     version: Optional[str] = typer.Option(None, help="Bank version; default: CURRENT."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Local disk cache for index slices."),
-    memory_mb: int = typer.Option(1024, help="Memory budget of resident index slices, MiB. When the whole index fits, "
-                                  "it is searched as one faiss index (fastest); otherwise slices are paged in and "
-                                  "out, least recently used first."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Local disk tier of the list cache: lists fetched from the "
+                                             "bank are kept here by content (and survive restarts)."),
+    disk_cache_mb: int = typer.Option(4096, help="Byte limit of --cache-dir, MiB (least recently used go first)."),
+    memory_mb: int = typer.Option(1024, help="Memory budget of resident inverted lists, MiB. Lists are fetched by byte "
+                                  "range when a query first probes them; when the whole index fits nothing is ever "
+                                  "evicted, otherwise lists are evicted (2Q: lists seen once go first) to make room."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint path overriding the weights the bank records."),
     token: Optional[str] = typer.Option(None, envvar="REFBANK_TOKEN", help="Require this bearer token on /v1 and /admin."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,
@@ -244,14 +247,15 @@ def serve_cmd(
 ) -> None:
     """Serve a bank over HTTP: /v1/segment, /v1/search, /v1/bank, /metrics, /docs, and a page at /.
 
-    Loads the encoder the bank was built with (refusing a mismatch), then loads index slices on demand.
+    Loads the encoder the bank was built with (refusing a mismatch), then loads inverted lists on demand.
     """
     from query.service import serve
     from query.serving import ServiceConfig
 
     _setup_logging(True)
     serve(ServiceConfig(bank=bank, version=version, storage_options=_storage_options(storage_option, endpoint_url),
-                        cache_dir=str(cache_dir) if cache_dir else None, memory_bytes=memory_mb << 20,
+                        cache_dir=str(cache_dir) if cache_dir else None, disk_bytes=disk_cache_mb << 20,
+                        memory_bytes=memory_mb << 20,
                         weights=weights, token=token), host=host, port=port)
 
 

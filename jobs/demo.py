@@ -108,7 +108,7 @@ def run_demo(config: DemoConfig) -> int:
     if status:
         return status
     heldout = [s for s in iter_samples(summary.heldout[0], IngestConfig()) if isinstance(s, Sample)]
-    with local_service(bank, config.workdir / "slice-cache") as url:
+    with local_service(bank, config.workdir / "list-cache") as url:
         print(f"service   {url} (bank {bank}); page at {url}/")
         result = segment_heldout(url, heldout[: config.segment_images], config.workdir / "overlays")
     print(f"segment   {result['images']} held-out images over HTTP, vocabulary of {len(class_names())} classes: "

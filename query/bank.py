@@ -1,6 +1,6 @@
 """Open one bank version for serving: the manifest, the encoder check, and per-segment reads by id.
 
-A segment id is `part ordinal << 32 | row` (bank_builder.store), so a lookup goes straight to the row
+A segment id is `part ordinal << 32 | row` (bank_builder.format.parts), so a lookup goes straight to the row
 groups that hold the rows: the part's Parquet footer (cached per part) says where each row group starts,
 and only those row groups, and only the columns asked for, are read.
 """
@@ -16,13 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bank_builder import manifest, storage, store
 from bank_builder.encoders.base import EncoderSpec
-from bank_builder.index import layout
-from bank_builder.index.build import INDEX_FORMAT
-from bank_builder.index.source import matrix
-from bank_builder.index.text import TextIndex
-from bank_builder.manifest import BankMismatchError, list_versions
+from bank_builder.format import BankMismatchError, BankRef, IndexEntry, Manifest, current_version, list_versions
+from bank_builder.format import parts as part_io, read_manifest
+from bank_builder.format.index_layout import LabelTable, read_label_table
+from bank_builder.format.parts import matrix
 
 log = logging.getLogger("refbank.query")
 
@@ -46,34 +44,31 @@ def encoder_differences(recorded: dict[str, Any], expected: EncoderSpec | dict[s
     return diff
 
 
-def open_bank(uri: str, version: str | None = None, storage_options: dict[str, Any] | None = None,
+def open_bank(uri: str | BankRef, version: str | None = None, storage_options: dict[str, Any] | None = None,
               expected_encoder: EncoderSpec | dict[str, Any] | None = None) -> Bank:
     """The bank at `uri`, at `version` (default: CURRENT), checked against the encoder that will query it.
 
-    Raises BankMismatchError when the bank has no such version (the message lists those it has), when its
-    format or index format is not the one this refbank reads, or when `expected_encoder` differs from the
-    encoder spec the bank records (the message names each differing field with both values)."""
-    so = dict(storage_options or {})
-    versions = list_versions(uri, so)
-    current = manifest.current_version(uri, so)
+    Raises BankMismatchError when the bank has no such version (the message lists those it has) or when
+    `expected_encoder` differs from the encoder spec the bank records (the message names each differing field
+    with both values); BankFormatError when its format or index format is not the one this refbank reads, or
+    when its manifest is malformed or names objects outside the bank."""
+    ref = uri if isinstance(uri, BankRef) else BankRef(uri, storage_options or {})
+    versions = list_versions(ref)
+    current = current_version(ref)
     version = version or current
     if version is None:
-        raise BankMismatchError(f"{uri} has no published version (no CURRENT); build it first (`refbank build`)")
+        raise BankMismatchError(f"{ref} has no published version (no CURRENT); build it first (`refbank build`)")
     if version not in versions:
-        raise BankMismatchError(f"bank {uri} has no version {version!r}; available: {', '.join(versions) or 'none'}"
+        raise BankMismatchError(f"bank {ref} has no version {version!r}; available: {', '.join(versions) or 'none'}"
                                 f" (CURRENT: {current})")
-    m = manifest.read_manifest(uri, version, so)  # raises on a format this refbank cannot read
-    index = m.get("index")
-    if index and index.get("format") != INDEX_FORMAT:
-        raise BankMismatchError(f"bank {uri} version {version} has index format {index.get('format')}; this "
-                                f"refbank reads {INDEX_FORMAT}. Rebuild the index with `refbank index`.")
+    m = read_manifest(ref, version)  # raises on a format this refbank cannot read
     if expected_encoder is not None:
-        diff = encoder_differences(m["encoder"], expected_encoder)
+        diff = encoder_differences(m.encoder, expected_encoder)
         if diff:
             detail = "; ".join(f"{k}: bank has {a!r}, encoder has {b!r}" for k, (a, b) in diff.items())
-            raise BankMismatchError(f"bank {uri} version {version} was built with another encoder ({detail}). "
+            raise BankMismatchError(f"bank {ref} version {version} was built with another encoder ({detail}). "
                                     "Query it with the encoder it records, or rebuild the bank with this one.")
-    return Bank(uri, m, so, versions)
+    return Bank(ref, m, versions)
 
 
 class Bank:
@@ -81,11 +76,11 @@ class Bank:
 
     Build with `open_bank`. `versions` lists the versions on storage when it was opened."""
 
-    def __init__(self, uri: str, manifest_: dict[str, Any], storage_options: dict[str, Any],
-                 versions: list[str]) -> None:
-        self.uri, self.manifest, self.storage_options, self.versions = uri, manifest_, storage_options, versions
-        self.version: str = manifest_["version"]
-        self._parts = {p["ordinal"]: p for p in manifest_["parts"]}
+    def __init__(self, ref: BankRef, manifest: Manifest, versions: list[str]) -> None:
+        self.ref, self.manifest, self.versions = ref, manifest, versions
+        self.uri, self.storage_options = ref.uri, ref.storage_options
+        self.version: str = manifest.version
+        self._parts = manifest.part_by_ordinal
         self._footers: dict[str, pq.FileMetaData] = {}
         self._lock = threading.Lock()
         self._labels: dict[int, np.ndarray] = {}  # part ordinal → label code per row (see `labels`)
@@ -96,7 +91,7 @@ class Bank:
     @property
     def spec(self) -> EncoderSpec:
         """The encoder spec the bank was built with."""
-        recorded = self.manifest["encoder"]
+        recorded = self.manifest.encoder
         missing = [f for f in SPEC_FIELDS if f not in recorded]
         if missing:
             raise BankMismatchError(f"bank {self.uri} version {self.version} records an incomplete encoder spec "
@@ -106,20 +101,21 @@ class Bank:
     @property
     def dims(self) -> dict[str, int | None]:
         """{"visual": C, "text": D or None}: widths of the stored embeddings."""
-        return dict(self.manifest["dims"])
+        return dict(self.manifest.dims)
 
     @property
-    def index(self) -> dict | None:
-        """The manifest's `index` entry (slice table, trained object, nprobe), or None before `refbank index`."""
-        return self.manifest.get("index")
+    def index(self) -> IndexEntry | None:
+        """The manifest's index entry (list objects, directory, trained index, nprobe), or None before
+        `refbank index`."""
+        return self.manifest.index
 
-    def text_index(self) -> TextIndex:
-        """The exact label-text index of this version (vocabulary mode); raises when there is none."""
-        if not self.index or not self.index.get("text"):
-            raise BankMismatchError(f"bank {self.uri} version {self.version} has no text index (no index, or no "
+    def label_table(self) -> LabelTable:
+        """The label table of this version (vocabulary mode); BankMismatchError when there is none."""
+        table = read_label_table(self.ref, self.index) if self.index else None
+        if table is None:
+            raise BankMismatchError(f"bank {self.uri} version {self.version} has no label table (no index, or no "
                                     "segment with a label text); run `refbank index` on a bank with labels")
-        data = layout.read_object(self.uri, self.index["id"], self.index["text"], self.storage_options)
-        return TextIndex.from_bytes(data)
+        return table
 
     def metadata(self, segment_ids: np.ndarray | list[int]) -> list[dict[str, Any]]:
         """One dict per id, in order: segment_id, part, image_key, segment_index, label, label_source, bbox
@@ -155,11 +151,11 @@ class Bank:
 
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part ordinal, row) of each id; KeyError naming the first id that is not in this version."""
-        ordinals, rows = ids >> store.ROW_BITS, ids & ((1 << store.ROW_BITS) - 1)
+        ordinals, rows = ids >> part_io.ROW_BITS, ids & ((1 << part_io.ROW_BITS) - 1)
         for o in np.unique(ordinals):
             part = self._parts.get(int(o))
             mine = np.flatnonzero(ordinals == o)
-            bad = mine if part is None else mine[rows[mine] >= part["rows"]]
+            bad = mine if part is None else mine[rows[mine] >= part.rows]
             if len(bad):
                 raise KeyError(f"segment id {int(ids[bad[0]])} (part ordinal {int(o)}, row {int(rows[bad[0]])}) "
                                f"is not in bank {self.uri} version {self.version}")
@@ -169,12 +165,12 @@ class Bank:
         """`columns` of the rows of `segment_ids`, in their order; reads only the row groups holding them."""
         ids = np.asarray(segment_ids, dtype=np.int64).reshape(-1)
         if len(ids) == 0:
-            return store.part_schema(self.dims["visual"], self.dims["text"]).empty_table().select(columns)
+            return part_io.part_schema(self.dims["visual"], self.dims["text"]).empty_table().select(columns)
         ordinals, rows = self._locate(ids)
         tables, positions = [], []
         for o in np.unique(ordinals):
             mine = np.flatnonzero(ordinals == o)
-            tables.append(self._read_part(self._parts[int(o)]["name"], rows[mine], columns))
+            tables.append(self._read_part(self._parts[int(o)].name, rows[mine], columns))
             positions.append(mine)
         table = pa.concat_tables(tables).take(np.argsort(np.concatenate(positions), kind="stable"))
         found = table["segment_id"].to_numpy()
@@ -190,10 +186,9 @@ class Bank:
             codes = self._labels.get(ordinal)
         if codes is not None:
             return codes
-        name = self._parts[ordinal]["name"]
-        fs, path = storage.url_to_fs(store.part_url(self.uri, name), self.storage_options)
-        with fs.open(path, "rb", cache_type="none") as f:
-            column = pq.ParquetFile(f, metadata=self._footer(name), pre_buffer=True).read(columns=["label"])["label"]
+        name = self._parts[ordinal].name
+        with part_io.open_part(self.ref, name, metadata=self._footer(name)) as f:
+            column = f.read(columns=["label"])["label"]
         encoded = column.combine_chunks().dictionary_encode()
         part_codes = encoded.indices.fill_null(-1).to_numpy().astype(np.int32)
         with self._lock:
@@ -216,11 +211,8 @@ class Bank:
         # Position of each wanted group's first row inside the concatenation read_row_groups returns.
         base = np.cumsum(np.concatenate([[0], starts[wanted + 1] - starts[wanted]]))[:-1]
         local = base[np.searchsorted(wanted, group)] + rows - starts[group]
-        fs, path = storage.url_to_fs(store.part_url(self.uri, name), self.storage_options)
-        # No read-ahead cache: an object-store file would otherwise fetch whole blocks (5 MB) past each read.
-        with fs.open(path, "rb", cache_type="none") as f:
-            table = pq.ParquetFile(f, metadata=footer, pre_buffer=True).read_row_groups(
-                [int(g) for g in wanted], columns=columns)
+        with part_io.open_part(self.ref, name, metadata=footer) as f:
+            table = f.read_row_groups([int(g) for g in wanted], columns=columns)
         with self._lock:
             self._counts["row_groups_read"] += len(wanted)
         return table.take(local)
@@ -231,9 +223,7 @@ class Bank:
             footer = self._footers.get(name)
         if footer is not None:
             return footer
-        fs, path = storage.url_to_fs(store.part_url(self.uri, name), self.storage_options)
-        with fs.open(path, "rb", cache_type="none") as f:
-            footer = pq.read_metadata(f)
+        footer = part_io.read_footer(self.ref, name)
         with self._lock:
             self._counts["footers_read"] += 1
             return self._footers.setdefault(name, footer)

@@ -3,7 +3,7 @@
 Errors are JSON {"error": code, "detail": message, ...}; `install_error_handlers` maps the service's ApiError,
 pydantic validation errors (422), Starlette HTTP errors, ValueError from the segmenter (400) and anything else
 (500) to that shape. `BodyLimit` answers 413 for an oversized body; `MetricsMiddleware` counts requests and times
-them per endpoint (route template); `StateCollector` exports the slice cache and the bank being served.
+them per endpoint (route template); `StateCollector` exports the list cache and the bank being served.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from query.lists import BudgetTooSmall
 from query.serving import CACHE_COUNTERS, ApiError, ServiceState
 
 log = logging.getLogger("refbank.service")
@@ -75,13 +76,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def bad_value(request: Request, exc: ValueError) -> Response:
         return error_response(400, "bad_request", str(exc))
 
+    async def budget_too_small(request: Request, exc: BudgetTooSmall) -> Response:
+        return error_response(503, "budget_too_small", str(exc))
+
     async def internal(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
     for kind, handler in ((ApiError, api_error), (ValidationError, invalid_options),
                           (RequestValidationError, invalid_request), (StarletteHTTPException, http_error),
-                          (ValueError, bad_value), (Exception, internal)):
+                          (BudgetTooSmall, budget_too_small), (ValueError, bad_value), (Exception, internal)):
         app.add_exception_handler(kind, handler)
 
 
@@ -180,18 +184,16 @@ class MetricsMiddleware:
 
 
 _CACHE_HELP = {
-    "hits": ("slice requests served from memory (or joined to a load in flight; whole-index mode: "
-             "searches that fetched nothing)"),
-    "misses": "slice requests that loaded the slice", "fetches": "slice objects read from the bank",
-    "bytes_fetched": "bytes read from the bank", "disk_hits": "slices read from the local disk cache",
-    "disk_corrupt": "damaged disk-cache files replaced", "evictions": "slices evicted from memory",
-    "oversize": "slices too large for the memory budget (served, not kept)",
-    "fetch_seconds": "seconds spent reading slices from the bank",
+    "hits": "probed inverted lists that were resident when searched",
+    "misses": "inverted lists fetched from the bank", "fetch_requests": "ranged reads of list objects",
+    "bytes_fetched": "bytes read from the bank's list objects", "evictions": "inverted lists evicted from memory",
+    "compactions": "rebuilds of the inverted lists that gave evicted lists' memory back",
+    "fetch_seconds": "seconds spent reading lists from the bank",
 }
 
 
 class StateCollector:
-    """Slice-cache counters (summed over every version served) and gauges, and the bank being served."""
+    """List-cache counters (summed over every version served) and gauges, and the bank being served."""
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
@@ -203,11 +205,23 @@ class StateCollector:
         stats = self.state.cache_stats()
         for key in CACHE_COUNTERS:
             name = {"bytes_fetched": "fetched_bytes"}.get(key, key)
-            yield CounterMetricFamily(f"refbank_slice_cache_{name}", _CACHE_HELP[key], value=stats.get(key, 0))
-        for key, name, doc in (("resident_bytes", "resident_bytes", "bytes of slices held in memory"),
-                               ("resident_slices", "resident_slices", "slices held in memory"),
-                               ("memory_bytes", "memory_budget_bytes", "memory budget of the slice cache")):
-            yield GaugeMetricFamily(f"refbank_slice_cache_{name}", doc, value=stats.get(key, 0))
+            yield CounterMetricFamily(f"refbank_list_cache_{name}", _CACHE_HELP[key], value=stats.get(key, 0))
+        for key, name, doc in (("resident_bytes", "resident_bytes", "bytes of inverted lists held in memory"),
+                               ("leaked_bytes", "leaked_bytes", "memory of evicted lists faiss still holds "
+                                                                "(given back at the next compaction)"),
+                               ("resident_lists", "resident_lists", "inverted lists held in memory"),
+                               ("memory_bytes", "memory_budget_bytes", "memory budget of the list cache"),
+                               ("index_bytes", "index_bytes", "memory the whole index would take")):
+            yield GaugeMetricFamily(f"refbank_list_cache_{name}", doc, value=stats.get(key, 0))
+        if "disk_bytes" in stats:  # the process-wide disk tier (not summed over versions: it is one)
+            for key, doc in (("disk_hits", "lists read from the local disk tier"),
+                             ("disk_writes", "lists written to the local disk tier"),
+                             ("disk_evictions", "files deleted to keep the disk tier under its limit"),
+                             ("disk_corrupt", "damaged disk-tier files removed and fetched again")):
+                yield CounterMetricFamily(f"refbank_list_cache_{key}", doc, value=stats[key])
+            for key, doc in (("disk_bytes", "bytes in the local disk tier"),
+                             ("disk_limit_bytes", "byte limit of the local disk tier")):
+                yield GaugeMetricFamily(f"refbank_list_cache_{key}", doc, value=stats[key])
         yield GaugeMetricFamily("refbank_ready", "1 when the bank and its encoder are loaded",
                                 value=int(self.state.ready))
         reloads = CounterMetricFamily("refbank_reloads", "version reloads by outcome", labels=["outcome"])
@@ -221,4 +235,4 @@ class StateCollector:
             info.add_metric([bank.version, bank.spec.name, str(bank.spec.untrained).lower()], 1)
             yield info
             yield GaugeMetricFamily("refbank_bank_segments", "segments in the version served",
-                                    value=bank.manifest.get("totals", {}).get("segments", 0))
+                                    value=bank.manifest.totals.get("segments", 0))

@@ -1,12 +1,9 @@
-"""kNN over a bank's sliced index: coarse quantizer → probed lists → only the slices that own them → top-k.
+"""kNN over a bank's index: coarse quantizer → probed lists → the list cache makes them resident → one faiss
+search over them → (refine) exact re-ranking on the stored float16 vectors → segment ids.
 
-The trained quantizer is loaded once and stays resident; slices are fetched through a `SliceCache` on first
-use. Two ways to hold them, picked by whether the cache's memory budget holds the whole index:
-  whole    `ResidentIndex`: every slice, once touched, lives in one faiss IVF; a warm query is one faiss pass,
-           as fast as a monolithic index (nothing is ever evicted, so the budget must hold it all);
-  paged    `SlicedIndex` over the cache: slices are searched one by one and the top-k merged, so a budget
-           smaller than the index holds (least recently used slices are evicted).
-Both return what one monolithic faiss index with the same trained quantizer, codes and nprobe returns.
+The trained quantizer and the list directory are read once at open and stay resident; lists come and go in
+the cache (query.lists). Results equal one monolithic faiss index (IVF + refine on float16 vectors) holding
+the same vectors with the same quantizer, codes and nprobe, whatever the memory budget (tested).
 """
 
 from __future__ import annotations
@@ -17,87 +14,105 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bank_builder.index.search import SlicedIndex
-from bank_builder.index.train import deserialize
-from bank_builder.manifest import BankMismatchError
+from bank_builder.format import BankMismatchError
+from bank_builder.format.index_layout import read_directory
+from bank_builder.format.trained import apply_chain, read_trained, split_index
 from query.bank import Bank
-from query.resident import ResidentIndex, resident_bytes
-from query.slices import SliceCache
+from query.disk_cache import DiskCache
+from query.lists import BudgetTooSmall, CacheConfig, ListCache
 
 MAX_K = 1024
 NORM_TOLERANCE = 1e-2  # |‖x‖ - 1| allowed: vectors that went through float16 drift by ~1e-3
 SQUARED_NORM_RANGE = ((1 - NORM_TOLERANCE) ** 2, (1 + NORM_TOLERANCE) ** 2)
 
 
-class _CachedIndex(SlicedIndex):
-    """A SlicedIndex whose resident slices live in a SliceCache: one LRU and one byte budget, not two."""
-
-    def __init__(self, trained: faiss.Index, index: dict, cache: SliceCache) -> None:
-        super().__init__(trained, [tuple(s["lists"]) for s in index["slices"]], cache.arrays,
-                         nprobe=index["nprobe"], refine_factor=index["refine_factor"], max_resident=0)
-        self.cache = cache
-
-    def slice(self, n: int) -> Any:
-        """Slice n, search-ready, from the cache (loaded and checked by `SlicedIndex.load` on a miss)."""
-        return self.cache.get(n, self.prepare)
-
-    def prepare(self, n: int) -> tuple[Any, int]:
-        """(slice n search-ready, the bytes it holds): faiss's copy of ids and codes, plus the numpy ids,
-        offsets and refine vectors kept beside it."""
-        res = self.load(n)
-        vectors = 0 if res.vectors is None else res.vectors.nbytes
-        return res, len(res.ids) * (self.ivf.code_size + 8) + res.ids.nbytes + res.offsets.nbytes + vectors
-
-
 class BankSearcher:
-    """Top-k inner-product search of a bank's visual embeddings (thread-safe; slices load lazily).
+    """Top-k inner-product search of a bank's visual embeddings (thread-safe; lists load lazily).
 
-    bank: an opened bank with an index; cache: this searcher's own SliceCache for that bank version. The
-    cache's memory budget picks the mode (see the module docstring): `mode` is "whole" or "paged"."""
+    bank: an opened bank with an index; cache: the list cache's options (memory budget, eviction policy); disk: a
+    local disk tier for lists (shared by the searchers of one process)."""
 
-    def __init__(self, bank: Bank, cache: SliceCache, max_k: int = MAX_K) -> None:
-        if not bank.index:
-            raise BankMismatchError(f"bank {bank.uri} version {bank.version} has no index; run `refbank index`")
-        if cache.index["id"] != bank.index["id"]:
-            raise ValueError(f"the SliceCache holds index {cache.index['id']}, the bank's is {bank.index['id']}; "
-                             "make the cache from the same opened bank")
-        self.bank, self.cache, self.max_k = bank, cache, max_k
+    def __init__(self, bank: Bank, cache: CacheConfig = CacheConfig(), max_k: int = MAX_K,
+                 disk: DiskCache | None = None) -> None:
         entry = bank.index
-        trained = deserialize(cache.read(entry["trained"]))
-        self.dim, self.nlist = trained.d, faiss.extract_index_ivf(trained).nlist
-        self.nprobe, self.refine_factor = int(entry["nprobe"]), int(entry["refine_factor"])
-        whole = resident_bytes(int(entry["vectors"]), int(entry["code_size"]), self.dim, bool(entry.get("refine")))
-        if whole <= cache.memory_bytes:
-            self.mode, self.index = "whole", ResidentIndex(trained, entry, self._fetch, cache.note_hit)
-        else:
-            self.mode, self.index = "paged", _CachedIndex(trained, entry, cache)
+        if entry is None:
+            raise BankMismatchError(f"bank {bank.uri} version {bank.version} has no index; run `refbank index`")
+        self.bank, self.max_k, self.entry = bank, max_k, entry
+        self.trained = read_trained(bank.ref, entry)
+        self.chain, self.ivf = split_index(self.trained)
+        # Under the default parallel_mode 0, search_preassigned runs on one thread (IndexIVF.search parallelises
+        # above it, over query blocks); mode 3 splits the queries over OpenMP threads inside it, same results.
+        self.ivf.parallel_mode = 3
+        self.dim, self.nlist = self.trained.d, self.ivf.nlist
+        self.nprobe, self.refine_factor = entry.nprobe, entry.refine_factor
+        self.cache = ListCache(bank.ref, entry, read_directory(bank.ref, entry), self.ivf, cache, disk)
+        self._params: dict[int, faiss.SearchParametersIVF] = {}
 
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None,
                refine_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores (n, k) float32 inner products, best first; segment ids (n, k) int64; id -1 and score -inf
         where fewer than k were found) for queries (n, C) float32, L2-normalised. nprobe, refine_factor: None =
         the bank's tuned values; nprobe is capped at the list count. Invalid input raises ValueError saying what
-        to fix."""
+        to fix; BudgetTooSmall when one query's lists do not fit the cache's memory budget."""
         x = self._check_vectors(vectors)
         _check_int("k", k, 1, self.max_k)
         if nprobe is not None:
             _check_int("nprobe", nprobe, 1, None)
         if refine_factor is not None:
             _check_int("refine_factor", refine_factor, 0, None)
-        scores, ids = self.index.search(x, int(k), self.nprobe if nprobe is None else int(nprobe),
-                                        self.refine_factor if refine_factor is None else int(refine_factor))
+        refine = self.refine_factor if refine_factor is None else int(refine_factor)
+        if refine and not self.entry.refine:
+            raise ValueError("refine_factor > 0 needs an index built with refine vectors (IndexConfig(refine=True))")
+        nprobe = min(self.nprobe if nprobe is None else int(nprobe), self.nlist)
+        xt = x if not self.chain else np.ascontiguousarray(apply_chain(self.chain, x), dtype=np.float32)
+        coarse, lists = self.ivf.quantizer.search(xt, nprobe)
+        scores, ids = self._search(x, xt, coarse, lists, int(k), refine)
         # A row's results come best first, so a row with missing results ends in id -1; faiss leaves its lowest
         # float (-3.4e38) there when nothing is re-ranked. (Python's `in` on a short list beats a numpy reduction.)
         if -1 in ids[:, -1].tolist():
             scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _fetch(self, n: int) -> None:
-        """Install slice n in the whole-index mode, once, through the cache (single fetch, counters)."""
-        self.cache.get(n, self._install)
+    def _search(self, x: np.ndarray, xt: np.ndarray, coarse: np.ndarray, lists: np.ndarray, k: int,
+                refine: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search queries whose probed lists are known; a batch whose lists exceed the budget is split."""
+        n = len(x)
+        if n > 1 and not self.cache.never_evicts and \
+                self.cache.charge[np.unique(lists[lists >= 0])].sum() > self.cache.config.memory_bytes:
+            half = n // 2
+            top = self._search(x[:half], xt[:half], coarse[:half], lists[:half], k, refine)
+            bottom = self._search(x[half:], xt[half:], coarse[half:], lists[half:], k, refine)
+            return np.concatenate([top[0], bottom[0]]), np.concatenate([top[1], bottom[1]])
+        kk = k * refine if refine else k
+        scores, rows = np.empty((n, kk), np.float32), np.empty((n, kk), np.int64)
+        with self.cache.pinned(lists):
+            self.ivf.search_preassigned_c(n, faiss.swig_ptr(xt), kk, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
+                                          faiss.swig_ptr(scores), faiss.swig_ptr(rows), False,
+                                          self._search_params(lists.shape[1]))
+            if refine:
+                scores, rows = self._refine(x, rows, k)
+            return scores, self.cache.row_ids.take(rows)
 
-    def _install(self, n: int) -> tuple[int, int]:
-        return n, self.index.install(n, self.cache.arrays(n))
+    def _refine(self, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best k of each row's candidates by exact inner product with their stored float16 vectors (what
+        faiss IndexRefine does); rows -1 stay last."""
+        valid = rows >= 0
+        candidates = self.cache.vectors[np.where(valid, rows, 0)].astype(np.float32)
+        exact = np.einsum("nkd,nd->nk", candidates, x)
+        exact[~valid] = -np.inf
+        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, top, axis=1), np.take_along_axis(rows, top, axis=1)
+
+    def _search_params(self, nprobe: int) -> faiss.SearchParametersIVF:
+        """Search parameters per nprobe, made once (setdefault is atomic: racing threads use the same one)."""
+        made = self._params.get(nprobe)
+        if made is None:
+            made = self._params.setdefault(nprobe, faiss.SearchParametersIVF(nprobe=nprobe))
+        return made
+
+    def stats(self) -> dict[str, int | float]:
+        """The list cache's counters and gauges (see ListCache.stats)."""
+        return self.cache.stats()
 
     def _check_vectors(self, vectors: np.ndarray) -> np.ndarray:
         x = np.asarray(vectors)
@@ -130,3 +145,6 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+__all__ = ["MAX_K", "BankSearcher", "BudgetTooSmall", "CacheConfig"]

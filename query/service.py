@@ -6,7 +6,7 @@
     GET  /v1/bank      version, encoder spec (untrained flag), totals, index parameters, cache statistics
     POST /admin/reload switch to another bank version (default CURRENT) without dropping a request
     GET  /healthz      the process is up;  GET /readyz  the bank and encoder are loaded (503 until then)
-    GET  /metrics      Prometheus: requests and latency per endpoint, slice-cache counters and gauges
+    GET  /metrics      Prometheus: requests and latency per endpoint, list-cache counters and gauges
     GET  /             a page to try it in a browser;  /docs, /openapi.json  the API description
 
 Every error is JSON {"error": code, "detail": message} with a 4xx status for anything the client can fix.
@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from bank_builder.manifest import current_version
+from bank_builder.format import current_version, list_versions
 from query.api_models import (
     BankResponse,
     ErrorResponse,
@@ -45,7 +45,6 @@ from query.api_models import (
     SegmentOptions,
     SegmentResponse,
 )
-from query.bank import list_versions
 from query.middleware import BodyLimit, Metrics, MetricsMiddleware, SafeJSONResponse, install_error_handlers
 from query.regions import Reference, embed_masks, prompt_mask
 from query.render import SegmentationResult, label_map_png, overlay_png, palette
@@ -379,19 +378,17 @@ def _run_search(state: ServiceState, snapshot: Snapshot, image: bytes | None, op
 
 def _bank_info(state: ServiceState, snapshot: Snapshot) -> dict[str, Any]:
     bank, config = snapshot.bank, state.config
-    index = bank.index
-    if index is not None:
-        index = {k: index.get(k) for k in ("id", "factory", "kind", "metric", "vectors", "nlist", "code_size",
-                                           "nprobe", "refine", "refine_factor", "k", "recall_at_k", "target_recall",
-                                           "target_met", "created_at")}
-        index["slices"] = len(bank.index["slices"])
-        index["text_labels"] = (bank.index.get("text") or {}).get("labels", 0)
-        index["search_mode"] = snapshot.searcher.mode  # "whole" when the memory budget holds the index, else "paged"
-    return {"uri": bank.uri, "version": bank.version,
-            "current": current_version(bank.uri, bank.storage_options),
-            "versions": list_versions(bank.uri, bank.storage_options), "encoder": bank.manifest["encoder"],
-            "untrained": bool(bank.spec.untrained), "dims": bank.dims, "totals": bank.manifest.get("totals", {}),
-            "index": index, "labels": len(snapshot.table.labels), "cache": snapshot.cache.stats(),
+    index = None
+    if bank.index is not None:
+        entry = bank.index
+        index = {k: getattr(entry, k) for k in ("id", "factory", "kind", "metric", "vectors", "nlist", "code_size",
+                                                "nprobe", "refine", "refine_factor", "k", "recall_at_k",
+                                                "target_recall", "target_met", "created_at")}
+        index["list_objects"], index["text_labels"] = len(entry.lists), entry.labels
+    return {"uri": bank.uri, "version": bank.version, "current": current_version(bank.ref),
+            "versions": list_versions(bank.ref), "encoder": bank.manifest.encoder,
+            "untrained": bool(bank.spec.untrained), "dims": bank.dims, "totals": bank.manifest.totals,
+            "index": index, "labels": len(snapshot.table.labels), "cache": snapshot.searcher.stats(),
             "limits": {"max_upload_bytes": config.max_upload_bytes, "max_pixels": config.max_pixels,
                        "max_k": config.max_k, "max_vocabulary": config.max_vocabulary,
                        "max_references": config.max_references},

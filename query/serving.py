@@ -1,4 +1,4 @@
-"""What the query service holds: the bank's encoder, loaded once, and the live bank version (bank, slice cache,
+"""What the query service holds: the bank's encoder, loaded once, and the live bank version (bank, list cache +
 searcher, segmenters) as one immutable `Snapshot` that a reload replaces atomically; plus decoding of uploaded
 images under the service's limits.
 
@@ -21,21 +21,20 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bank_builder import store
 from bank_builder.config import EncoderConfig
 from bank_builder.encoders import Encoder, load_encoder, resolve_spec
-from bank_builder.manifest import BankMismatchError, current_version
-from query.bank import Bank, list_versions, open_bank
+from bank_builder.format import BankError, BankMismatchError, BankRef, current_version, list_versions
+from query.bank import Bank, open_bank
+from query.disk_cache import DiskCache
+from query.lists import DEFAULT_MEMORY_BYTES, CacheConfig
 from query.regions import RegionConfig
 from query.search import MAX_K, BankSearcher
 from query.segment import LabelTable, Segmenter
-from query.slices import DEFAULT_MEMORY_BYTES, SliceCache
 
 log = logging.getLogger("refbank.service")
 
-# Cache counters that only grow (summed over every version served); the rest of SliceCache.stats() are gauges.
-CACHE_COUNTERS = ("hits", "misses", "fetches", "bytes_fetched", "disk_hits", "disk_corrupt", "evictions", "oversize",
-                  "fetch_seconds")
+# Cache counters that only grow (summed over every version served); the rest of ListCache.stats() are gauges.
+CACHE_COUNTERS = ("hits", "misses", "fetch_requests", "bytes_fetched", "evictions", "compactions", "fetch_seconds")
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,10 @@ class ServiceConfig:
     """Options of the query service.
 
     bank: bank URI (any fsspec URL); version: the version to serve (None = CURRENT); storage_options: fsspec
-    options of the bank; cache_dir: local disk tier of the slice cache (None = memory only); memory_bytes: the
-    slice cache's memory budget. weights: a local checkpoint path for the bank's encoder when its spec names
+    options of the bank; cache_dir: local disk tier of the list cache (None = none), holding at most disk_bytes;
+    memory_bytes: the list cache's memory budget (a budget that holds the whole index never evicts); eviction:
+    "2q" or "lru".
+    weights: a local checkpoint path for the bank's encoder when its spec names
     pretrained weights (untrained banks always load seeded random weights, as built); device: "auto" / "cpu" /
     "cuda". Limits: max_upload_bytes (whole request body), max_pixels (width × height, checked from the image
     header before decoding), max_k (search results, ≤ query.search.MAX_K), max_vocabulary (classes per request),
@@ -56,7 +57,9 @@ class ServiceConfig:
     version: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
+    disk_bytes: int = 4 << 30
     memory_bytes: int = DEFAULT_MEMORY_BYTES
+    eviction: str = "2q"
     weights: str | None = None
     device: str = "auto"
     max_upload_bytes: int = 16 << 20
@@ -94,7 +97,6 @@ class Snapshot:
     """One loaded bank version: everything a request needs, never mutated after it is built."""
 
     bank: Bank
-    cache: SliceCache
     searcher: BankSearcher
     table: LabelTable
     segmenters: dict[str, Segmenter]  # region kind → Segmenter
@@ -105,7 +107,7 @@ def label_table(bank: Bank) -> LabelTable:
     """The bank's label table (labels, text (L, D), prototypes (L, C), counts (L,)): its text index, which the
     index build writes with each label's mean visual embedding. A bank without labels gets an empty table."""
     try:
-        return bank.text_index()
+        return bank.label_table()
     except BankMismatchError:
         return SimpleNamespace(labels=[], text=np.zeros((0, bank.dims["text"] or 1), np.float32),
                                prototypes=np.zeros((0, bank.dims["visual"]), np.float32), counts=np.zeros(0, np.int64))
@@ -139,6 +141,7 @@ class ServiceState:
         self._live: Snapshot | None = None
         self._reload_lock = threading.Lock()
         self._retired: Counter[str] = Counter()  # cache counters of versions no longer served
+        self.disk = DiskCache(config.cache_dir, config.disk_bytes) if config.cache_dir else None
         self.reloads: Counter[str] = Counter()
 
     @property
@@ -160,12 +163,12 @@ class ServiceState:
                 return self._live
             try:
                 start = time.perf_counter()
-                recorded = open_bank(self.config.bank, self.config.version, self.config.storage_options)
-                self.encoder = load_encoder(encoder_config(recorded.manifest["encoder"], self.config.weights,
+                recorded = open_bank(self.ref, self.config.version)
+                self.encoder = load_encoder(encoder_config(recorded.manifest.encoder, self.config.weights,
                                                            self.config.device))
                 self._live = self._open(recorded.version)
                 log.info("serving %s %s (%d segments) with encoder %s%s in %.1f s", self.config.bank,
-                         self._live.bank.version, self._live.bank.manifest["totals"]["segments"],
+                         self._live.bank.version, self._live.bank.manifest.totals["segments"],
                          self.encoder.spec.name, " (UNTRAINED weights)" if self.encoder.spec.untrained else "",
                          time.perf_counter() - start)
                 self.error = None
@@ -180,47 +183,52 @@ class ServiceState:
         for a version the bank does not have, 409 when it cannot be served with this encoder."""
         if not self.ready:
             raise NotReady("the bank is not loaded yet, so there is no version to switch from")
-        so = self.config.storage_options
+        ref = self.ref
         with self._reload_lock:
-            available = list_versions(self.config.bank, so)
-            version = version or current_version(self.config.bank, so)
+            available = list_versions(ref)
+            version = version or current_version(ref)
             if version not in available:
                 self.reloads["unknown_version"] += 1
                 raise ApiError(404, "unknown_version", f"bank {self.config.bank} has no version {version!r}",
                                available=available)
             try:
                 fresh = self._open(version)
-            except (BankMismatchError, ValueError) as exc:
+            except (BankError, ValueError) as exc:
                 self.reloads["refused"] += 1
                 raise ApiError(409, "bank_mismatch", str(exc)) from None
             old = self._live
-            self._retired.update({k: v for k, v in old.cache.stats().items() if k in CACHE_COUNTERS})
+            self._retired.update({k: v for k, v in old.searcher.stats().items() if k in CACHE_COUNTERS})
             self._live = fresh  # the swap: one reference assignment
             self.reloads["ok"] += 1
         log.info("switched from %s to %s", old.bank.version, fresh.bank.version)
         return old.bank.version, fresh.bank.version
 
+    @property
+    def ref(self) -> BankRef:
+        """The served bank."""
+        return BankRef(self.config.bank, self.config.storage_options)
+
     def cache_stats(self) -> dict[str, float]:
-        """Slice-cache counters summed over every version served, and the live cache's gauges."""
+        """List-cache counters summed over every version served, and the live cache's gauges."""
         snapshot = self._live
         stats: dict[str, float] = dict.fromkeys(CACHE_COUNTERS, 0)
         stats.update(self._retired)
         if snapshot is not None:
-            for key, value in snapshot.cache.stats().items():
+            for key, value in snapshot.searcher.stats().items():
                 stats[key] = stats.get(key, 0) + value if key in CACHE_COUNTERS else value
         return stats
 
     def _open(self, version: str) -> Snapshot:
-        """Open `version` checked against the loaded encoder, with its own slice cache and searcher."""
+        """Open `version` checked against the loaded encoder, with its own list cache and searcher."""
         assert self.encoder is not None
         config = self.config
-        bank = open_bank(config.bank, version, config.storage_options, expected_encoder=self.encoder.spec)
-        cache = SliceCache(bank, cache_dir=config.cache_dir, memory_bytes=config.memory_bytes)
-        searcher = BankSearcher(bank, cache)
+        bank = open_bank(self.ref, version, expected_encoder=self.encoder.spec)
+        searcher = BankSearcher(bank, CacheConfig(memory_bytes=config.memory_bytes, policy=config.eviction),
+                                disk=self.disk)
         table = label_table(bank)
         segmenters = {kind: Segmenter(self.encoder, searcher, bank, table, RegionConfig(kind=kind))
                       for kind in ("superpixel", "grid")}
-        return Snapshot(bank, cache, searcher, table, segmenters, time.time())
+        return Snapshot(bank, searcher, table, segmenters, time.time())
 
 
 # ----------------------------------------------------------------------------------------- uploads

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bank_builder import manifest, store
+from bank_builder.format import BankRef, parts, read_manifest
 from bank_builder.config import BuildConfig, EncoderConfig, IngestConfig, MaskKind, PipelineConfig, SegmentConfig
 
 
@@ -27,8 +27,8 @@ def tiny_config(source: str, bank: str, storage_options: dict[str, Any] | None =
 
 def read_bank(bank: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Every row of every part the CURRENT manifest names, in manifest order."""
-    m = manifest.read_manifest(bank, storage_options=storage_options)
-    return pa.concat_tables([store.read_part(bank, p["name"], storage_options) for p in m["parts"]])
+    ref = BankRef(bank, storage_options or {})
+    return pa.concat_tables([parts.read_part(ref, p.name) for p in read_manifest(ref).parts])
 
 
 def assert_same_bank(a: pa.Table, b: pa.Table) -> None:

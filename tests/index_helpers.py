@@ -8,7 +8,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bank_builder import manifest, store
+from bank_builder.format import BankRef, PartEntry, make_manifest, parts, publish, read_current
+from bank_builder.format.trained import apply_chain, split_index
 
 
 @dataclass
@@ -30,8 +31,8 @@ def clustered(rng: np.random.Generator, centers: np.ndarray, n: int, spread: flo
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _rows(name: str, labels: list[str | None]) -> store.SegmentRows:
-    rows = store.SegmentRows()
+def _rows(name: str, labels: list[str | None]) -> parts.SegmentRows:
+    rows = parts.SegmentRows()
     for i, label in enumerate(labels):
         rows.image_key.append(f"{name}/{i // 4}")
         rows.segment_index.append(i % 4)
@@ -47,7 +48,7 @@ def make_bank(url: str, part_rows: tuple[int, ...] = (1500, 5000, 800, 1700), di
               n_clusters: int = 40, n_labels: int = 12, seed: int = 0,
               storage_options: dict[str, Any] | None = None) -> SyntheticBank:
     """Write one Parquet part per entry of part_rows (a 5000-row part spans two row groups), publish v000001."""
-    rng = np.random.default_rng(seed)
+    rng, ref = np.random.default_rng(seed), BankRef(url, storage_options or {})
     centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     names = [f"label-{i:02d}" for i in range(n_labels)]
@@ -60,14 +61,13 @@ def make_bank(url: str, part_rows: tuple[int, ...] = (1500, 5000, 800, 1700), di
         which = rng.integers(-1, n_labels, n)  # -1: an unlabeled segment (no label, no text embedding)
         labels = [names[w] if w >= 0 else None for w in which]
         text = [label_text[w] if w >= 0 else None for w in which]
-        table = store.part_table(name, ordinal, _rows(name, labels), x, np.ones(n, np.float32), text, text_dim)
-        info = store.PartInfo(name, ordinal, f"synthetic://{name}", n, 0, "", n // 4, 0, {}, "fp")
-        infos.append(store.write_part(url, table, info, {"name": "synthetic"}, storage_options or {}))
+        table = parts.part_table(name, ordinal, _rows(name, labels), x, np.ones(n, np.float32), text, text_dim)
+        info = PartEntry(name, ordinal, f"synthetic://{name}", n, 0, "", n // 4, 0, {}, "fp")
+        infos.append(parts.write_part(ref, table, info, {"name": "synthetic"}))
         vectors.append(x)
-        ids.append([store.segment_id(ordinal, r) for r in range(n)])
+        ids.append([parts.segment_id(ordinal, r) for r in range(n)])
     spec = {"name": "synthetic", "visual_dim": dim, "text_dim": text_dim}
-    manifest.publish(url, manifest.make_manifest(infos, spec, "fp", {}), manifest.read_current(url, storage_options),
-                     storage_options)
+    publish(ref, make_manifest(infos, spec, "fp", {}), read_current(ref))
     return SyntheticBank(url, np.concatenate(vectors), np.concatenate(ids).astype(np.int64), centers, names,
                          label_text)
 
@@ -79,12 +79,37 @@ def exact_knn(bank: SyntheticBank, queries: np.ndarray, k: int) -> tuple[np.ndar
     return np.take_along_axis(scores, top, axis=1), bank.ids[top]
 
 
-def monolithic_search(trained: faiss.Index, bank: SyntheticBank, queries: np.ndarray, k: int,
-                      nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """One faiss index: the trained index with every bank vector added (part order), searched at nprobe."""
-    trained.add_with_ids(bank.vectors.astype(np.float32), bank.ids)
-    faiss.extract_index_ivf(trained).nprobe = nprobe
-    return trained.search(queries, k)
+class Monolithic:
+    """One faiss index holding every bank vector: the trained index + (refine) an IndexRefine over float16
+    copies. Vectors carry the row numbers the list cache gives them (list by list, part order within a list),
+    so ties in code scores break the same way; results are mapped back to segment ids."""
+
+    def __init__(self, trained: faiss.Index, bank: SyntheticBank, refine: bool = True) -> None:
+        x = bank.vectors.astype(np.float32)
+        chain, ivf = split_index(trained)
+        _, lists = ivf.quantizer.search(np.ascontiguousarray(apply_chain(chain, x), dtype=np.float32), 1)
+        order = np.argsort(lists[:, 0], kind="stable")  # row r holds vector order[r]
+        rows = np.empty(len(x), np.int64)
+        rows[order] = np.arange(len(x))
+        trained.add_with_ids(x, rows)
+        self.base, self.row_ids = trained, bank.ids[order]
+        self.index = self.base
+        if refine:
+            store = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            store.add(x[order])
+            self.index = faiss.IndexRefine(self.base, store)
+            self.store = store
+
+    def search(self, q: np.ndarray, k: int, nprobe: int, refine_factor: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, segment ids) at nprobe; refine_factor > 0 re-ranks k·refine_factor candidates exactly."""
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        if refine_factor:
+            outer = faiss.IndexRefineSearchParameters()
+            outer.k_factor, outer.base_index_params = float(refine_factor), params
+            scores, rows = self.index.search(q, k, params=outer)
+        else:
+            scores, rows = self.base.search(q, k, params=params)
+        return scores, np.where(rows >= 0, self.row_ids[np.maximum(rows, 0)], -1)
 
 
 def assert_same_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray) -> None:

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import ray
 
-from bank_builder import manifest, store
-from bank_builder.manifest import BankMismatchError
+from bank_builder.format import BankMismatchError, BankRef, current_version, list_versions, parts, read_manifest
 from bank_builder.encoders import resolve_spec
 from bank_builder.pipeline import build_bank, build_fingerprint
 from bank_builder.synthetic import CorpusConfig, make_corpus
@@ -59,12 +58,12 @@ def test_build_writes_every_segment_with_its_label(corpus, clean_bank):
     root, summary = corpus
     bank, report = clean_bank
     assert report.ok and report.version == "v000001" and report.parts_written == 4
-    m = manifest.read_manifest(bank)
-    assert [p["ordinal"] for p in m["parts"]] == [0, 1, 2, 3]
-    assert m["encoder"]["untrained"] and m["encoder"]["name"] == "tiny-clip"
-    assert "storage_options" not in m["build"]
+    m = read_manifest(BankRef(bank))
+    assert [p.ordinal for p in m.parts] == [0, 1, 2, 3]
+    assert m.encoder["untrained"] and m.encoder["name"] == "tiny-clip"
+    assert "storage_options" not in m.build
     table = read_bank(bank)
-    assert table.num_rows == m["totals"]["segments"] == report.segments
+    assert table.num_rows == m.totals["segments"] == report.segments
     assert report.samples == summary.samples == 24
     ids = table["segment_id"].to_pylist()
     assert len(set(ids)) == len(ids)
@@ -79,9 +78,10 @@ def test_build_writes_every_segment_with_its_label(corpus, clean_bank):
     visual = np.stack(table["visual_embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(visual, axis=1), 1.0, atol=2e-3)
     assert not table["text_embedding"].is_null().to_pylist().count(True)
-    for p in m["parts"]:
-        ordinal, row = zip(*(store.split_segment_id(s) for s in store.read_part(bank, p["name"])["segment_id"].to_pylist()))
-        assert set(ordinal) == {p["ordinal"]} and list(row) == list(range(p["rows"]))
+    for p in m.parts:
+        ids = parts.read_part(BankRef(bank), p.name)["segment_id"].to_pylist()
+        ordinal, row = zip(*(parts.split_segment_id(s) for s in ids))
+        assert set(ordinal) == {p.ordinal} and list(row) == list(range(p.rows))
 
 
 def test_rebuild_reuses_committed_parts(corpus, clean_bank):
@@ -90,7 +90,7 @@ def test_rebuild_reuses_committed_parts(corpus, clean_bank):
     report = build_bank(tiny_config(str(root / "train-*.tar"), bank))
     assert report.up_to_date and report.version is None
     assert (report.parts_written, report.parts_skipped) == (0, 4)
-    assert manifest.current_version(bank) == "v000001"
+    assert current_version(BankRef(bank)) == "v000001"
 
 
 def test_extend_adds_a_version_with_stable_ordinals(corpus, clean_bank, tmp_path):
@@ -105,9 +105,9 @@ def test_extend_adds_a_version_with_stable_ordinals(corpus, clean_bank, tmp_path
     finally:
         (root / "train-000099.tar").unlink()
     assert report.version == "v000002" and (report.parts_written, report.parts_skipped) == (1, 4)
-    m = manifest.read_manifest(bank)
-    assert [p["ordinal"] for p in m["parts"]] == [0, 1, 2, 3, 4] and m["parent"] == "v000001"
-    assert m["parts"][4]["source"].endswith("train-000099.tar")
+    m = read_manifest(BankRef(bank))
+    assert [p.ordinal for p in m.parts] == [0, 1, 2, 3, 4] and m.parent == "v000001"
+    assert m.parts[4].source.endswith("train-000099.tar")
 
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -143,24 +143,24 @@ def test_two_builds_adding_shards_at_once_lose_nothing(corpus, clean_bank, tmp_p
     assert other.returncode == 0, other.stderr[-3000:]
     assert other.stdout.split()[-1] == "v000002"
     assert report.ok and report.version == "v000003"
-    m = manifest.read_manifest(bank)
-    assert m["parent"] == "v000002" and manifest.list_versions(bank) == ["v000001", "v000002", "v000003"]
-    by_source = {p["source"]: p for p in m["parts"]}
-    assert (by_source[y]["ordinal"], by_source[x]["ordinal"]) == (4, 5)  # Y kept B's ordinal; X moved after it
+    m = read_manifest(BankRef(bank))
+    assert m.parent == "v000002" and list_versions(BankRef(bank)) == ["v000001", "v000002", "v000003"]
+    by_source = {p.source: p for p in m.parts}
+    assert (by_source[y].ordinal, by_source[x].ordinal) == (4, 5)  # Y kept B's ordinal; X moved after it
     table = read_bank(bank)
     ids = table["segment_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == m["totals"]["segments"]
+    assert len(ids) == len(set(ids)) == m.totals["segments"]
     # X's rows were renumbered, not re-encoded: its embeddings equal those of the part A wrote as ordinal 4.
-    first = store.read_part(bank, store.part_name(x, 4, m["fingerprint"]))
-    moved = store.read_part(bank, by_source[x]["name"])
-    assert moved["segment_id"].to_pylist() == [store.segment_id(5, r) for r in range(moved.num_rows)]
+    first = parts.read_part(BankRef(bank), parts.part_name(x, 4, m.fingerprint))
+    moved = parts.read_part(BankRef(bank), by_source[x].name)
+    assert moved["segment_id"].to_pylist() == [parts.segment_id(5, r) for r in range(moved.num_rows)]
     for column in ["image_key", "segment_index", "label", "mask", "visual_embedding", "text_embedding"]:
         assert moved[column].to_pylist() == first[column].to_pylist(), column
     # No object that any published version names was rewritten.
-    for version in manifest.list_versions(bank):
-        for part in manifest.read_manifest(bank, version)["parts"]:
-            data = Path(store.part_url(bank, part["name"])).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == part["sha256"], (version, part["name"])
+    for version in list_versions(BankRef(bank)):
+        for part in read_manifest(BankRef(bank), version).parts:
+            data = Path(parts.part_url(BankRef(bank), part.name)).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == part.sha256, (version, part.name)
 
 
 def test_other_encoder_options_are_refused(corpus, clean_bank):
@@ -211,15 +211,15 @@ def test_bad_samples_become_rejects_and_bad_shards_fail_the_build(corpus, tmp_pa
     bank = str(tmp_path / "bank")
     config = tiny_config(str(src / "*.tar"), bank, max_attempts=2)
     report = build_bank(config)
-    assert not report.ok and report.version is None and manifest.current_version(bank) is None
+    assert not report.ok and report.version is None and current_version(BankRef(bank)) is None
     assert [f.shard for f in report.failed] == [str(src / "b-garbage.tar")]
     assert "ShardReadError" in report.failed[0].error
     assert report.shard_retries == 1  # tried twice, then reported
     # The good shard's part is committed (a re-run reuses it) and its rejects carry their reasons.
-    name = store.part_name(str(src / "a-mixed.tar"), 0, build_fingerprint(config, resolve_spec(config.encoder)))
-    info = store.read_commit(bank, name, {})
+    name = parts.part_name(str(src / "a-mixed.tar"), 0, build_fingerprint(config, resolve_spec(config.encoder)))
+    info = parts.read_commit(BankRef(bank), name)
     assert info.samples == 2 and info.reject_reasons == {"bad_json": 1, "undecodable_image": 1, "missing_image": 1}
-    rejects = store.read_rejects(bank, name)
+    rejects = parts.read_rejects(BankRef(bank), name)
     assert sorted(zip(rejects["key"].to_pylist(), rejects["reason"].to_pylist())) == [
         ("bad-image", "undecodable_image"), ("bad-json", "bad_json"), ("no-image", "missing_image")]
 
@@ -234,4 +234,5 @@ def test_timm_encoder_on_unmasked_images_gives_unlabelled_superpixel_segments(co
     assert table.num_rows > 6  # several superpixels per image
     assert set(table["label_source"].to_pylist()) == {"none"} and set(table["label"].to_pylist()) == {None}
     assert all(table["text_embedding"].is_null().to_pylist())  # DINOv2-style encoders have no text tower
-    assert table.schema.field("visual_embedding").type.list_size == manifest.read_manifest(str(tmp_path / "bank"))["dims"]["visual"]
+    dims = read_manifest(BankRef(str(tmp_path / "bank"))).dims
+    assert table.schema.field("visual_embedding").type.list_size == dims["visual"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import s3fs
 
-from bank_builder import manifest, store
+from bank_builder.format import BankRef, parts, read_manifest
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, make_corpus
 from tests.build_helpers import read_bank, tiny_config
@@ -23,15 +23,16 @@ def test_build_from_s3_to_s3(s3):
 
     fs = s3fs.S3FileSystem(**options)
     assert fs.cat_file(f"{bucket}/banks/demo/CURRENT").decode().strip() == "v000001"
-    m = manifest.read_manifest(bank, storage_options=options)
-    assert [p["source"] for p in m["parts"]] == corpus.shards
-    for p in m["parts"]:
-        assert fs.exists(f"{bucket}/banks/demo/parts/{p['name']}.parquet")
-        assert fs.exists(f"{bucket}/banks/demo/rejects/{p['name']}.parquet")
+    ref = BankRef(bank, options)
+    m = read_manifest(ref)
+    assert [p.source for p in m.parts] == corpus.shards
+    for p in m.parts:
+        assert fs.exists(f"{bucket}/banks/demo/parts/{p.name}.parquet")
+        assert fs.exists(f"{bucket}/banks/demo/rejects/{p.name}.parquet")
     table = read_bank(bank, options)
     assert table.num_rows == report.segments > 0
     assert set(table["label_source"].to_pylist()) == {"ground_truth"}  # rle.json annotations carry labels
 
     again = build_bank(tiny_config(f"s3://{bucket}/corpus/train-*.tar", bank, options, "rle"))
     assert again.up_to_date and again.parts_written == 0
-    assert store.read_commit(bank, m["parts"][0]["name"], options).rows == m["parts"][0]["rows"]
+    assert parts.read_commit(ref, m.parts[0].name).rows == m.parts[0].rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bank_builder import manifest
+from bank_builder.format import BankRef, current_version
 from bank_builder.pipeline import build_bank
 from tests.build_helpers import assert_same_bank, read_bank, tiny_config
 
@@ -53,7 +53,7 @@ def test_unavailable_weights_exit_2_with_the_fix(tmp_path, encoder):
     out = refbank("build", str(tmp_path / "c" / "*.tar"), str(tmp_path / "bank"), "--encoder", encoder)
     assert out.returncode == 2, out.stderr
     assert "untrained" in out.stderr and "Traceback" not in out.stderr
-    assert manifest.current_version(str(tmp_path / "bank")) is None
+    assert current_version(BankRef(str(tmp_path / "bank"))) is None
 
 
 def test_failed_shard_exits_1_and_lists_it(tmp_path):
@@ -62,7 +62,7 @@ def test_failed_shard_exits_1_and_lists_it(tmp_path):
     out = refbank("build", str(tmp_path / "c" / "*.tar"), str(tmp_path / "bank"), *TINY, "--max-attempts", "1")
     assert out.returncode == 1
     assert "FAILED" in out.stdout and "train-000001.tar" in out.stdout
-    assert manifest.current_version(str(tmp_path / "bank")) is None
+    assert current_version(BankRef(str(tmp_path / "bank"))) is None
 
 
 def test_killed_build_resumes_to_the_same_bank(tmp_path, ray_local):
@@ -77,7 +77,7 @@ def test_killed_build_resumes_to_the_same_bank(tmp_path, ray_local):
     proc.wait()
     committed = len(list((bank / "parts").glob("*.json")))
     assert 1 <= committed < 12, f"the kill should land after the first part and before the last ({committed})"
-    assert manifest.current_version(str(bank)) is None
+    assert current_version(BankRef(str(bank))) is None
 
     resumed = build_bank(tiny_config(str(corpus / "*.tar"), str(bank)))
     assert resumed.ok and resumed.parts_skipped == committed and resumed.parts_written == 12 - committed

@@ -1,9 +1,10 @@
-"""The query service's data layer: open_bank, SliceCache, BankSearcher — real faiss, real files, moto S3."""
+"""The query service's data layer: open_bank, the list cache, BankSearcher — real faiss, real files, moto S3."""
 
 from __future__ import annotations
 
-import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -11,24 +12,28 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
-from bank_builder import manifest, storage, store
 from bank_builder.encoders.base import EncoderSpec
-from bank_builder.index import IndexConfig, IndexCorruptError, build_index, layout, open_index
+from bank_builder.format import BankMismatchError, BankRef, IndexCorruptError, index_layout, parts, publish
+from bank_builder.format import read_current, read_manifest, storage, versions
+from bank_builder.format.trained import read_trained
+from bank_builder.index import IndexConfig, build_index
 from bank_builder.index.autotune import recall_at_k
-from bank_builder.index.train import deserialize
-from index_helpers import assert_same_topk, clustered, exact_knn, make_bank, monolithic_search
+from index_helpers import Monolithic, clustered, exact_knn, make_bank
+from query import lists as lists_module
 from query.bank import METADATA_COLUMNS, open_bank
+from query.disk_cache import DiskCache
+from query.lists import BudgetTooSmall, CacheConfig
 from query.search import MAX_K, BankSearcher
-from query.slices import SliceCache
 
 K = 10
 SPEC = EncoderSpec(name="synthetic-32", family="open_clip", architecture="synthetic", weights="untrained",
                    untrained=True, seed=0, image_size=64, patch_size=8, visual_dim=32, text_dim=16,
                    mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-# IVF-PQ (8-byte codes) with refine vectors: 80 bytes per vector, ~10 slices of ≤ 24 KiB for 3000 vectors.
+# IVF-PQ (8-byte codes) with refine vectors: 80 bytes per vector, a few list objects of ≤ 24 KiB for 3000 vectors.
 CONFIG = IndexConfig(flat_below=0, memory_target_bytes_per_vector=16, autotune_queries=100,
-                     nprobe_candidates=(1, 4, 16), refine_factor=2, slice_bytes=24 << 10)
+                     nprobe_candidates=(1, 4, 16), refine_factor=2, object_bytes=24 << 10)
 ROWS_PER_GROUP = 256  # parts of 900 / 1400 / 700 rows span 4 / 6 / 3 row groups
 
 
@@ -37,168 +42,150 @@ def built(ray_local, tmp_path_factory):
     """A local 3-part bank: v1 parts, v2 with a full encoder spec, v3 = v2 + its IVF-PQ index."""
     url = str(tmp_path_factory.mktemp("query") / "bank")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store, "ROW_GROUP_SIZE", ROWS_PER_GROUP)
+        mp.setattr(parts, "ROW_GROUP_SIZE", ROWS_PER_GROUP)
         bank = make_bank(url, part_rows=(900, 1400, 700), dim=32, n_clusters=24, seed=4)
-    manifest.publish(url, {**manifest.read_manifest(url), "encoder": SPEC.to_dict()}, manifest.read_current(url))
+    ref = BankRef(url)
+    publish(ref, read_manifest(ref).with_(encoder=SPEC.to_dict()), read_current(ref))
     build_index(url, CONFIG)
     return bank
+
+
+@pytest.fixture(scope="module")
+def mono(built):
+    """The same vectors in one monolithic faiss index (IVF-PQ + refine on float16 copies)."""
+    ref = BankRef(built.url)
+    return Monolithic(read_trained(ref, read_manifest(ref).index), built)
 
 
 def _queries(bank, n, seed=1):
     return clustered(np.random.default_rng(seed), bank.centers, n)
 
 
-def _searcher(url, storage_options=None, **cache_options):
+def _searcher(url, storage_options=None, disk=None, **cache_options):
     bank = open_bank(url, storage_options=storage_options, expected_encoder=SPEC)
-    cache = SliceCache(bank, **cache_options)
-    return BankSearcher(bank, cache), cache
+    return BankSearcher(bank, CacheConfig(**cache_options), disk=disk)
 
 
-def _spy_fetches(monkeypatch, delay=0.0):
-    """Record the object name of every read of an index object from the bank."""
-    fetched, read = [], layout.read_object
-
-    def spy(bank, index_id, entry, storage_options, verify=True):
-        fetched.append(entry["object"])
-        time.sleep(delay)
-        return read(bank, index_id, entry, storage_options, verify)
-
-    monkeypatch.setattr(layout, "read_object", spy)
-    return fetched
+def _whole_bytes(built):
+    return _searcher(built.url).cache.whole_bytes
 
 
-def _flip_last_byte(path):
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:-1] + bytes([data[-1] ^ 1]))
-    return data
-
-
-def _assert_same_refined(got, want):
+def _assert_same(got, want):
     """Same ids; the same exact scores up to float32 summation order (faiss and numpy add up differently)."""
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
 
 
-def test_lazy_search_equals_full_sliced_index_and_monolithic_faiss(built):
-    searcher, cache = _searcher(built.url)
-    entry = searcher.bank.index
-    assert len(entry["slices"]) >= 6 and searcher.refine_factor == 2
-    full = open_index(built.url)  # every slice loaded and kept: the index package's own search
-    trained = storage.join(layout.index_dir(built.url, entry["id"]), entry["trained"]["object"])
-    q = _queries(built, 60)
-    assert searcher.mode == "whole"  # the default budget holds this index
-    for nprobe in (1, 5, entry["nlist"]):
-        _assert_same_refined(searcher.search(q, K, nprobe), full.search(q, K, nprobe))
-        d_mono, i_mono = monolithic_search(deserialize(storage.read_bytes(trained)), built, q, K, nprobe)
-        assert_same_topk(*searcher.search(q, K, nprobe, refine_factor=0), d_mono, i_mono)
-    # Every list probed, 500 candidates re-ranked on the stored vectors: brute force's answer, exact scores.
-    scores, ids = searcher.search(q, K, entry["nlist"], refine_factor=50)
-    exact = np.einsum("qd,qkd->qk", q, built.vectors[np.searchsorted(built.ids, ids)].astype(np.float32))
-    np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-6)
-    assert recall_at_k(ids, exact_knn(built, q, K)[1]) >= 0.99
-    stats = cache.stats()
-    assert stats["fetches"] == len(entry["slices"]) + 1  # each slice once, plus the trained quantizer
-    assert stats["misses"] == len(entry["slices"]) and stats["hits"] > 0  # searches that fetched nothing
-    assert stats["bytes_fetched"] == entry["trained"]["bytes"] + sum(s["bytes"] for s in entry["slices"])
+def _spy_fetches(monkeypatch, delay=0.0):
+    """Record the lists of every fetch from the bank (ranged reads of list objects)."""
+    fetched, fetch = [], lists_module.fetch_lists
+
+    def spy(ref, entry, directory, lists, max_gap=index_layout.MAX_GAP):
+        fetched.append(sorted(lists))
+        time.sleep(delay)
+        return fetch(ref, entry, directory, lists, max_gap)
+
+    monkeypatch.setattr(lists_module, "fetch_lists", spy)
+    return fetched
 
 
-def test_memory_budget_holds_and_a_query_fetches_only_the_slices_owning_its_lists(built, monkeypatch):
-    unlimited, unlimited_cache = _searcher(built.url)
-    unlimited.search(_queries(built, 5), K, unlimited.index.nlist)
-    total = unlimited_cache.stats()["resident_bytes"]
-    budget = total // 3
-    reference = open_index(built.url)
-    q = _queries(built, 40, seed=2)
-    expected = reference.search(q, K, 6)
-    searcher, cache = _searcher(built.url, memory_bytes=budget)
-    objects = {s["object"]: n for n, s in enumerate(searcher.bank.index["slices"])}
+@pytest.mark.parametrize("share", [1.0, 0.4, 0.1, None], ids=["whole", "40%", "10%", "few-lists"])
+def test_results_equal_one_monolithic_index_whatever_the_budget(built, mono, share):
+    whole = _whole_bytes(built)
+    searcher = _searcher(built.url)
+    nprobe = 6
+    budget = int(share * whole) if share else int(np.sort(searcher.cache.charge)[-nprobe:].sum()) + 1
+    searcher = _searcher(built.url, memory_bytes=budget)
+    q = _queries(built, 64, seed=2)
+    want = mono.search(q, K, nprobe, 2)
+    _assert_same(searcher.search(q, K, nprobe), want)  # batched (split when its lists exceed the budget)
+    for i in range(len(q)):  # batch 1, one query after another: lists come and go
+        _assert_same(searcher.search(q[i:i + 1], K, nprobe), (want[0][i:i + 1], want[1][i:i + 1]))
+        stats = searcher.stats()
+        assert stats["resident_bytes"] + stats["leaked_bytes"] <= budget
+    stats = searcher.stats()
+    if share == 1.0:
+        assert searcher.cache.never_evicts and stats["evictions"] == 0 and stats["misses"] == stats["resident_lists"]
+    else:
+        assert not searcher.cache.never_evicts and stats["evictions"] > 0
+    np.testing.assert_array_equal(searcher.search(q, K, nprobe, refine_factor=0)[1], mono.search(q, K, nprobe)[1])
+
+
+def test_a_first_query_fetches_only_its_probed_lists(built, monkeypatch):
+    searcher = _searcher(built.url, memory_bytes=10**9)
     fetched = _spy_fetches(monkeypatch)
-    for i in range(len(q)):
-        before, start = set(cache.resident()), len(fetched)
-        scores, ids = searcher.search(q[i:i + 1], K, nprobe=6)
-        np.testing.assert_array_equal(scores, expected[0][i:i + 1])
-        np.testing.assert_array_equal(ids, expected[1][i:i + 1])
-        got = {objects[o] for o in fetched[start:]}
-        owners = set(reference.slices_for(reference.probe(q[i:i + 1], 6)[2]).ravel().tolist())
-        assert owners - before <= got <= owners
-        assert cache.stats()["resident_bytes"] <= budget
-    stats = cache.stats()
-    assert stats["evictions"] > 0 and 0 < stats["resident_slices"] < len(objects)
-    assert stats["misses"] == len(fetched) == stats["fetches"] - 1 and stats["hits"] > 0  # - 1: the quantizer
-    tiny, tiny_cache = _searcher(built.url, memory_bytes=1000)  # below any slice: served, never kept
-    np.testing.assert_array_equal(tiny.search(q, K, nprobe=6)[1], expected[1])
-    assert tiny_cache.stats()["resident_bytes"] == 0 and tiny_cache.stats()["oversize"] > 0
+    q = _queries(built, 1, seed=3)
+    _, probed = searcher.ivf.quantizer.search(q, 6)
+    searcher.search(q, K, nprobe=6)
+    assert fetched == [sorted(probed[0].tolist())]
+    stats = searcher.stats()
+    wanted = int(searcher.cache.directory["bytes"][probed[0]].sum())
+    assert wanted <= stats["bytes_fetched"] <= 1.5 * wanted  # coalesced neighbours may bring a small gap along
+    assert stats["fetch_requests"] <= 6 and stats["misses"] == 6
+    searcher.search(q, K, nprobe=6)  # warm: nothing fetched again
+    assert len(fetched) == 1 and searcher.stats()["hits"] == 6
 
 
-def test_disk_cache_serves_a_second_cache_and_replaces_a_damaged_copy(built, tmp_path):
-    q = _queries(built, 30, seed=3)
-    first, first_cache = _searcher(built.url, cache_dir=tmp_path)
-    entry = first.bank.index
-    want = first.search(q, K, entry["nlist"])
-    assert first_cache.stats()["bytes_fetched"] == entry["trained"]["bytes"] + sum(s["bytes"] for s in entry["slices"])
-    names = {s["sha256"] + ".npz" for s in entry["slices"]} | {entry["trained"]["sha256"] + ".faissindex"}
-    assert set(os.listdir(tmp_path)) == names
-    second, second_cache = _searcher(built.url, cache_dir=tmp_path)
-    for got, exp in zip(second.search(q, K, entry["nlist"]), want):
-        np.testing.assert_array_equal(got, exp)
-    stats = second_cache.stats()
-    assert (stats["bytes_fetched"], stats["fetches"], stats["disk_hits"]) == (0, 0, len(names))
-    damaged = tmp_path / (entry["slices"][0]["sha256"] + ".npz")
-    _flip_last_byte(damaged)
-    third, third_cache = _searcher(built.url, cache_dir=tmp_path)
-    for got, exp in zip(third.search(q, K, entry["nlist"]), want):
-        np.testing.assert_array_equal(got, exp)
-    stats = third_cache.stats()
-    assert (stats["disk_corrupt"], stats["fetches"], stats["bytes_fetched"]) == (1, 1, entry["slices"][0]["bytes"])
-    assert hashlib.sha256(damaged.read_bytes()).hexdigest() == entry["slices"][0]["sha256"]
+def test_a_budget_below_one_querys_lists_is_refused_with_the_fix(built):
+    searcher = _searcher(built.url, memory_bytes=1000)
+    with pytest.raises(BudgetTooSmall, match="raise the memory budget"):
+        searcher.search(_queries(built, 1), K, nprobe=6)
+    assert searcher.stats()["resident_bytes"] == 0
 
 
-def test_corrupt_bank_object_is_refused_and_nothing_is_cached(built, tmp_path):
-    searcher, cache = _searcher(built.url, cache_dir=tmp_path)
-    entry = searcher.bank.index
-    path = os.path.join(layout.index_dir(built.url, entry["id"]), entry["slices"][0]["object"])
-    original = _flip_last_byte(path)
-    try:
-        q = _queries(built, 10)
-        for _ in range(2):  # a failed load leaves no state behind: the second try checks again
-            with pytest.raises(IndexCorruptError, match="checksum"):
-                searcher.search(q, K, entry["nlist"])
-        assert 0 not in cache.resident()
-        assert not (tmp_path / (entry["slices"][0]["sha256"] + ".npz")).exists()
-    finally:
-        open(path, "wb").write(original)
-    assert searcher.search(q, K, entry["nlist"])[1].shape == (10, K)
+def test_eviction_keeps_the_budget_on_a_long_mixed_stream_and_2q_resists_scans(built):
+    """A hot region queried again and again, between bursts of a one-off scan (every other list once, more of
+    them per burst than the budget has room for): 2Q keeps the hot lists (protected once fetched or probed a
+    second time; the scan's lists only pass through probation), LRU lets each burst push hot lists out."""
+    budget = int(0.3 * _whole_bytes(built))
+    hot = clustered(np.random.default_rng(4), built.centers[:2], 8)
+    probe = _searcher(built.url)
+    hot_lists = np.unique(probe.ivf.quantizer.search(hot, 4)[1])
+    centroids = probe.ivf.quantizer.reconstruct_n(0, probe.nlist)  # a centroid's query probes its own list first
+    scan = [l for l in range(probe.nlist) if l not in set(hot_lists.tolist())]
+    assert probe.cache.charge[hot_lists].sum() < 0.7 * budget < probe.cache.charge.sum()
+    hot_misses = {}
+    for policy in ("2q", "lru"):
+        searcher = _searcher(built.url, memory_bytes=budget, policy=policy)
+        hot_misses[policy] = 0
+        for start in range(0, len(scan), 15):
+            before = searcher.stats()["misses"]
+            for q in hot:
+                searcher.search(q[None], K, nprobe=4)
+            hot_misses[policy] += searcher.stats()["misses"] - before if start >= 30 else 0  # after warm-up
+            for l in scan[start:start + 15]:
+                searcher.search(centroids[l:l + 1], K, nprobe=1)
+            stats = searcher.stats()
+            assert stats["resident_bytes"] + stats["leaked_bytes"] <= budget
+        assert searcher.stats()["evictions"] > 0
+    assert hot_misses["2q"] == 0 < hot_misses["lru"]
 
 
-def test_concurrent_requests_for_a_cold_slice_fetch_it_once(built, monkeypatch):
-    bank = open_bank(built.url)
-    cache = SliceCache(bank)
+def test_concurrent_requests_for_cold_lists_fetch_each_once(built, monkeypatch):
+    searcher = _searcher(built.url)
     fetched = _spy_fetches(monkeypatch, delay=0.2)  # a slow store: every thread arrives while the fetch runs
+    q = _queries(built, 1, seed=6)
     barrier, results = threading.Barrier(8), []
 
     def request():
         barrier.wait()
-        results.append(cache(3))
+        results.append(searcher.search(q, K, nprobe=6))
 
     threads = [threading.Thread(target=request) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert fetched == [bank.index["slices"][3]["object"]]
-    assert len(results) == 8 and all(r is results[0] for r in results)
-    assert (cache.stats()["misses"], cache.stats()["hits"]) == (1, 7)
-    with pytest.raises(ValueError, match="its own SliceCache"):
-        BankSearcher(bank, cache).search(_queries(built, 1), K)
+    assert len(results) == 8 and all(np.array_equal(r[1], results[0][1]) for r in results)
+    assert sum(len(f) for f in fetched) == len(set(sum(fetched, []))) == 6  # every list fetched once
 
 
-@pytest.mark.parametrize("memory_bytes", [60_000, None], ids=["paged", "whole"])
-def test_searches_from_many_threads_match_serial_results(built, memory_bytes):
+@pytest.mark.parametrize("share", [0.25, None], ids=["evicting", "whole"])
+def test_searches_from_many_threads_match_serial_results(built, mono, share):
     q = _queries(built, 64, seed=5)
-    reference = open_index(built.url).search(q, K, 6)
-    # paged: a few slices, threads evict each other's; whole: threads install slices while others search.
-    searcher, cache = _searcher(built.url, **({} if memory_bytes is None else {"memory_bytes": memory_bytes}))
-    assert searcher.mode == ("whole" if memory_bytes is None else "paged")
+    want = mono.search(q, K, 6, 2)
+    budget = int(share * _whole_bytes(built)) if share else 10**9
+    searcher = _searcher(built.url, memory_bytes=budget)
     out = [None] * 8
     barrier = threading.Barrier(8)
 
@@ -212,13 +199,63 @@ def test_searches_from_many_threads_match_serial_results(built, memory_bytes):
     for t in threads:
         t.join()
     for blocks in out:
-        _assert_same_refined((np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])),
-                             reference)
-    stats = cache.stats()
-    if memory_bytes is None:  # each touched slice installed once, however many threads wanted it
-        assert stats["evictions"] == 0 and stats["misses"] == stats["fetches"] - 1 == stats["resident_slices"]
-    else:
-        assert stats["resident_bytes"] <= memory_bytes and stats["evictions"] > 0
+        _assert_same((np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])), want)
+    stats = searcher.stats()
+    assert stats["resident_bytes"] + stats["leaked_bytes"] <= budget
+    if share is None:  # each probed list installed once, however many threads wanted it
+        assert stats["evictions"] == 0 and stats["misses"] == stats["resident_lists"]
+
+
+def test_disk_tier_serves_a_second_process_and_replaces_a_damaged_copy(built, tmp_path):
+    q = _queries(built, 30, seed=3)
+    first = _searcher(built.url, disk=DiskCache(tmp_path, 10**9))
+    entry = first.bank.index
+    want = first.search(q, K, entry.nlist)
+    listed = first.stats()["bytes_fetched"]
+    assert listed == sum(o.bytes for o in entry.lists)  # every list, once: neighbours coalesced into few reads
+    files = sorted(tmp_path.glob("*.list"))
+    assert len(files) == int((first.cache.directory["count"] > 0).sum())
+    second = _searcher(built.url, disk=DiskCache(tmp_path, 10**9))  # a restart: lists come from disk
+    _assert_same(second.search(q, K, entry.nlist), want)
+    assert second.stats()["bytes_fetched"] == 0 and second.stats()["disk_hits"] == len(files)
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    third = _searcher(built.url, disk=DiskCache(tmp_path, 10**9))
+    _assert_same(third.search(q, K, entry.nlist), want)
+    stats = third.stats()
+    assert stats["disk_corrupt"] == 1 and stats["bytes_fetched"] == len(data) and files[0].read_bytes() == data
+    small = DiskCache(tmp_path, 3 * len(data))  # a limit below what is there: oldest files go first
+    assert small.stats()["disk_bytes"] <= 3 * len(data) and small.stats()["disk_evictions"] > 0
+    assert sum(f.stat().st_size for f in tmp_path.glob("*.list")) <= 3 * len(data)
+
+
+def test_a_changed_list_is_refused_and_nothing_is_kept(built, tmp_path):
+    searcher = _searcher(built.url, disk=DiskCache(tmp_path, 10**9))
+    entry = searcher.bank.index
+    directory = searcher.cache.directory
+    target = int(np.flatnonzero(directory["count"] > 0)[0])
+    path = index_layout.index_url(BankRef(built.url), entry.id, entry.lists[int(directory["object"][target])].object)
+    original = open(path, "rb").read()
+    at = int(directory["offset"][target])
+    open(path, "wb").write(original[:at] + bytes([original[at] ^ 1]) + original[at + 1:])
+    try:
+        q = _queries(built, 10)
+        for _ in range(2):  # a failed fetch leaves no state behind: the second try checks again
+            with pytest.raises(IndexCorruptError, match=f"list {target} .* does not match its checksum"):
+                searcher.search(q, K, entry.nlist)
+        assert not searcher.cache.resident.any() and not list(tmp_path.glob("*.list"))
+    finally:
+        open(path, "wb").write(original)
+    assert searcher.search(q, K, entry.nlist)[1].shape == (10, K)
+
+
+def test_serving_a_bank_never_imports_ray(built):
+    code = ("import sys, numpy as np; import query.service; from query.bank import open_bank; "
+            "from query.search import BankSearcher; "
+            f"s = BankSearcher(open_bank({built.url!r})); s.search(np.eye(32, dtype=np.float32)[:2], 5); "
+            "print(sorted(m for m in ('ray', 'bank_builder.index', 'bank_builder.pipeline') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_open_bank_checks_encoder_format_and_version(built, tmp_path):
@@ -226,34 +263,31 @@ def test_open_bank_checks_encoder_format_and_version(built, tmp_path):
     assert (bank.version, bank.versions) == ("v000003", ["v000001", "v000002", "v000003"])
     assert bank.spec == SPEC and bank.dims == {"visual": 32, "text": 16}
     other = replace(SPEC, weights="openai", untrained=False, seed=None, image_size=224)
-    with pytest.raises(manifest.BankMismatchError) as err:
+    with pytest.raises(BankMismatchError) as err:
         open_bank(built.url, expected_encoder=other)
     message = str(err.value)
     for field in ("weights", "untrained", "seed", "image_size"):
         assert f"{field}: bank has" in message
     assert "patch_size" not in message and "'openai'" in message
-    with pytest.raises(manifest.BankMismatchError, match="visual_dim: bank has 32, encoder has 64"):
+    with pytest.raises(BankMismatchError, match="visual_dim: bank has 32, encoder has 64"):
         open_bank(built.url, expected_encoder=replace(SPEC, visual_dim=64))
-    with pytest.raises(manifest.BankMismatchError, match="no version 'v000007'; available: v000001, v000002, v000003"):
+    with pytest.raises(BankMismatchError, match="no version 'v000007'; available: v000001, v000002, v000003"):
         open_bank(built.url, version="v000007")
     old = open_bank(built.url, version="v000001")  # before the index, with the builder's partial spec
     assert old.index is None
-    with pytest.raises(manifest.BankMismatchError, match="incomplete encoder spec"):
+    with pytest.raises(BankMismatchError, match="incomplete encoder spec"):
         old.spec
-    with pytest.raises(manifest.BankMismatchError, match="architecture: bank has None"):
+    with pytest.raises(BankMismatchError, match="architecture: bank has None"):
         open_bank(built.url, version="v000001", expected_encoder=SPEC)
-    with pytest.raises(ValueError, match="has no index"):
-        SliceCache(old)
+    with pytest.raises(BankMismatchError, match="has no index"):
+        BankSearcher(old)
     tiny = make_bank(str(tmp_path / "tiny"), part_rows=(40,))
-    manifest.publish(tiny.url, {**manifest.read_manifest(tiny.url), "format_version": 99},
-                     manifest.read_current(tiny.url))
-    with pytest.raises(manifest.BankMismatchError, match="format 99"):
-        open_bank(tiny.url, version="v000002")
+    ref = BankRef(tiny.url)
     # A manifest that CURRENT never named (a writer died before its swap) is not a version.
-    storage.write_json(manifest.manifest_url(tiny.url, "v000003"), manifest.read_manifest(tiny.url, "v000001"))
-    with pytest.raises(manifest.BankMismatchError, match="no version 'v000003'; available: v000001, v000002"):
-        open_bank(tiny.url, version="v000003")
-    with pytest.raises(manifest.BankMismatchError, match="no published version"):
+    storage.write_json(versions.manifest_url(ref, "v000002"), read_manifest(ref, "v000001").to_dict())
+    with pytest.raises(BankMismatchError, match="no version 'v000002'; available: v000001"):
+        open_bank(tiny.url, version="v000002")
+    with pytest.raises(BankMismatchError, match="no published version"):
         open_bank(str(tmp_path / "nothing"))
 
 
@@ -266,12 +300,13 @@ def test_metadata_and_embeddings_read_only_the_row_groups_holding_the_rows(built
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
     bank = open_bank(built.url)
-    ids = [store.segment_id(1, r) for r in (600, 5)] + [store.segment_id(0, 899), store.segment_id(1, 1399),
-                                                          store.segment_id(1, 600)]
+    ids = [parts.segment_id(1, r) for r in (600, 5)] + [parts.segment_id(0, 899), parts.segment_id(1, 1399),
+                                                          parts.segment_id(1, 600)]
     meta = bank.metadata(ids)
-    parts = {o: store.read_part(built.url, f"part-{o:03d}").drop_columns(["visual_embedding", "text_embedding"])
-             for o in (0, 1)}
-    assert meta == [parts[o].slice(r, 1).to_pylist()[0] for o, r in map(store.split_segment_id, ids)]
+    tables = {o: parts.read_part(BankRef(built.url), f"part-{o:03d}").drop_columns(["visual_embedding",
+                                                                                    "text_embedding"])
+              for o in (0, 1)}
+    assert meta == [tables[o].slice(r, 1).to_pylist()[0] for o, r in map(parts.split_segment_id, ids)]
     assert meta[0]["segment_id"] == ids[0] and meta[0]["part"] == "part-001" and set(meta[0]) == set(METADATA_COLUMNS)
     assert reads == [([3], METADATA_COLUMNS), ([0, 2, 5], METADATA_COLUMNS)]  # 899 // 256; 5, 600, 1399 // 256
     assert bank.stats() == {"footers_read": 2, "row_groups_read": 4, "label_parts_loaded": 0}
@@ -281,21 +316,21 @@ def test_metadata_and_embeddings_read_only_the_row_groups_holding_the_rows(built
     np.testing.assert_array_equal(vectors, built.vectors[np.searchsorted(built.ids, ids)].astype(np.float32))
     assert reads == [([3], ["segment_id", "visual_embedding"]), ([0, 2, 5], ["segment_id", "visual_embedding"])]
     assert bank.stats()["footers_read"] == 2 and bank.stats()["row_groups_read"] == 8  # footers are kept
-    for unknown in (store.segment_id(7, 0), store.segment_id(0, 900), -1):
+    for unknown in (parts.segment_id(7, 0), parts.segment_id(0, 900), -1):
         with pytest.raises(KeyError, match=f"segment id {unknown} "):
-            bank.metadata([store.segment_id(0, 1), unknown])
+            bank.metadata([parts.segment_id(0, 1), unknown])
     assert bank.metadata([]) == [] and bank.visual_embeddings([]).shape == (0, 32)
     assert bank.labels(np.array(ids + [-1])) == [m["label"] for m in meta] + [None]  # -1: a missing search hit
-    part0 = [store.segment_id(0, r) for r in range(900)]
-    assert bank.labels(part0) == parts[0]["label"].to_pylist() and None in bank.labels(part0)
+    part0 = [parts.segment_id(0, r) for r in range(900)]
+    assert bank.labels(part0) == tables[0]["label"].to_pylist() and None in bank.labels(part0)
     assert bank.stats()["label_parts_loaded"] == 2 and bank.labels([]) == []
     with pytest.raises(KeyError, match="segment id -2 "):
         bank.labels([-2])
-    assert bank.text_index().labels == built.label_names
+    assert bank.label_table().labels == built.label_names
 
 
 def test_search_input_is_checked(built):
-    searcher, _ = _searcher(built.url)
+    searcher = _searcher(built.url)
     q = _queries(built, 3)
     bad = [(q[:, :16], "shape"), (q[0], "shape"), (np.where(np.arange(32) == 3, np.nan, q), "NaN"),
            (q * 2, "L2-normalised"), (q.astype(np.int64), "float32")]
@@ -315,26 +350,39 @@ def test_search_input_is_checked(built):
         assert (scores[ids == -1] == -np.inf).all() and np.isfinite(scores[ids >= 0]).all()
 
 
-def test_open_search_and_read_metadata_on_s3(built, s3, tmp_path):
+def test_open_search_and_read_metadata_on_s3_with_few_requests(built, mono, s3, monkeypatch):
     options, bucket = s3
-    fs = storage.url_to_fs(f"s3://{bucket}", options)[0]
+    fs = s3fs.S3FileSystem(**options)
     for root, _, files in os.walk(built.url):  # object names are relative: a bank moves between stores as is
         for name in files:
             local = os.path.join(root, name)
             fs.pipe_file(f"{bucket}/bank/{os.path.relpath(local, built.url)}", open(local, "rb").read())
     url = f"s3://{bucket}/bank"
-    q = _queries(built, 20, seed=9)
-    searcher, cache = _searcher(url, storage_options=options, cache_dir=tmp_path, memory_bytes=100_000)
-    local, _ = _searcher(built.url)
-    assert (searcher.mode, local.mode) == ("paged", "whole")
-    _assert_same_refined(searcher.search(q, K), local.search(q, K))
-    assert cache.stats()["fetches"] > 1 and cache.stats()["resident_bytes"] <= 100_000
-    again, again_cache = _searcher(url, storage_options=options, cache_dir=tmp_path)
-    np.testing.assert_array_equal(again.search(q, K)[1], local.search(q, K)[1])
-    assert again_cache.stats()["bytes_fetched"] == 0
-    ids = np.unique(searcher.search(q[:2], 3)[1])
+    gets = []  # every GET the S3 client sends: (key, bytes returned)
+    cat_file = s3fs.S3FileSystem._cat_file
+
+    async def counting(self, path, version_id=None, start=None, end=None):
+        data = await cat_file(self, path, version_id=version_id, start=start, end=end)
+        gets.append((path.rsplit("/", 3)[-2:], len(data)))
+        return data
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counting)
+    searcher = _searcher(url, storage_options=options, memory_bytes=100_000)
+    opened = len(gets)
+    q = _queries(built, 1, seed=9)
+    _, probed = searcher.ivf.quantizer.search(q, searcher.nprobe)
+    _assert_same(searcher.search(q, K), mono.search(q, K, searcher.nprobe, 2))
+    first = gets[opened:]
+    wanted = int(searcher.cache.directory["bytes"][probed[0]].sum())
+    assert all(key[0] == "lists" for key, _ in first) and len(first) <= searcher.nprobe
+    assert wanted <= sum(n for _, n in first) <= 1.5 * wanted
+    qs = _queries(built, 20, seed=9)
+    _assert_same(searcher.search(qs, K), mono.search(qs, K, searcher.nprobe, 2))
+    assert searcher.stats()["resident_bytes"] + searcher.stats()["leaked_bytes"] <= 100_000
+    ids = np.unique(searcher.search(qs[:2], 3)[1])
+    local = open_bank(built.url)
     bank = searcher.bank
-    assert bank.metadata(ids) == local.bank.metadata(ids) and bank.labels(ids) == local.bank.labels(ids)
-    np.testing.assert_array_equal(bank.visual_embeddings(ids), local.bank.visual_embeddings(ids))
-    groups = {(o, r // ROWS_PER_GROUP) for o, r in map(store.split_segment_id, ids.tolist())}
+    assert bank.metadata(ids) == local.metadata(ids) and bank.labels(ids) == local.labels(ids)
+    np.testing.assert_array_equal(bank.visual_embeddings(ids), local.visual_embeddings(ids))
+    groups = {(o, r // ROWS_PER_GROUP) for o, r in map(parts.split_segment_id, ids.tolist())}
     assert bank.stats()["row_groups_read"] == 2 * len(groups) < 13  # of the bank's 4 + 6 + 3, per call

@@ -23,7 +23,6 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from bank_builder import manifest
 from bank_builder.config import IngestConfig
 from bank_builder.index import IndexConfig, build_index
 from bank_builder.ingest import iter_samples
@@ -38,7 +37,7 @@ from tests.build_helpers import read_bank, tiny_config
 NAMES = list(class_names())
 TOKEN = "test-token-123"
 MAX_UPLOAD = 1 << 20
-INDEX = IndexConfig(autotune_queries=50, nprobe_candidates=(1, 4, 16), slice_bytes=8 << 10)  # IVF-Flat, 2 slices
+INDEX = IndexConfig(autotune_queries=50, nprobe_candidates=(1, 4, 16), object_bytes=8 << 10)  # IVF-Flat
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -157,8 +156,9 @@ def test_probes_and_bank_info(server, client, world):
     assert info["untrained"] is True and info["encoder"]["untrained"] is True and info["encoder"]["seed"] == 0
     assert info["encoder"]["name"] == "tiny-clip" and info["labels"] == len(NAMES)
     assert info["totals"]["segments"] == read_bank(world["bank"]).num_rows > 0
-    assert info["index"]["slices"] >= 2 and info["index"]["nprobe"] >= 1 and info["index"]["factory"].startswith("IVF")
-    assert info["index"]["search_mode"] == "whole"  # the default budget holds this small index
+    assert info["index"]["list_objects"] >= 2 and info["index"]["nprobe"] >= 1
+    assert info["index"]["factory"].startswith("IVF")
+    assert info["cache"]["index_bytes"] <= info["cache"]["memory_bytes"]  # the default budget holds this index
     assert {"hits", "misses", "bytes_fetched", "resident_bytes"} <= set(info["cache"])
     assert info["limits"]["max_k"] == 64 and info["limits"]["max_upload_bytes"] == MAX_UPLOAD
     status, headers, body = raw(server.url, "/openapi.json", token=None)
@@ -200,29 +200,30 @@ def test_vocabulary_miou_over_http(client, world):
     assert miou >= 0.12 and miou >= 4 * constant
 
 
-def test_a_budget_smaller_than_the_index_pages_slices_and_answers_the_same(client, world):
-    """A second server whose slice budget holds one slice, not the index: same answers, budget kept."""
-    slices = manifest.read_manifest(world["bank"])["index"]["slices"]
-    budget = max(s["bytes"] for s in slices) + 1024  # decoded, a slice holds about its object's bytes
-    assert len(slices) >= 2 and budget < sum(s["bytes"] for s in slices)
+def test_a_budget_smaller_than_the_index_evicts_lists_and_answers_the_same(client, world):
+    """A second server whose list budget holds part of the index: the same answers while lists come and go, the
+    budget kept, and a search whose lists cannot fit at once refused with the fix (503), not answered wrongly."""
+    budget = client.bank()["cache"]["index_bytes"] * 2 // 3
     paged = Server(create_app(ServiceConfig(bank=world["bank"], memory_bytes=budget, max_k=64)))
     try:
         small = RefbankClient(paged.url, timeout=60)
         wait_ready(small)
         table = read_bank(world["bank"])
-        for row in (3, 40, 77, 120):
+        for row in (3, 40, 77, 120, 3, 90):
             vector = np.asarray(table["visual_embedding"][row].as_py(), np.float32)
             vector /= np.linalg.norm(vector)
-            got, want = small.search(vector=vector, k=20)["results"], client.search(vector=vector, k=20)["results"]
+            # nprobe 1: any one list fits the budget, all of them do not
+            got = small.search(vector=vector, k=20, nprobe=1)["results"]
+            want = client.search(vector=vector, k=20, nprobe=1)["results"]
             assert [h["segment_id"] for h in got] == [h["segment_id"] for h in want]
             np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], rtol=1e-6, atol=1e-6)
-        for sample in world["heldout"][:3]:
-            got = small.segment(png(sample.image), mode="open_set", k=5, return_=["label_map"])["label_map"]
-            want = client.segment(png(sample.image), mode="open_set", k=5, return_=["label_map"])["label_map"]
-            np.testing.assert_array_equal(got, want)
         info = small.bank()
-        assert info["index"]["search_mode"] == "paged"
-        assert 0 < info["cache"]["resident_bytes"] <= budget and info["cache"]["evictions"] > 0
+        assert 0 < info["cache"]["resident_bytes"] + info["cache"]["leaked_bytes"] <= budget
+        assert info["cache"]["evictions"] > 0
+        with pytest.raises(RefbankError) as err:  # the tuned nprobe probes every list: more than the budget
+            small.segment(png(world["heldout"][0].image), mode="open_set", k=5)
+        assert (err.value.status, err.value.error) == (503, "budget_too_small")
+        assert "raise the memory budget" in err.value.detail
     finally:
         paged.stop()
 
@@ -380,10 +381,10 @@ def test_metrics_count_requests_and_cache(server, client, world):
                if s.name.endswith("_count") and s.labels["endpoint"] == "/v1/segment"]
     assert latency and latency[0].value >= 1
     value = {name: families[name].samples[0].value for name in (
-        "refbank_slice_cache_hits", "refbank_slice_cache_misses", "refbank_slice_cache_fetched_bytes",
-        "refbank_slice_cache_resident_bytes", "refbank_slice_cache_memory_budget_bytes", "refbank_ready")}
-    assert value["refbank_slice_cache_misses"] >= 1 and value["refbank_slice_cache_hits"] >= 1
-    assert value["refbank_slice_cache_fetched_bytes"] > 0 and value["refbank_slice_cache_resident_bytes"] > 0
+        "refbank_list_cache_hits", "refbank_list_cache_misses", "refbank_list_cache_fetched_bytes",
+        "refbank_list_cache_resident_bytes", "refbank_list_cache_memory_budget_bytes", "refbank_ready")}
+    assert value["refbank_list_cache_misses"] >= 1 and value["refbank_list_cache_hits"] >= 1
+    assert value["refbank_list_cache_fetched_bytes"] > 0 and value["refbank_list_cache_resident_bytes"] > 0
     assert value["refbank_ready"] == 1
     [info] = families["refbank_bank_info"].samples
     assert info.labels["version"] == client.bank()["version"] and info.labels["untrained"] == "true"

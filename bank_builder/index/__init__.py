@@ -1,24 +1,16 @@
-"""The bank's ANN index: IVF(-PQ) trained once, added per part in parallel, stored as list-range slices.
+"""The bank's ANN index: IVF(-PQ) trained once, added per part in parallel, stored list by list.
 
 Public API:
   build_index(bank, config=IndexConfig(), storage_options=None, version=None) -> IndexReport
-  open_index(bank, version=None, storage_options=None, loader=None, max_resident=None) -> SlicedIndex
-  open_text_index(bank, version=None, storage_options=None) -> TextIndex
   choose_params(n, dim, config) -> IndexParams          (what build_index would build, without building)
 
-Modules, one per stage: params (index choice), train (sample + k-means), add (Ray task per part),
-slices (regroup lists into slices), search (sliced search + merge + refine), autotune (nprobe),
-text (label-text index), layout (object names), source (Parquet row-group reads), build (the driver).
+Modules, one per stage: params (index choice), train (sample + k-means), add (Ray task per part), objects
+(regroup lists into list objects + the directory), text (label table), scan (object-by-object search for the
+autotune), autotune (nprobe), exact (ground truth), build (the driver). The objects' layout is
+bank_builder.format.index_layout; the query service reads them through query.lists.
 """
 
 from bank_builder.index.build import IndexReport, build_index
-from bank_builder.index.layout import IndexCorruptError
 from bank_builder.index.params import IndexConfig, IndexParams, choose_params
-from bank_builder.index.search import SliceLoader, SlicedIndex, index_entry, open_index, storage_loader
-from bank_builder.index.slices import SliceArrays
-from bank_builder.index.text import TextIndex, open_text_index
 
-__all__ = [
-    "IndexConfig", "IndexCorruptError", "IndexParams", "IndexReport", "SliceArrays", "SliceLoader", "SlicedIndex",
-    "TextIndex", "build_index", "choose_params", "index_entry", "open_index", "open_text_index", "storage_loader",
-]
+__all__ = ["IndexConfig", "IndexParams", "IndexReport", "build_index", "choose_params"]

@@ -1,5 +1,5 @@
 """Add in parallel: one Ray task per part encodes the part's vectors with the shared trained index and writes
-its inverted lists as one staging object laid out by list, so a slice builder reads only its list range.
+its inverted lists as one staging object laid out by list, so a list-object builder reads only its list range.
 
 Staging object of a part (little-endian, no header; nlist, code size, C and refine come from the manifest):
   offsets  int64[nlist + 1]   entries of list l are records offsets[l] .. offsets[l+1]
@@ -23,11 +23,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from bank_builder import storage
-from bank_builder.index import layout, source
+from bank_builder.format import BankRef, IndexCorruptError, PartEntry, index_layout, parts, storage
 from bank_builder.index.exact import TopK
-from bank_builder.index.params import apply_chain, split_index
-from bank_builder.index.train import deserialize
+from bank_builder.format.trained import apply_chain, deserialize, split_index
 
 
 def record_dtype(code_size: int, dim: int, refine: bool) -> np.dtype:
@@ -112,7 +110,7 @@ class _Labels:
         with_text = (codes >= 0) & text.is_valid().to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(with_text)
         found, first = np.unique(codes[rows], return_index=True)
-        vectors = source.matrix(text)
+        vectors = parts.matrix(text)
         for code, row in zip(found, rows[first]):
             self.text.setdefault(names[code], vectors[row])
 
@@ -125,8 +123,8 @@ class _Labels:
         return names, np.stack([self.text[n] for n in names]), self.sums[slots], self.counts[slots]
 
 
-def add_part(bank: str, part: dict, trained: bytes, staging: str, exact: TopK, refine: bool, text: bool,
-             storage_options: dict[str, Any] | None) -> PartAdded:
+def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact: TopK, refine: bool,
+             text: bool) -> PartAdded:
     """Encode one part row group by row group; write its staging object; return sizes, exact top-k, labels.
 
     exact: an empty TopK of the autotune queries (with their floors); this part's vectors are streamed into it."""
@@ -137,11 +135,11 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, exact: TopK, r
     dtype = record_dtype(ivf.code_size, index.d, refine)
     labels = _Labels(index.d)
     lists, records = [], []
-    columns = ["segment_id", source.VISUAL] + (["label"] if text else [])
-    with source.open_part(bank, part["name"], storage_options, dictionary=["label"]) as f:
+    columns = ["segment_id", parts.VISUAL] + (["label"] if text else [])
+    with parts.open_part(ref, part.name, dictionary=["label"]) as f:
         for g in range(f.num_row_groups):
             table = f.read_row_group(g, columns=columns)
-            x16 = source.matrix(table[source.VISUAL])
+            x16 = parts.matrix(table[parts.VISUAL])
             ids = table["segment_id"].to_numpy()
             x = x16.astype(np.float32)
             exact.add(x, ids)
@@ -153,15 +151,20 @@ def add_part(bank: str, part: dict, trained: bytes, staging: str, exact: TopK, r
             lists.append(assign)
             records.append(rec)
             if text:
-                labels.add(table["label"], x, lambda g=g: source.read_column(f, g, "text_embedding"))
+                labels.add(table["label"], x, lambda g=g: parts.read_column(f, g, "text_embedding"))
     assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
     order = np.argsort(assign, kind="stable")  # by list; part row order kept within a list
     sizes = np.bincount(assign, minlength=ivf.nlist).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype("<i8")
     body = np.concatenate(records)[order] if records else np.zeros(0, dtype)
-    storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), storage_options)
+    storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), ref.storage_options)
     names, vectors, sums, counts = labels.arrays()
-    return PartAdded(part["name"], len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts)
+    return PartAdded(part.name, len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts)
+
+
+def staging_url(ref: BankRef, index_id: str, part: str) -> str:
+    """URL of a part's staging object (laid out by list; see the module docstring)."""
+    return index_layout.index_url(ref, index_id, index_layout.staging_object(part))
 
 
 @dataclass
@@ -177,28 +180,28 @@ class AddResult:
     counts: dict[str, int]  # label → number of segments
 
 
-def add_parts(bank: str, index_id: str, parts: list[dict], trained: bytes, nlist: int, exact: TopK, refine: bool,
-              text: bool, storage_options: dict[str, Any] | None) -> AddResult:
+def add_parts(ref: BankRef, index_id: str, parts_: list[PartEntry], trained: bytes, nlist: int, exact: TopK,
+              refine: bool, text: bool) -> AddResult:
     """Run one add task per part; merge what they report as they finish.
 
     exact: an empty TopK of the autotune queries (with floors); each task fills a copy, merged here."""
     task = ray.remote(num_cpus=1, max_retries=2)(add_part)  # a retry rewrites the same staging object
     trained_ref, exact_ref = ray.put(trained), ray.put(exact)
-    pending = {task.remote(bank, p, trained_ref, layout.staging_url(bank, index_id, p["name"]), exact_ref,
-                           refine, text, storage_options): p for p in parts}
+    pending = {task.remote(ref, p, trained_ref, staging_url(ref, index_id, p.name), exact_ref, refine, text): p
+               for p in parts_}
     sizes = np.zeros(nlist, np.int64)
     rows, by_part = {}, {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         part = pending.pop(done[0])
         added: PartAdded = ray.get(done[0])
-        if added.rows != part["rows"]:
-            raise layout.IndexCorruptError(f"part {part['name']} has {added.rows} rows but the manifest says "
-                                           f"{part['rows']}; the part changed after it was committed")
+        if added.rows != part.rows:
+            raise IndexCorruptError(f"part {part.name} has {added.rows} rows but the manifest says {part.rows}; "
+                                    "the part changed after it was committed")
         sizes += added.list_sizes
         exact.merge(added.exact_scores, added.exact_ids)
-        rows[part["name"]] = added.rows
-        by_part[part["ordinal"]] = added
+        rows[part.name] = added.rows
+        by_part[part.ordinal] = added
     labels: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

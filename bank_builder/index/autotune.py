@@ -1,6 +1,6 @@
 """nprobe autotune: recall@k against exact search for a range of nprobe; the smallest reaching the target wins.
 
-One streaming pass over the slices measures every nprobe at once (memory: one slice plus the candidates).
+One streaming pass over the list objects measures every nprobe at once (memory: one object plus the candidates).
 
 Queries are bank vectors held out of the training sample. Each query's own segment id is left out of both
 the exact and the approximate results (leave-one-out), so a query finding itself does not inflate recall.
@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from bank_builder.index.params import IndexConfig
-from bank_builder.index.search import Candidates, SlicedIndex
+from bank_builder.index.scan import Candidates, ObjectScan
 
 log = logging.getLogger("refbank.index")
 
@@ -33,13 +33,13 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)))
 
 
-def sweep(index: SlicedIndex, queries: np.ndarray, nprobes: list[int], k: int,
+def sweep(index: ObjectScan, queries: np.ndarray, nprobes: list[int], k: int,
           refine_factor: int) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, dict[int, float]], float]:
     """Top-k ids and search seconds for every nprobe, plain and (refine_factor > 0) refined, in one pass over
-    the slices: each slice is loaded once and dropped, so memory stays at one slice whatever the bank size.
+    the list objects: each is loaded once and dropped, so memory stays at one object whatever the bank size.
 
-    Seconds per nprobe = coarse assignment + the per-slice searches + merges (what SlicedIndex.search spends
-    with the slices resident); slice load time is returned apart. Returns (ids, seconds, load seconds)."""
+    Seconds per nprobe = coarse assignment + the per-object searches + merges; object load time is returned
+    apart. Returns (ids, seconds, load seconds)."""
     modes = {"plain": (k, False)} | ({"refine": (k * refine_factor, True)} if refine_factor > 0 else {})
     seconds = {mode: {} for mode in modes}
     for nprobe in nprobes:
@@ -48,7 +48,7 @@ def sweep(index: SlicedIndex, queries: np.ndarray, nprobes: list[int], k: int,
         for mode in modes:
             seconds[mode][nprobe] = time.perf_counter() - start
     xt, coarse, lists = index.probe(queries, max(nprobes))  # probes of a smaller nprobe are a prefix of these
-    owner = index.slices_for(lists)
+    owner = index.objects_for(lists)
     merged = {(mode, p): Candidates.empty(len(queries), m, refine) for mode, (m, refine) in modes.items()
               for p in nprobes}
     load_s = 0.0
@@ -61,7 +61,7 @@ def sweep(index: SlicedIndex, queries: np.ndarray, nprobes: list[int], k: int,
                 continue
             for mode, (m, refine) in modes.items():
                 start = time.perf_counter()
-                found = index.slice_candidates(res, int(n), queries, xt, lists[:, :nprobe], coarse[:, :nprobe],
+                found = index.candidates(res, int(n), queries, xt, lists[:, :nprobe], coarse[:, :nprobe],
                                                owner[:, :nprobe], m, refine)
                 merged[mode, nprobe] = merged[mode, nprobe].merge(found, m)
                 seconds[mode][nprobe] += time.perf_counter() - start
@@ -86,7 +86,7 @@ def choose(curve: list[dict], target: float) -> tuple[dict, bool]:
     return best, False
 
 
-def autotune(index: SlicedIndex, queries: np.ndarray, query_ids: np.ndarray, exact_ids: np.ndarray,
+def autotune(index: ObjectScan, queries: np.ndarray, query_ids: np.ndarray, exact_ids: np.ndarray,
              config: IndexConfig) -> dict:
     """Recall / latency curves (with and without refine) and the chosen nprobe, as a report section.
 
@@ -106,5 +106,5 @@ def autotune(index: SlicedIndex, queries: np.ndarray, query_ids: np.ndarray, exa
         "refine_factor": refine, "nprobe": chosen["nprobe"], "recall_at_k": chosen["recall_at_k"],
         "ms_per_query": chosen["ms_per_query"], "target_met": met, "curve": tuned,
         "curve_no_refine": curve(ids["plain"], seconds["plain"], query_ids, truth) if refine else None,
-        "slice_load_s": round(load_s, 4),
+        "object_load_s": round(load_s, 4),
     }

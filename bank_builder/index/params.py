@@ -2,7 +2,7 @@
 
 Every index is an IVF variant under inner product on L2-normalised vectors (METRIC_INNER_PRODUCT):
 IVF-Flat, IVF-SQ8, IVF-PQ, or any of them behind a vector transform (OPQ+IVF-PQ = IndexPreTransform).
-The slice machinery only needs an IndexIVF with array inverted lists, so all of them store and search alike.
+The list objects only need an IndexIVF with array inverted lists, so all of them store and search alike.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 
 import faiss
+
+from bank_builder.format.trained import split_index
 
 ID_BYTES = 8  # a stored segment id (int64) per vector
 MIN_POINTS_PER_LIST = 39  # faiss k-means wants at least this many training points per centroid
@@ -25,7 +27,7 @@ class IndexConfig:
       "IVF256,Flat") that replaces the automatic choice. The metric is always inner product.
     memory_target_bytes_per_vector: resident bytes per vector of the searchable index, id (8 bytes)
       included; picks the code: Flat (4·d) if it fits, else SQ8 (d), else PQ with the largest m dividing d.
-      Refine vectors (2·d bytes, float16) are stored in the slices on top of this.
+      Refine vectors (2·d bytes, float16) are stored with the lists on top of this.
     opq: rotate with OPQ before IVF-PQ (automatic choice only).
     flat_below: banks with fewer vectors get an exact IVF-Flat index (compressing them saves nothing).
     train_sample: most vectors sampled for training; nlist is capped so that 39·nlist of them exist.
@@ -36,9 +38,10 @@ class IndexConfig:
     target_recall: the autotune picks the smallest nprobe whose recall@k reaches this.
     k: the k of recall@k.
     autotune_queries: held-out bank vectors used as autotune queries (never in the training sample).
-    refine: store float16 vectors in the slices and re-rank k·refine_factor candidates exactly.
+    refine: store float16 vectors with the lists and re-rank k·refine_factor candidates exactly.
     refine_factor: candidates re-ranked per result when refine is on.
-    slice_bytes: target size of one slice object (a slice holding one huge list may exceed it).
+    object_bytes: target size of one list object (an object holding one huge list may exceed it); readers
+      fetch single lists by byte range, so this only bounds the builder's memory and the object count.
     seed: sampling and k-means seed; the same bank and config give the same trained index.
     """
 
@@ -56,7 +59,7 @@ class IndexConfig:
     autotune_queries: int = 500
     refine: bool = True
     refine_factor: int = 4
-    slice_bytes: int = 64 << 20
+    object_bytes: int = 64 << 20
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,7 +70,7 @@ class IndexConfig:
                              f"got {self.memory_target_bytes_per_vector}")
         if self.refine and self.refine_factor < 1:
             raise ValueError(f"refine_factor must be >= 1, got {self.refine_factor}")
-        for name in ("slice_bytes", "train_sample", "k", "autotune_queries", "max_nlist", "kmeans_iters"):
+        for name in ("object_bytes", "train_sample", "k", "autotune_queries", "max_nlist", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.nprobe_candidates or min(self.nprobe_candidates) < 1:
@@ -138,10 +141,10 @@ def choose_params(n: int, dim: int, config: IndexConfig) -> IndexParams:
 
 
 def make_index(factory: str, dim: int) -> faiss.Index:
-    """An empty inner-product index for `factory`; raises with the fix when refbank cannot slice it."""
+    """An empty inner-product index for `factory`; raises with the fix when refbank cannot store its lists."""
     if re.search(r"(^|,)(RFlat|Refine)", factory):
         raise ValueError(f"factory {factory!r} has a refine stage; drop it and use IndexConfig(refine=True), "
-                         "which re-ranks with the float16 vectors stored in the slices")
+                         "which re-ranks with the float16 vectors stored with the lists")
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -149,24 +152,9 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     _, inner = split_index(index)
     if not isinstance(inner, faiss.IndexIVF):
         raise ValueError(f"factory {factory!r} is not an IVF index (optionally behind a transform such as OPQ); "
-                         "refbank slices inverted lists. Use e.g. 'IVF1024,PQ32', 'OPQ16_64,IVF1024,PQ16' "
+                         "refbank stores inverted lists one by one. Use e.g. 'IVF1024,PQ32', 'OPQ16_64,IVF1024,PQ16' "
                          "or 'IVF1,Flat' for exact search")
     if not isinstance(faiss.downcast_InvertedLists(inner.invlists), faiss.ArrayInvertedLists):
         raise ValueError(f"factory {factory!r} packs its lists in blocks (fast-scan); use the plain variant, "
                          "e.g. 'IVF1024,PQ32' instead of 'IVF1024,PQ32x4fs'")
     return index
-
-
-def split_index(index: faiss.Index) -> tuple[list[faiss.VectorTransform], faiss.IndexIVF]:
-    """(vector transforms applied before the IVF, the IVF itself) of a sliceable index."""
-    if isinstance(index, faiss.IndexPreTransform):
-        chain = [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
-        return chain, faiss.downcast_index(index.index)
-    return [], index
-
-
-def apply_chain(chain: list[faiss.VectorTransform], x):
-    """`x` (n, d) float32 through the transforms, in order (the identity when there are none)."""
-    for vt in chain:
-        x = vt.apply(x)
-    return x

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import faiss
 import numpy as np
 import ray
 
-from bank_builder import store
-from bank_builder.index import source
-from bank_builder.index.params import MIN_POINTS_PER_LIST, IndexConfig, IndexParams, make_index, split_index
+from bank_builder.format import BankRef, PartEntry, parts as part_io
+from bank_builder.format.trained import split_index
+from bank_builder.index.params import MIN_POINTS_PER_LIST, IndexConfig, IndexParams, make_index
 
 log = logging.getLogger("refbank.index")
 
-LOCALITY_LEAF = 16  # lists ordered by bisection down to groups this small; slices hold many more lists than this
+LOCALITY_LEAF = 16  # lists ordered by bisection down to groups this small
 
 
 @dataclass
@@ -30,16 +29,16 @@ class Sample:
     query_ids: np.ndarray  # (n_queries,) int64 segment ids of the query vectors
 
 
-def plan_sample(parts: list[dict], n_train: int, n_queries: int, seed: int,
+def plan_sample(parts: list[PartEntry], n_train: int, n_queries: int, seed: int,
                 oversample: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per part name: (sorted training rows, sorted query rows), disjoint, drawn without replacement.
 
     Rows are drawn uniformly from a random set of row groups holding `oversample` times the rows needed, so
     a sample of a huge bank reads ~oversample·(n_train + n_queries) rows instead of touching every row group."""
-    rows = np.array([p["rows"] for p in parts], dtype=np.int64)
+    rows = np.array([p.rows for p in parts], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(rows)])
-    group_starts = np.concatenate([np.arange(s, s + r, store.ROW_GROUP_SIZE) for s, r in zip(starts, rows)])
-    group_ends = np.minimum(group_starts + store.ROW_GROUP_SIZE, np.repeat(starts[1:], -(-rows // store.ROW_GROUP_SIZE)))
+    group_starts = np.concatenate([np.arange(s, s + r, part_io.ROW_GROUP_SIZE) for s, r in zip(starts, rows)])
+    group_ends = np.minimum(group_starts + part_io.ROW_GROUP_SIZE, np.repeat(starts[1:], -(-rows // part_io.ROW_GROUP_SIZE)))
     rng = np.random.default_rng(seed)
     need = n_train + n_queries
     order = rng.permutation(len(group_starts))
@@ -52,30 +51,29 @@ def plan_sample(parts: list[dict], n_train: int, n_queries: int, seed: int,
         def local(g: np.ndarray) -> np.ndarray:
             return np.sort(g[(g >= starts[i]) & (g < starts[i + 1])] - starts[i])
 
-        plan[p["name"]] = (local(chosen[n_queries:]), local(chosen[:n_queries]))
+        plan[p.name] = (local(chosen[n_queries:]), local(chosen[:n_queries]))
     return plan
 
 
-def sample_vectors(bank: str, parts: list[dict], params: IndexParams, seed: int,
-                   storage_options: dict[str, Any] | None) -> Sample:
+def sample_vectors(ref: BankRef, parts: list[PartEntry], params: IndexParams, seed: int) -> Sample:
     """Read the planned rows of every part in parallel (one Ray task per part that has some)."""
     plan = plan_sample(parts, params.n_train, params.n_queries, seed)
-    read = ray.remote(num_cpus=1, max_retries=2)(source.read_rows)
+    read = ray.remote(num_cpus=1, max_retries=2)(part_io.read_rows)
     refs = {}
     for p in parts:
-        train_rows, query_rows = plan[p["name"]]
+        train_rows, query_rows = plan[p.name]
         if len(train_rows) + len(query_rows):
-            refs[p["name"]] = read.remote(bank, p["name"], np.union1d(train_rows, query_rows), storage_options)
+            refs[p.name] = read.remote(ref, p.name, np.union1d(train_rows, query_rows))
     train, queries, ids = [], [], []
     for p in parts:
-        if p["name"] not in refs:
+        if p.name not in refs:
             continue
-        train_rows, query_rows = plan[p["name"]]
+        train_rows, query_rows = plan[p.name]
         both = np.union1d(train_rows, query_rows)
-        x = ray.get(refs.pop(p["name"]))
+        x = ray.get(refs.pop(p.name))
         train.append(x[np.searchsorted(both, train_rows)])
         queries.append(x[np.searchsorted(both, query_rows)])
-        ids.append([store.segment_id(p["ordinal"], int(r)) for r in query_rows])
+        ids.append([part_io.segment_id(p.ordinal, int(r)) for r in query_rows])
     return Sample(train=np.concatenate(train).astype(np.float32),
                   queries=np.concatenate(queries).astype(np.float32),
                   query_ids=np.concatenate(ids).astype(np.int64))
@@ -118,8 +116,8 @@ def train_index(params: IndexParams, x: np.ndarray, config: IndexConfig) -> tupl
 def locality_order(centroids: np.ndarray, leaf: int = LOCALITY_LEAF) -> np.ndarray:
     """A permutation of the centroids that gives nearby centroids nearby list numbers.
 
-    k-means numbers its centroids arbitrarily, and slices are contiguous list ranges: without this, a query's
-    probed lists land in as many unrelated slices, and loading slices on demand saves nothing. Recursive
+    k-means numbers its centroids arbitrarily, and list objects hold contiguous list ranges: without this, a
+    query's probed lists land far apart, and neighbouring lists cannot be fetched in one range. Recursive
     bisection at the median along each group's principal axis (a PCA tree) keeps neighbours together."""
     order = np.arange(len(centroids))
     pending = [(0, len(order))]
@@ -146,13 +144,3 @@ def _quiet_pq(ivf: faiss.IndexIVF, n: int) -> None:
         log.warning("PQ trains %d centroids per sub-quantizer on %d vectors (faiss advises ≥ %d); codes may be "
                     "coarse — raise train_sample or use a smaller index", pq.ksub, n, MIN_POINTS_PER_LIST * pq.ksub)
     pq.cp.min_points_per_centroid = 1
-
-
-def serialize(index: faiss.Index) -> bytes:
-    """The index in plain faiss format (what faiss.write_index writes): readable by faiss.read_index."""
-    return faiss.serialize_index(index).tobytes()
-
-
-def deserialize(data: bytes) -> faiss.Index:
-    """The index serialised by `serialize`."""
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))

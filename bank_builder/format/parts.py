@@ -1,10 +1,10 @@
-"""Parquet parts (one per input shard), their commit markers, and the atomically published manifest.
+"""Parquet parts (one per input shard): schema, segment ids, names, commit markers, rejects, and reads.
 
-Layout under a bank URI (see docs/ARCHITECTURE.md):
-  parts/<part>.parquet   segment rows; <part> is derived from the input shard URL
+Layout under a bank (see docs/ARCHITECTURE.md):
+  parts/<part>.parquet   segment rows; <part> = shard stem + hash of its URL + ordinal + build fingerprint
   parts/<part>.json      commit marker written after the Parquet object: rows, bytes, sha256, fingerprint
   rejects/<part>.parquet samples of that shard that were skipped, with the reason
-  versions/<v>/manifest.json, CURRENT
+Objects are created only if absent: a part, once a manifest names it, is never rewritten.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,10 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bank_builder import storage
+from bank_builder.format import storage
+from bank_builder.format.manifest import FORMAT_VERSION, PartEntry
+from bank_builder.format.ref import BankRef
 from bank_builder.records import Reject, Segment
 
-FORMAT_VERSION = 1
 ROW_BITS = 32  # segment_id = ordinal << 32 | row: a part holds < 2**32 rows, a bank < 2**31 parts
 ROW_GROUP_SIZE = 4096
 PARQUET_META_KEY = b"refbank"
@@ -54,19 +57,19 @@ def part_name(shard_url: str, ordinal: int, fingerprint: str) -> str:
     return f"{shard_stem(shard_url)}-o{ordinal}-{fingerprint[:8]}"
 
 
-def part_url(bank: str, name: str) -> str:
+def part_url(ref: BankRef, name: str) -> str:
     """URL of a part's Parquet object."""
-    return storage.join(bank, "parts", f"{name}.parquet")
+    return ref.url("parts", f"{name}.parquet")
 
 
-def commit_url(bank: str, name: str) -> str:
+def commit_url(ref: BankRef, name: str) -> str:
     """URL of a part's commit marker."""
-    return storage.join(bank, "parts", f"{name}.json")
+    return ref.url("parts", f"{name}.json")
 
 
-def rejects_url(bank: str, name: str) -> str:
+def rejects_url(ref: BankRef, name: str) -> str:
     """URL of a part's rejects table."""
-    return storage.join(bank, "rejects", f"{name}.parquet")
+    return ref.url("rejects", f"{name}.parquet")
 
 
 @dataclass
@@ -94,22 +97,6 @@ class SegmentRows:
 
     def __len__(self) -> int:
         return len(self.image_key)
-
-
-@dataclass
-class PartInfo:
-    """What the manifest records about one committed part."""
-
-    name: str
-    ordinal: int
-    source: str
-    rows: int
-    bytes: int
-    sha256: str
-    samples: int
-    rejects: int
-    reject_reasons: dict[str, int]
-    fingerprint: str
 
 
 def part_schema(visual_dim: int, text_dim: int | None) -> pa.Schema:
@@ -177,9 +164,7 @@ def _parquet_bytes(table: pa.Table, metadata: dict[str, Any] | None = None) -> b
     return sink.getvalue()
 
 
-def write_part(
-    bank: str, table: pa.Table, info: PartInfo, encoder_spec: dict[str, Any], storage_options: dict[str, Any]
-) -> PartInfo:
+def write_part(ref: BankRef, table: pa.Table, info: PartEntry, encoder_spec: dict[str, Any]) -> PartEntry:
     """Write a part's Parquet object, then its commit marker; returns `info` with bytes and sha256 filled.
 
     The object is created only if absent: a part object is never overwritten. One that exists already (an
@@ -188,20 +173,20 @@ def write_part(
     meta = {"format_version": FORMAT_VERSION, "encoder": encoder_spec, "part": info.name,
             "ordinal": info.ordinal, "source": info.source, "fingerprint": info.fingerprint}
     data = _parquet_bytes(table, meta)
-    url = part_url(bank, info.name)
+    url = part_url(ref, info.name)
     try:
-        storage.write_if_absent(url, data, storage_options)
+        storage.write_if_absent(url, data, ref.storage_options)
     except storage.PreconditionFailed:
-        data = _adopt(url, meta, storage_options)
+        data = _adopt(ref, url, meta)
     info.bytes, info.sha256 = len(data), hashlib.sha256(data).hexdigest()
     # The marker goes last: a part counts as done only once its whole object is on storage.
-    storage.write_json(commit_url(bank, info.name), asdict(info), storage_options)
+    storage.write_json(commit_url(ref, info.name), asdict(info), ref.storage_options)
     return info
 
 
-def _adopt(url: str, meta: dict[str, Any], storage_options: dict[str, Any]) -> bytes:
+def _adopt(ref: BankRef, url: str, meta: dict[str, Any]) -> bytes:
     """The bytes of an existing part object that matches `meta` (same part, shard, ordinal, fingerprint)."""
-    data = storage.read_bytes(url, storage_options)
+    data = storage.read_bytes(url, ref.storage_options)
     found = json.loads(pq.read_schema(io.BytesIO(data)).metadata.get(PARQUET_META_KEY, b"{}"))
     keys = ("part", "ordinal", "source", "fingerprint")
     if any(found.get(k) != meta[k] for k in keys):
@@ -211,24 +196,23 @@ def _adopt(url: str, meta: dict[str, Any], storage_options: dict[str, Any]) -> b
     return data
 
 
-def renumber_part(bank: str, info: PartInfo, ordinal: int, encoder_spec: dict[str, Any],
-                  storage_options: dict[str, Any]) -> PartInfo:
+def renumber_part(ref: BankRef, info: PartEntry, ordinal: int, encoder_spec: dict[str, Any]) -> PartEntry:
     """A copy of committed part `info` as ordinal `ordinal` (new segment ids and name, same rows and
     embeddings), committed like a fresh part: what a build of the same shard at that ordinal writes."""
     name = part_name(info.source, ordinal, info.fingerprint)
-    table = read_part(bank, info.name, storage_options)
+    table = read_part(ref, info.name)
     n = table.num_rows
     table = table.set_column(table.schema.get_field_index("segment_id"), "segment_id",
                              pa.array([segment_id(ordinal, r) for r in range(n)], pa.int64()))
     table = table.set_column(table.schema.get_field_index("part"), "part", pa.array([name] * n, pa.string()))
-    rejects = read_rejects(bank, info.name, storage_options)
+    rejects = read_rejects(ref, info.name)
     rejects = rejects.set_column(0, "part", pa.array([name] * rejects.num_rows, pa.string()))
-    _write_new(rejects_url(bank, name), _parquet_bytes(rejects), storage_options)
-    moved = PartInfo(**{**asdict(info), "name": name, "ordinal": ordinal, "bytes": 0, "sha256": ""})
-    return write_part(bank, table.replace_schema_metadata(None), moved, encoder_spec, storage_options)
+    _write_new(ref, rejects_url(ref, name), _parquet_bytes(rejects))
+    moved = PartEntry(**{**asdict(info), "name": name, "ordinal": ordinal, "bytes": 0, "sha256": ""})
+    return write_part(ref, table.replace_schema_metadata(None), moved, encoder_spec)
 
 
-def write_rejects(bank: str, name: str, rejects: list[Reject], storage_options: dict[str, Any]) -> None:
+def write_rejects(ref: BankRef, name: str, rejects: list[Reject]) -> None:
     """Write the rejects table of one part (an empty table when nothing was rejected)."""
     table = pa.table(
         {
@@ -239,30 +223,87 @@ def write_rejects(bank: str, name: str, rejects: list[Reject], storage_options: 
             "detail": pa.array([r.detail for r in rejects], pa.string()),
         }
     )
-    _write_new(rejects_url(bank, name), _parquet_bytes(table), storage_options)
+    _write_new(ref, rejects_url(ref, name), _parquet_bytes(table))
 
 
-def _write_new(url: str, data: bytes, storage_options: dict[str, Any]) -> None:
+def _write_new(ref: BankRef, url: str, data: bytes) -> None:
     """Create an object that a part's name fully determines; an existing one (an earlier run's) is kept."""
     try:
-        storage.write_if_absent(url, data, storage_options)
+        storage.write_if_absent(url, data, ref.storage_options)
     except storage.PreconditionFailed:
         pass
 
 
-def read_commit(bank: str, name: str, storage_options: dict[str, Any]) -> PartInfo | None:
+def read_commit(ref: BankRef, name: str) -> PartEntry | None:
     """The commit marker of a part, or None when the part was never completely written."""
-    url = commit_url(bank, name)
-    if not storage.exists(url, storage_options):
+    try:
+        return PartEntry.parse(storage.read_json(commit_url(ref, name), ref.storage_options), f"marker of {name}")
+    except FileNotFoundError:
         return None
-    return PartInfo(**storage.read_json(url, storage_options))
 
 
-def read_part(bank: str, name: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+def read_part(ref: BankRef, name: str) -> pa.Table:
     """A part's whole table (tests, tools; the index streams row groups instead)."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(part_url(bank, name), storage_options)))
+    return pq.read_table(io.BytesIO(storage.read_bytes(part_url(ref, name), ref.storage_options)))
 
 
-def read_rejects(bank: str, name: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+def read_rejects(ref: BankRef, name: str) -> pa.Table:
     """A part's rejects table."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(rejects_url(bank, name), storage_options)))
+    return pq.read_table(io.BytesIO(storage.read_bytes(rejects_url(ref, name), ref.storage_options)))
+
+
+# ----------------------------------------------------------------------------------------- row-group reads
+
+VISUAL = "visual_embedding"
+
+
+@contextmanager
+def open_part(ref: BankRef, name: str, dictionary: list[str] | None = None,
+              metadata: pq.FileMetaData | None = None) -> Iterator[pq.ParquetFile]:
+    """A part as a ParquetFile over a seekable fsspec file without read-ahead: only the row groups read are
+    fetched (an object-store file would otherwise fetch whole 5 MB blocks past each read).
+
+    dictionary: string columns to read dictionary-encoded. metadata: the footer, when the caller has it."""
+    fs, path = storage.url_to_fs(part_url(ref, name), ref.storage_options)
+    with fs.open(path, "rb", cache_type="none") as f:
+        yield pq.ParquetFile(f, read_dictionary=dictionary, metadata=metadata, pre_buffer=True)
+
+
+def read_footer(ref: BankRef, name: str) -> pq.FileMetaData:
+    """A part's Parquet footer (row-group sizes, schema, refbank metadata)."""
+    fs, path = storage.url_to_fs(part_url(ref, name), ref.storage_options)
+    with fs.open(path, "rb", cache_type="none") as f:
+        return pq.read_metadata(f)
+
+
+def read_column(f: pq.ParquetFile, group: int, column: str) -> pa.ChunkedArray:
+    """One column of one row group."""
+    return f.read_row_group(group, columns=[column])[column]
+
+
+def matrix(column: pa.ChunkedArray | pa.Array, dtype: type = np.float16) -> np.ndarray:
+    """A fixed-size-list column as an (n, width) array (null rows keep their zero slots)."""
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = values.type.list_size
+    child = values.values.slice(values.offset * width, len(values) * width)  # `values` ignores the offset
+    return np.asarray(child.to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
+
+
+def iter_row_groups(ref: BankRef, name: str, columns: list[str]) -> Iterator[pa.Table]:
+    """The part's row groups in order, each as a table of `columns`."""
+    with open_part(ref, name) as f:
+        for i in range(f.num_row_groups):
+            yield f.read_row_group(i, columns=columns)
+
+
+def read_rows(ref: BankRef, name: str, rows: np.ndarray) -> np.ndarray:
+    """Visual embeddings (len(rows), C) float16 of the given sorted row numbers; reads only their row groups."""
+    out = []
+    with open_part(ref, name) as f:
+        sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        for g in np.unique(groups):
+            x = matrix(f.read_row_group(int(g), columns=[VISUAL])[VISUAL])
+            out.append(x[rows[groups == g] - starts[g]])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float16)

@@ -1,0 +1,52 @@
+"""The bank format: everything refbank keeps on storage, in one layer that imports neither Ray nor torch.
+
+The builder writes through it and the query service reads only through it.
+
+  ref.py           BankRef (URI + fsspec options); object names checked to stay inside the bank
+  storage.py       fsspec I/O: atomic writes, conditional writes (create-if-absent, compare-and-swap), ranges
+  manifest.py      the typed manifest: Manifest, PartEntry, IndexEntry, ObjectEntry; format versions
+  versions.py      CURRENT, published versions, compare-and-swap publish
+  parts.py         Parquet parts: schema, segment ids, names, commit markers, rejects, row-group reads
+  index_layout.py  index objects: trained quantizer, list directory, list objects, label table
+  errors.py        BankError and its kinds
+
+Layout of a bank (docs/ARCHITECTURE.md has the details):
+  CURRENT, versions/<v>/{manifest,published}.json, parts/<part>.{parquet,json}, rejects/<part>.parquet,
+  index/<id>/{trained.faissindex, directory.npy, lists/<n>.bin, text.npz, report.json}
+"""
+
+from bank_builder.format.errors import (
+    BankError,
+    BankFormatError,
+    BankMismatchError,
+    ConcurrentUpdateError,
+    IndexCorruptError,
+    UnsafeNameError,
+)
+from bank_builder.format.manifest import (
+    FORMAT_VERSION,
+    INDEX_FORMAT,
+    IndexEntry,
+    Manifest,
+    ObjectEntry,
+    PartEntry,
+    make_manifest,
+    totals,
+)
+from bank_builder.format.ref import BankRef, check_name
+from bank_builder.format.versions import (
+    Current,
+    current_version,
+    list_versions,
+    publish,
+    published_record,
+    read_current,
+    read_manifest,
+)
+
+__all__ = [
+    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
+    "ConcurrentUpdateError", "Current", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry",
+    "UnsafeNameError", "check_name", "current_version", "list_versions", "make_manifest", "publish",
+    "published_record", "read_current", "read_manifest", "totals",
+]

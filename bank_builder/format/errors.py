@@ -1,0 +1,36 @@
+"""What can be wrong with a bank on storage, as exception types the CLI and the service map to messages.
+
+BankError (a ValueError, so a caller's `except ValueError` still sees it)
+  BankMismatchError      the bank is fine but not what was asked for: no such version, no index yet, built
+                         with another encoder or other options. The user fixes the request.
+    ConcurrentUpdateError  CURRENT moved between a writer's plan and its publish.
+  BankFormatError        the bank's objects are malformed, of another format, or name objects outside it.
+    UnsafeNameError        an object name that would resolve outside the bank.
+    IndexCorruptError      an object does not match the checksum or shape its manifest records.
+"""
+
+from __future__ import annotations
+
+
+class BankError(ValueError):
+    """The bank on storage cannot serve the request; the message says why and what to do."""
+
+
+class BankMismatchError(BankError):
+    """A build or reader disagrees with the bank (missing version or index, other encoder or options)."""
+
+
+class ConcurrentUpdateError(BankMismatchError):
+    """CURRENT moved between a writer's plan and its publish: another writer published first."""
+
+
+class BankFormatError(BankError):
+    """The bank's objects are malformed, of a format this refbank does not read, or tampered with."""
+
+
+class UnsafeNameError(BankFormatError):
+    """An object name that would resolve outside the bank's root (absolute, '..', another scheme)."""
+
+
+class IndexCorruptError(BankFormatError):
+    """An object on storage does not match the checksum or shape its manifest records."""
