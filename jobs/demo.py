@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -18,8 +19,11 @@ from bank_builder.config import BuildConfig, EncoderConfig, IngestConfig
 from bank_builder.index.params import IndexConfig
 from bank_builder.ingest import iter_samples
 from bank_builder.records import Sample
-from bank_builder.synthetic import CorpusConfig, class_names, make_corpus
+from bank_builder.synthetic import CorpusConfig, class_names, make_corpus, make_scene
 from jobs.evaluate import class_map, mean_iou
+from query.render import legend_png
+
+EXAMPLES_SEED = 4  # the page's examples (query/static/examples): three backgrounds, 3-4 classes each
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,12 @@ def local_service(bank: str, cache_dir: Path) -> Iterator[str]:
         sock.close()
 
 
-def segment_heldout(url: str, samples: list[Sample], out: Path) -> dict:
-    """Segment `samples` over HTTP in vocabulary mode; writes overlays; returns mIoU and latencies."""
+def segment_heldout(url: str, samples: list[Sample], out: Path, token: str | None = None) -> dict:
+    """Segment `samples` over HTTP in vocabulary mode; writes overlays with a legend panel (label → colour, also
+    as JSON in the PNG's text chunk query.render.LEGEND_KEY); returns mIoU and latencies."""
     from query.client import RefbankClient
 
-    client, names = RefbankClient(url), list(class_names())
+    client, names = RefbankClient(url, token=token), list(class_names())
     out.mkdir(parents=True, exist_ok=True)
     predictions, truths, seconds = [], [], []
     for sample in samples:
@@ -73,17 +78,27 @@ def segment_heldout(url: str, samples: list[Sample], out: Path) -> dict:
         answer = client.segment(png.getvalue(), mode="vocabulary", classes=names,
                                 return_=["json", "label_map", "overlay"])
         seconds.append(time.perf_counter() - start)
-        (out / f"{sample.key.rsplit('/', 1)[-1]}.overlay.png").write_bytes(_png(answer["overlay"]))
+        (out / f"{sample.key.rsplit('/', 1)[-1]}.overlay.png").write_bytes(legend_png(answer["overlay"],
+                                                                                     answer["legend"]))
         predictions.append(_label_indices(answer, names))
         truths.append(class_map(sample, names))
     return {"images": len(samples), "miou": mean_iou(predictions, truths, len(names)),
             "p50_ms": 1000 * float(np.median(seconds)), "max_ms": 1000 * max(seconds)}
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+def write_examples(directory: Path, count: int = 3, image_size: int = 128, seed: int = EXAMPLES_SEED) -> list[dict]:
+    """The page's example images: `count` synthetic scenes (the corpus generator, fixed seed) as PNGs in
+    `directory`, listed with the classes each shows in examples.json; returns that list. The shipped ones:
+    `python -c "from pathlib import Path; from jobs.demo import *; write_examples(Path('query/static/examples'))"`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    listed = []
+    for i in range(count):
+        scene = make_scene(np.random.default_rng([seed, i]), image_size, min_objects=2, max_objects=4)
+        name = f"scene-{i + 1}.png"
+        Image.fromarray(scene.image).save(directory / name, format="PNG", optimize=True)
+        listed.append({"file": name, "classes": sorted(set(scene.labels.values()))})
+    (directory / "examples.json").write_text(json.dumps(listed, indent=1) + "\n")
+    return listed
 
 
 def _label_indices(answer: dict, names: list[str]) -> np.ndarray:
@@ -114,6 +129,7 @@ def run_demo(config: DemoConfig) -> int:
     print(f"segment   {result['images']} held-out images over HTTP, vocabulary of {len(class_names())} classes: "
           f"mIoU {result['miou']:.3f}, p50 {result['p50_ms']:.0f} ms, max {result['max_ms']:.0f} ms; overlays in "
           f"{config.workdir / 'overlays'}")
+    print(f"browse    refbank serve {bank}   # then open http://127.0.0.1:8000/ (page, /docs)")
     print(f"total     {time.perf_counter() - started:.0f} s (untrained encoder: the mIoU measures the plumbing, "
           "not a model)")
     return 0

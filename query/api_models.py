@@ -102,7 +102,7 @@ class ErrorResponse(BaseModel):
 class LegendEntry(BaseModel):
     value: int = Field(description="label map value (0 = background)")
     label: str | None
-    color: str = Field(description="#rrggbb overlay colour")
+    color: str = Field(description="#rrggbb overlay colour, derived from the label alone (fixed across requests)")
     pixels: int
 
 
@@ -113,9 +113,26 @@ class SegmentResponse(BaseModel):
     version: str
     result: dict[str, Any] | None = None
     legend: list[LegendEntry]
+    unknown_classes: list[str] = Field(description="requested class names (vocabulary `classes`, foreground "
+                                                   "`foreground_labels`) that equal no bank label; vocabulary mode "
+                                                   "used the nearest labels by text (see result.details.prototypes)")
     label_map_png: str | None = None
     overlay_png: str | None = None
     timings_ms: dict[str, float]
+
+
+class LabelEntry(BaseModel):
+    label: str
+    count: int = Field(description="bank segments with this label")
+    color: str = Field(description="#rrggbb overlay colour of the label (the same in every answer)")
+
+
+class LabelsResponse(BaseModel):
+    """GET /v1/labels: the bank's labels, most frequent first."""
+
+    version: str
+    total: int = Field(description="labels matching the prefix (may exceed the entries returned)")
+    labels: list[LabelEntry]
 
 
 class SearchHit(BaseModel):

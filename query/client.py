@@ -1,38 +1,55 @@
-"""A small Python client of the query service (standard library only: urllib).
+"""A small Python client of the query service (urllib for HTTP; answers decoded with numpy, PIL and pycocotools).
 
     client = RefbankClient("http://127.0.0.1:8000", token=None)
-    answer = client.segment("photo.jpg", mode="vocabulary", classes=["cat", "grass"], return_=["json", "label_map"])
-    answer["label_map"]          # (H, W) uint8/uint16 array, decoded from the PNG the server sent
+    answer = client.segment("photo.jpg", mode="vocabulary", classes=["cat", "grass"], return_=["json", "overlay"])
+    answer["label_map"]          # (H, W) uint16 numpy array: 0 = background, i = answer["result"]["classes"][i - 1]
+    answer["region_map"]         # (H, W) int32 numpy array: region i of answer["result"]["regions"], -1 = none
+    answer["overlay"]            # PIL RGB image (asked for with "overlay")
+    answer["unknown_classes"]    # requested names that are no bank label
+    client.labels()["labels"]    # the bank's labels, counts and colours
     client.search(text="cat", k=5)["results"]
-    client.bank()["version"]
 
-Images are bytes (an encoded file, sent as is), a path, or an (H, W, 3) uint8 array (sent as PNG). A 4xx / 5xx
-answer raises RefbankError with the server's {"error", "detail"}.
+Images are bytes (an encoded file, sent as is), a path, a PIL image or an (H, W, 3) uint8 array (sent as PNG). A
+4xx / 5xx answer raises RefbankError with the server's {"error", "detail"}; a server that cannot be reached (not
+running, refused, timed out, connection dropped) raises RefbankConnectionError, a RefbankError with status None.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-ImageInput = bytes | str | os.PathLike | np.ndarray
+ImageInput = bytes | str | os.PathLike | np.ndarray | Image.Image
 
 
 class RefbankError(Exception):
-    """An error answer: HTTP status, the server's error code and its message."""
+    """What the client raises: an error answer (HTTP status, the server's error code and its message), or, as
+    RefbankConnectionError, no answer at all."""
 
-    def __init__(self, status: int, error: str, detail: Any, body: dict | None = None) -> None:
-        super().__init__(f"HTTP {status} {error}: {detail}")
+    def __init__(self, status: int | None, error: str, detail: Any, body: dict | None = None) -> None:
+        super().__init__(f"HTTP {status} {error}: {detail}" if status is not None else f"{error}: {detail}")
         self.status, self.error, self.detail, self.body = status, error, detail, body or {}
+
+
+class RefbankConnectionError(RefbankError, ConnectionError):
+    """No answer at all: the server is not running, refused the connection, timed out or dropped it (status None;
+    error is "connection_refused", "timeout" or "unreachable"). Also a ConnectionError, for generic handlers."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(None, error, detail)
 
 
 class RefbankClient:
@@ -46,13 +63,16 @@ class RefbankClient:
     def segment(self, image: ImageInput, mode: str = "vocabulary", classes: Sequence[str] | None = None,
                 references: Sequence[dict[str, Any]] | None = None, region: str = "superpixel",
                 background_threshold: float | None = None, return_: str | Sequence[str] = "json",
-                **options: Any) -> dict[str, Any] | bytes:
+                **options: Any) -> dict[str, Any] | np.ndarray | Image.Image:
         """Segment `image`. references: dicts with "image" (ImageInput; omitted = the target image), "label",
         and one of "box" (x0, y0, x1, y1), "scribble" [(x, y), ...] or "mask" ((H, W) bool array or PNG bytes).
         More options (k, temperature, fpr, threshold, labels_per_class, ...) pass through as keywords.
 
-        Returns the JSON answer; when it carries PNGs, "label_map" ((H, W) array) and "overlay" ((H, W, 3)
-        uint8) are added, decoded. return_="label_map" or "overlay" alone returns that PNG's bytes."""
+        Returns the JSON answer with decoded values added: "label_map" ((H, W) uint16, 0 = background, i =
+        classes[i - 1]; from the label-map PNG when asked for, else from the regions), "region_map" ((H, W) int32,
+        the index of the region each pixel belongs to, -1 = none; decoded from the regions' COCO RLE) and
+        "overlay" (a PIL RGB image, when asked for). return_="label_map" alone returns the (H, W) uint16 array,
+        return_="overlay" alone the PIL image."""
         body: dict[str, Any] = {"mode": mode, "region": region, "return": return_, **options}
         if classes is not None:
             body["classes"] = list(classes)
@@ -67,10 +87,17 @@ class RefbankClient:
                 files.update(more)
         answer = self._request("POST", "/v1/segment", *_multipart(files, body))
         if isinstance(answer, bytes):
-            return answer
-        for key, name in (("label_map_png", "label_map"), ("overlay_png", "overlay")):
-            if answer.get(key):
-                answer[name] = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer[key]))))
+            return _overlay(answer) if return_ == "overlay" else _label_map(answer)
+        if answer.get("result") is not None:
+            answer["region_map"] = region_map(answer["result"])
+            classes = answer["result"]["classes"]
+            lookup = np.array([classes.index(r["label"]) + 1 if r["label"] is not None else 0
+                               for r in answer["result"]["regions"]] + [0], dtype=np.uint16)
+            answer["label_map"] = lookup[answer["region_map"]]  # index -1 = the trailing 0: no region
+        if answer.get("label_map_png"):
+            answer["label_map"] = _label_map(base64.b64decode(answer["label_map_png"]))
+        if answer.get("overlay_png"):
+            answer["overlay"] = _overlay(base64.b64decode(answer["overlay_png"]))
         return answer
 
     def search(self, image: ImageInput | None = None, text: str | None = None,
@@ -89,6 +116,11 @@ class RefbankClient:
         if image is None:
             return self._request("POST", "/v1/search", json.dumps(options).encode(), "application/json")
         return self._request("POST", "/v1/search", *_multipart({"image": _encode_image(image)}, options))
+
+    def labels(self, prefix: str = "", limit: int = 1000) -> dict[str, Any]:
+        """The bank's labels, most frequent first: {"version", "total", "labels": [{"label", "count", "color"}]}."""
+        query = urllib.parse.urlencode({"prefix": prefix, "limit": limit})
+        return self._request("GET", f"/v1/labels?{query}")
 
     def bank(self) -> dict[str, Any]:
         """The bank being served: version, encoder spec (untrained flag), totals, index, cache statistics."""
@@ -130,7 +162,45 @@ class RefbankClient:
             except ValueError:
                 body = {"error": exc.reason, "detail": raw.decode(errors="replace")}
             raise RefbankError(exc.code, body.get("error", str(exc.reason)), body.get("detail"), body) from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            raise _transport_error(self.base_url, self.timeout, exc) from None
         return json.loads(payload) if kind.startswith("application/json") else payload
+
+
+def _transport_error(url: str, timeout: float, exc: BaseException) -> RefbankConnectionError:
+    """The RefbankConnectionError for a request to `url` that got no HTTP answer."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError):
+        return RefbankConnectionError("timeout", f"{url} did not answer within {timeout:g} s; the server may be "
+                                                 "busy or loading: retry, or raise RefbankClient(timeout=...)")
+    if isinstance(reason, ConnectionRefusedError):
+        return RefbankConnectionError("connection_refused", f"nothing listens at {url}; start the service "
+                                                            "(`refbank serve BANK`) or fix the URL")
+    return RefbankConnectionError("unreachable", f"no answer from {url} ({type(reason).__name__}: {reason}); check "
+                                                 "that the service is running and the URL is right")
+
+
+def region_map(result: dict[str, Any]) -> np.ndarray:
+    """(H, W) int32 of a segment answer's "result": the index of the region covering each pixel (the regions are
+    disjoint), -1 where none does; decoded from the regions' COCO RLE."""
+    height, width = result["size"]
+    out = np.full((height, width), -1, dtype=np.int32)
+    with warnings.catch_warnings():  # pycocotools 2.0.11's decode trips numpy 2's copy-keyword deprecation
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        for i, region in enumerate(result["regions"]):
+            rle = {"size": region["rle"]["size"], "counts": region["rle"]["counts"].encode("ascii")}
+            out[mask_utils.decode(rle).astype(bool)] = i
+    return out
+
+
+def _label_map(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png))).astype(np.uint16)
+
+
+def _overlay(png: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
 
 
 def _reference(i: int, ref: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -150,8 +220,8 @@ def _reference(i: int, ref: dict[str, Any]) -> tuple[dict[str, Any], dict[str, b
 def _encode_image(image: ImageInput) -> bytes:
     if isinstance(image, bytes):
         return image
-    if isinstance(image, np.ndarray):
-        return _png(image)
+    if isinstance(image, (np.ndarray, Image.Image)):
+        return _png(np.asarray(image))
     with open(image, "rb") as f:
         return f.read()
 

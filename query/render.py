@@ -1,19 +1,23 @@
 """What a query returns and how it is drawn: `SegmentationResult` (label map, score map, per-region entries with
-COCO RLE), `assemble_result` that builds one from regions, and PNG renderers (the label map; the image
-overlaid with one colour per class).
+COCO RLE), `assemble_result` that builds one from regions, and renderers (the label map as a PNG; the image
+overlaid with one colour per label and outlined; a legend panel under an overlay).
 
-The palette is fixed (PASCAL VOC's bit-interleaved colour map: class i always gets the same colour, 0 is
-black), so renders are deterministic and comparable across requests.
+A label's colour is a function of the label text alone (`label_colour`), never of its position in a request, so
+"cat" is drawn in the same colour in every answer, on the page (which takes the colours from the answer's legend)
+and in the overlays the CLI writes.
 """
 
 from __future__ import annotations
 
+import colorsys
+import hashlib
 import io
+import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from pycocotools import mask as mask_utils
 
 from bank_builder.encoders import EncoderSpec
@@ -111,15 +115,40 @@ def assemble_result(mode: Mode, masks: np.ndarray, assigned: np.ndarray, scores:
 # ----------------------------------------------------------------------------------------- renderers
 
 
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours for label values 0..n-1 (0 = black), the PASCAL VOC colour map."""
-    values = np.arange(n)
-    colours = np.zeros((n, 3), dtype=np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            bit = (values >> (3 * shift + channel)) & 1
-            colours[:, channel] |= bit << (7 - shift)
-    return colours.astype(np.uint8)
+# Salt of the colour hash: picked among 2000 so the synthetic corpus's 13 classes are pairwise >= 12 CIEDE2000 apart
+# (the median salt gives 4). Other label sets can get close colours; outlines, the legend and the page's hover
+# tell them apart.
+_COLOUR_SALT = (190).to_bytes(8, "little")
+LEGEND_KEY = "refbank:legend"  # PNG text chunk of an overlay written with its legend: JSON [{label, color}]
+
+
+def label_colour(label: str | None) -> tuple[int, int, int]:
+    """RGB of a label: hue, saturation (0.55-1) and value (0.6-1) from a BLAKE2b hash of its UTF-8 text, so the
+    same label always gets the same colour; None (background) is black."""
+    if label is None:
+        return (0, 0, 0)
+    digest = hashlib.blake2b(label.encode("utf-8"), digest_size=4, salt=_COLOUR_SALT).digest()
+    rgb = colorsys.hsv_to_rgb(int.from_bytes(digest[:2], "big") / 65536, 0.55 + 0.45 * digest[2] / 255,
+                              0.6 + 0.4 * digest[3] / 255)
+    return tuple(round(255 * c) for c in rgb)
+
+
+def hex_colour(label: str | None) -> str:
+    """label_colour as "#rrggbb"."""
+    return "#{:02x}{:02x}{:02x}".format(*label_colour(label))
+
+
+def class_colours(classes: Sequence[str]) -> np.ndarray:
+    """(len(classes) + 1, 3) uint8: row 0 black (background), row i the colour of classes[i - 1]."""
+    return np.array([label_colour(None)] + [label_colour(c) for c in classes], dtype=np.uint8)
+
+
+def legend(result: SegmentationResult) -> list[dict[str, Any]]:
+    """One entry per label-map value: value, label (None = background), "#rrggbb" colour, pixel count."""
+    pixels = np.bincount(result.label_map.ravel(), minlength=len(result.classes) + 1)
+    labels = [None, *result.classes]
+    return [{"value": v, "label": labels[v], "color": hex_colour(labels[v]), "pixels": int(pixels[v])}
+            for v in range(len(labels))]
 
 
 def label_map_png(result: SegmentationResult | np.ndarray) -> bytes:
@@ -133,19 +162,74 @@ def label_map_png(result: SegmentationResult | np.ndarray) -> bytes:
     return _png(Image.fromarray(array))
 
 
-def overlay_png(image: np.ndarray, result: SegmentationResult | np.ndarray, alpha: float = 0.5) -> bytes:
-    """RGB PNG of an (H, W, 3) uint8 image blended with its label map: labelled pixels become
-    (1 − alpha)·pixel + alpha·palette[label]; background (0) pixels are left as they are."""
+def outline(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: labelled pixels (> 0) with a 4-neighbour of another value, i.e. the inner edge of each label's
+    area (both sides of a border between two labels)."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    across = labels[:, 1:] != labels[:, :-1]
+    edge[:, 1:] |= across
+    edge[:, :-1] |= across
+    down = labels[1:, :] != labels[:-1, :]
+    edge[1:, :] |= down
+    edge[:-1, :] |= down
+    return edge & (labels > 0)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
+            outlines: bool = True) -> np.ndarray:
+    """(H, W, 3) uint8: the (H, W, 3) uint8 image blended with its (H, W) label map (i = classes[i - 1]): labelled
+    pixels become round((1 − alpha)·pixel + alpha·colour) with label_colour's colours, and with `outlines` each
+    label's edge pixels take the full colour; background (0) pixels are left as they are."""
     image = check_image(image)
-    labels = result.label_map if isinstance(result, SegmentationResult) else np.asarray(result)
+    labels = np.asarray(labels)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"label map {labels.shape} and image {image.shape[:2]} (H, W) differ in size")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    colours = palette(int(labels.max()) + 1).astype(np.float32)
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours[labels]
-    out = np.where((labels > 0)[:, :, None], np.rint(blended), image).astype(np.uint8)
-    return _png(Image.fromarray(out, "RGB"))
+    if labels.size and int(labels.max()) > len(classes):
+        raise ValueError(f"label map value {int(labels.max())} has no class: {len(classes)} classes given")
+    colours = class_colours(classes).astype(np.float32)[labels]
+    blended = np.rint((1 - alpha) * image.astype(np.float32) + alpha * colours)
+    if outlines:
+        edge = outline(labels)
+        blended[edge] = colours[edge]
+    return np.where((labels > 0)[:, :, None], blended, image).astype(np.uint8)
+
+
+def overlay_png(image: np.ndarray, result: SegmentationResult, alpha: float = 0.5, outlines: bool = True) -> bytes:
+    """RGB PNG of `overlay` for a result (its label map and classes)."""
+    return _png(Image.fromarray(overlay(image, result.label_map, result.classes, alpha, outlines), "RGB"))
+
+
+def with_legend(image: np.ndarray | Image.Image, entries: Sequence[dict[str, Any]]) -> Image.Image:
+    """An overlay with a legend panel below it: a swatch and the label of each entry (as `legend` gives them) that
+    has a label and pixels, so the colours can be read as classes."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    shown = _shown(entries)
+    font = ImageFont.load_default(size=12)
+    row, pad = 16, 4
+    width = max([picture.width] + [2 * pad + row + int(font.getlength(e["label"])) for e in shown])
+    canvas = Image.new("RGB", (width, picture.height + 2 * pad + row * len(shown)), "white")
+    canvas.paste(picture.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, entry in enumerate(shown):
+        top = picture.height + pad + i * row
+        draw.rectangle((pad, top + 2, pad + row - 4, top + row - 2), fill=entry["color"], outline="black")
+        draw.text((2 * pad + row - 4, top + 1), entry["label"], fill="black", font=font)
+    return canvas
+
+
+def legend_png(image: np.ndarray | Image.Image, entries: Sequence[dict[str, Any]]) -> bytes:
+    """PNG of `with_legend`; the legend is also stored as JSON [{label, color}] in the text chunk LEGEND_KEY."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text(LEGEND_KEY, json.dumps([{"label": e["label"], "color": e["color"]} for e in _shown(entries)]))
+    buffer = io.BytesIO()
+    with_legend(image, entries).save(buffer, format="PNG", pnginfo=meta)
+    return buffer.getvalue()
+
+
+def _shown(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in entries if e.get("label") is not None and e.get("pixels", 1) > 0]
 
 
 def _png(image: Image.Image) -> bytes:

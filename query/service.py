@@ -4,10 +4,12 @@
                        more files → SegmentResponse JSON, or one PNG (label map / overlay)
     POST /v1/search    multipart (`image` file + `options`) or JSON (SearchOptions: text / vector) → top-k hits
     GET  /v1/bank      version, encoder spec (untrained flag), totals, index parameters, cache statistics
+    GET  /v1/labels    the bank's labels with their segment counts and overlay colours (most frequent first)
     POST /admin/reload switch to another bank version (default CURRENT) without dropping a request
     GET  /healthz      the process is up;  GET /readyz  the bank and encoder are loaded (503 until then)
     GET  /metrics      Prometheus: requests and latency per endpoint, list-cache counters and gauges
-    GET  /             a page to try it in a browser;  /docs, /openapi.json  the API description
+    GET  /             a page to try it in a browser;  /docs (Swagger UI), /redoc, /openapi.json  the API
+                       description; /static/…  the page's files and the vendored docs front ends (no CDN)
 
 Every error is JSON {"error": code, "detail": message} with a 4xx status for anything the client can fix.
 Encoder forwards and searches run in the threadpool, one encoder forward at a time. With a token configured,
@@ -28,17 +30,20 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
+from starlette.staticfiles import StaticFiles
 
 from bank_builder.format import current_version, list_versions
 from query.api_models import (
     BankResponse,
     ErrorResponse,
+    LabelsResponse,
     ReloadRequest,
     SearchOptions,
     SearchResponse,
@@ -47,7 +52,7 @@ from query.api_models import (
 )
 from query.middleware import BodyLimit, Metrics, MetricsMiddleware, SafeJSONResponse, install_error_handlers
 from query.regions import Reference, embed_masks, prompt_mask
-from query.render import SegmentationResult, label_map_png, overlay_png, palette
+from query.render import SegmentationResult, hex_colour, label_map_png, legend, overlay_png
 from query.segment import ForegroundConfig, OpenSetConfig, ReferenceConfig, VocabularyConfig
 from query.serving import ApiError, ServiceConfig, ServiceState, Snapshot, decode_image, decode_mask
 
@@ -55,6 +60,11 @@ __all__ = ["ApiError", "ServiceConfig", "create_app", "serve"]
 
 log = logging.getLogger("refbank.service")
 
+STATIC = "/static"  # where query/static/ is served: the page's files, the vendored Swagger UI and ReDoc
+# The browser pages load nothing from outside this server, and the browser enforces it: ReDoc's bundle would fetch
+# its sidebar logo from cdn.redoc.ly (it hides the image when that fails).
+LOCAL_ONLY = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' "
+                                         "'unsafe-inline'; script-src 'self' 'unsafe-inline'; worker-src 'self' blob:"}
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503)}
 
 
@@ -75,14 +85,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
         yield
 
     app = FastAPI(title="refbank", version="1", lifespan=lifespan, default_response_class=SafeJSONResponse,
-                  description="Retrieval segmentation over a reference bank. Errors: {error, detail}.")
+                  description="Retrieval segmentation over a reference bank. Errors: {error, detail}.",
+                  docs_url=None, redoc_url=None)  # served by `pages` from the installed static files
     app.state.service, app.state.registry = state, registry
-    app.state.page = resources.files("query").joinpath("static/index.html").read_text(encoding="utf-8")
+    static = resources.files("query").joinpath("static")
+    app.state.page = static.joinpath("index.html").read_text(encoding="utf-8")
     for router in (pages, probes, api, admin):
         app.include_router(router)
+    app.mount(STATIC, StaticFiles(directory=str(static)), name="static")
     install_error_handlers(app)
     paths = {route.path for router in (pages, probes, api, admin) for route in router.routes}
-    paths |= {app.openapi_url, app.docs_url, app.redoc_url}
+    paths |= {app.openapi_url}
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=Metrics(registry, state), paths=paths)  # outermost
     return app
@@ -130,7 +143,28 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
 
 @pages.get("/")
 async def page(request: Request) -> HTMLResponse:
-    return HTMLResponse(request.app.state.page)
+    return HTMLResponse(request.app.state.page, headers=LOCAL_ONLY)
+
+
+@pages.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    html = get_swagger_ui_html(
+        openapi_url=root + request.app.openapi_url, title="refbank API",
+        swagger_js_url=f"{root}{STATIC}/vendor/swagger-ui/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{STATIC}/vendor/swagger-ui/swagger-ui.css",
+        swagger_favicon_url=f"{root}{STATIC}/vendor/swagger-ui/favicon-32x32.png",
+        swagger_ui_parameters={"validatorUrl": None})  # no badge fetched from validator.swagger.io
+    return HTMLResponse(html.body, headers=LOCAL_ONLY)
+
+
+@pages.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    html = get_redoc_html(openapi_url=root + request.app.openapi_url, title="refbank API", with_google_fonts=False,
+                          redoc_js_url=f"{root}{STATIC}/vendor/redoc/redoc.standalone.js",
+                          redoc_favicon_url=f"{root}{STATIC}/vendor/swagger-ui/favicon-32x32.png")
+    return HTMLResponse(html.body, headers=LOCAL_ONLY)
 
 
 @probes.get("/healthz")
@@ -228,6 +262,16 @@ async def bank_info(request: Request) -> dict[str, Any]:
     return await run_in_threadpool(_bank_info, state, state.live)
 
 
+@api.get("/labels", response_model=LabelsResponse)
+async def bank_labels(request: Request,
+                      prefix: str = Query("", description="only labels starting with this (case-insensitive)"),
+                      limit: int = Query(1000, ge=1, le=100_000, description="at most this many, most frequent first")
+                      ) -> dict[str, Any]:
+    """The bank's labels (the names vocabulary mode matches classes to), each with its segment count and overlay
+    colour, most frequent first; `total` counts every label matching `prefix`."""
+    return await run_in_threadpool(_labels, _state(request).live, prefix, limit)
+
+
 @admin.post("/reload")
 async def reload(request: Request, version: str | None = Query(None, description="default: the bank's CURRENT")
                  ) -> dict[str, Any]:
@@ -307,14 +351,15 @@ def _run_segment(state: ServiceState, snapshot: Snapshot, files: dict[str, bytes
     with state.encoder_lock:
         result = _dispatch(snapshot.segmenters[options.region], images["image"], references, options)
     timings["segment"], start = _ms(start), time.perf_counter()
+    unknown = _unknown_names(options, snapshot.table.labels)
     if isinstance(options.return_, str) and options.return_ != "json":
         png = (label_map_png(result) if options.return_ == "label_map"
                else overlay_png(images["image"], result, float(options.alpha)))
         return Response(png, media_type="image/png", headers={
             "X-Refbank-Version": snapshot.bank.version, "X-Refbank-Classes": json.dumps(result.classes),
-            "X-Refbank-Untrained": str(result.untrained).lower()})
+            "X-Refbank-Unknown-Classes": json.dumps(unknown), "X-Refbank-Untrained": str(result.untrained).lower()})
     parts = options.parts
-    out: dict[str, Any] = {"version": snapshot.bank.version, "legend": _legend(result)}
+    out: dict[str, Any] = {"version": snapshot.bank.version, "legend": legend(result), "unknown_classes": unknown}
     if "json" in parts:
         out["result"] = result.to_dict()
     if "label_map" in parts:
@@ -395,13 +440,23 @@ def _bank_info(state: ServiceState, snapshot: Snapshot) -> dict[str, Any]:
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.loaded_at))}
 
 
-def _legend(result: SegmentationResult) -> list[dict[str, Any]]:
-    """One entry per label-map value: value, label (None = background), overlay colour, pixel count."""
-    colours = palette(len(result.classes) + 1)
-    pixels = np.bincount(result.label_map.ravel(), minlength=len(result.classes) + 1)
-    return [{"value": v, "label": None if v == 0 else result.classes[v - 1],
-             "color": "#{:02x}{:02x}{:02x}".format(*colours[v]), "pixels": int(pixels[v])}
-            for v in range(len(result.classes) + 1)]
+def _labels(snapshot: Snapshot, prefix: str, limit: int) -> dict[str, Any]:
+    table, start = snapshot.table, prefix.casefold()
+    order = [i for i in np.argsort(-np.asarray(table.counts), kind="stable")
+             if table.labels[i].casefold().startswith(start)]
+    return {"version": snapshot.bank.version, "total": len(order),
+            "labels": [{"label": table.labels[i], "count": int(table.counts[i]), "color": hex_colour(table.labels[i])}
+                       for i in order[:limit]]}
+
+
+def _unknown_names(options: SegmentOptions, bank_labels: list[str]) -> list[str]:
+    """The requested names (vocabulary `classes`, foreground `foreground_labels`) that equal no bank label, case
+    aside: vocabulary mode still maps them to the nearest labels by text, but the caller should know."""
+    names = {"vocabulary": options.classes, "foreground": options.foreground_labels}.get(options.mode)
+    if not names:
+        return []
+    known = {label.casefold() for label in bank_labels}
+    return [name for name in names if name.strip().casefold() not in known]
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -19,6 +19,9 @@ import pytest
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request at INFO
 
+# The service's bank and server, built once per session for every module that queries a running service.
+pytest_plugins = ["tests.service_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():

@@ -33,7 +33,7 @@ from query.regions import (
     region_labels,
     region_masks,
 )
-from query.render import label_map_png, overlay_png, palette
+from query.render import class_colours, label_map_png, overlay_png
 from query.segment import (
     ForegroundConfig,
     LabelTable,
@@ -414,16 +414,15 @@ def test_renderers_give_decodable_pngs(world):
     wide = np.zeros((7, 9), np.uint16)
     wide[2, 3] = 300
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(label_map_png(wide)))), wide)
-    png = overlay_png(sample.image, result, alpha=0.5)
-    assert png == overlay_png(sample.image, result, alpha=0.5)  # deterministic
+    png = overlay_png(sample.image, result, alpha=0.5, outlines=False)  # outlines: tests/test_render.py
+    assert png == overlay_png(sample.image, result, alpha=0.5, outlines=False)  # deterministic
     overlay = np.asarray(Image.open(io.BytesIO(png)))
     assert overlay.shape == sample.image.shape and overlay.dtype == np.uint8
     background = result.label_map == 0
     np.testing.assert_array_equal(overlay[background], sample.image[background])
-    colours = palette(len(result.classes) + 1).astype(np.float32)
+    colours = class_colours(result.classes).astype(np.float32)
     expected = np.rint(0.5 * sample.image.astype(np.float32) + 0.5 * colours[result.label_map])
     np.testing.assert_array_equal(overlay[~background], expected[~background])
-    assert len({tuple(c) for c in palette(32)}) == 32 and not palette(1).any()
     with pytest.raises(ValueError, match="differ in size"):
         overlay_png(sample.image[:10], result)
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
-import shutil
-import socket
 import struct
 import threading
 import time
@@ -18,92 +15,17 @@ import zlib
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from bank_builder.config import IngestConfig
-from bank_builder.index import IndexConfig, build_index
-from bank_builder.ingest import iter_samples
-from bank_builder.pipeline import build_bank
-from bank_builder.synthetic import CorpusConfig, class_names, make_corpus
+from bank_builder.index import build_index
 from jobs import evaluate
-from query.client import RefbankClient, RefbankError
+from query.client import RefbankClient, RefbankConnectionError, RefbankError
 from query.search import MAX_K
 from query.service import ServiceConfig, create_app, serve
-from tests.build_helpers import read_bank, tiny_config
-
-NAMES = list(class_names())
-TOKEN = "test-token-123"
-MAX_UPLOAD = 1 << 20
-INDEX = IndexConfig(autotune_queries=50, nprobe_candidates=(1, 4, 16), object_bytes=8 << 10)  # IVF-Flat
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_local):
-    """A bank of 2×16 generated 128 px images (v000001), indexed (v000002); the 16 held-out samples."""
-    root = tmp_path_factory.mktemp("service")
-    summary = make_corpus(str(root / "corpus"), CorpusConfig(shards=2, samples_per_shard=16, image_size=128,
-                                                             heldout_shards=1, seed=5))
-    bank = str(root / "bank")
-    assert build_bank(tiny_config(str(root / "corpus" / "train-*.tar"), bank)).ok
-    assert build_index(bank, INDEX).version == "v000002"
-    heldout = list(iter_samples(summary.heldout[0], IngestConfig()))
-    return {"root": root, "bank": bank, "heldout": heldout}
-
-
-class Server:
-    """uvicorn on 127.0.0.1, a free port, in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def server(world):
-    config = ServiceConfig(bank=world["bank"], cache_dir=str(world["root"] / "cache"), max_upload_bytes=MAX_UPLOAD,
-                           max_k=64, max_vocabulary=16, token=TOKEN)
-    running = Server(create_app(config))
-    wait_ready(RefbankClient(running.url, token=TOKEN, timeout=60))
-    yield running
-    running.stop()
-
-
-def wait_ready(client: RefbankClient, seconds: float = 90) -> None:
-    """Return once /readyz says ready (the encoder and the bank are loaded; /healthz answers at once)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            client.ready()
-            return
-        except (RefbankError, OSError) as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not get ready: {exc}")
-            time.sleep(0.2)
-
-
-@pytest.fixture
-def client(server):
-    return RefbankClient(server.url, token=TOKEN, timeout=60)
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.build_helpers import read_bank
+from tests.service_fixtures import INDEX, MAX_UPLOAD, NAMES, TOKEN, Server, png, wait_ready
 
 
 def jpeg(array: np.ndarray) -> bytes:
@@ -173,15 +95,14 @@ def test_segment_vocabulary_over_http(client, world):
         answer = client.segment(jpeg(sample.image), classes=NAMES, return_=["json", "label_map", "overlay"])
         result, label_map = answer["result"], answer["label_map"]
         assert label_map.shape == (height, width) and result["size"] == [height, width]
-        assert answer["overlay"].shape == (height, width, 3)
+        assert answer["overlay"].size == (width, height) and answer["overlay"].mode == "RGB"  # a PIL image
         assert result["classes"] == NAMES and result["untrained"] is True and result["exists"] is None
         assert 1 <= label_map.min() and label_map.max() <= len(NAMES)  # no threshold: every region labelled
         assert sum(e["pixels"] for e in answer["legend"]) == height * width
         assert [e["label"] for e in answer["legend"]] == [None, *NAMES]
         assert sum(r["area"] for r in result["regions"]) == height * width
     # One PNG as the body: the same label map, bit for bit (the service is deterministic).
-    body = client.segment(jpeg(sample.image), classes=NAMES, return_="label_map")
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), label_map)
+    np.testing.assert_array_equal(client.segment(jpeg(sample.image), classes=NAMES, return_="label_map"), label_map)
     grid = client.segment(sample.image, classes=["cat", "grass"], region="grid", background_threshold=0.99,
                           return_=["label_map"])
     assert grid["label_map"].shape == (height, width) and "result" not in grid
@@ -439,12 +360,12 @@ def test_not_ready_without_a_bank_and_serve_fails_fast(tmp_path):
             try:
                 assert client.health() == {"status": "ok"}
                 client.ready()
+            except RefbankConnectionError:
+                pass  # not listening yet
             except RefbankError as exc:
                 assert exc.status == 503 and exc.error == "not_ready"
                 if "no published version" in exc.detail:
                     break
-            except OSError:
-                pass
             assert time.monotonic() < deadline, "readyz never reported the load failure"
             time.sleep(0.1)
         with pytest.raises(RefbankError) as caught:
@@ -454,74 +375,3 @@ def test_not_ready_without_a_bank_and_serve_fails_fast(tmp_path):
         running.stop()
     with pytest.raises(ValueError, match="max_k"):
         ServiceConfig(bank="unused", max_k=MAX_K + 1)
-
-
-# ----------------------------------------------------------------------------------------- the page
-
-
-def _playwright():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent: apt-get install -y chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is absent: pip install playwright==1.65.2 (never `playwright install`: the test "
-                    "drives Debian's /usr/bin/chromium)")
-    return sync_playwright
-
-
-def test_page_segments_in_headless_chromium(server, world, tmp_path):
-    sync_playwright = _playwright()
-    image_path = tmp_path / "heldout.png"
-    image_path.write_bytes(png(world["heldout"][0].image))
-    outside = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
-                (server.url, "data:", "blob:")) else None)
-            page.goto(server.url + "/")
-            page.fill("#token", TOKEN)
-            page.dispatch_event("#token", "change")
-            page.wait_for_selector("#bank >> text=UNTRAINED")
-            page.set_input_files("#image", str(image_path))
-            page.fill("#classes", "cat, grass, brick, galaxy")
-            page.click("#segment")
-            page.wait_for_selector("#overlay[src^='data:image/png;base64,']", state="visible", timeout=30_000)
-            labels = page.eval_on_selector_all("#legend li", "items => items.map(li => li.dataset.label)")
-            assert labels and set(labels) - {""} <= {"cat", "grass", "brick", "galaxy"}
-            size = page.eval_on_selector("#overlay", "img => [img.naturalWidth, img.naturalHeight]")
-            assert size == [128, 128]
-            shot = tmp_path / "page-vocabulary.png"
-            page.screenshot(path=str(shot), full_page=True)
-            # Reference mode: drag a box on the reference canvas (the target image itself), segment.
-            page.select_option("#mode", "reference")
-            page.wait_for_function("document.getElementById('ref-canvas').width > 300")  # 128 px drawn larger
-            box = page.query_selector("#ref-canvas").bounding_box()
-            page.mouse.move(box["x"] + 0.05 * box["width"], box["y"] + 0.05 * box["height"])
-            page.mouse.down()
-            page.mouse.move(box["x"] + 0.55 * box["width"], box["y"] + 0.45 * box["height"], steps=4)
-            page.mouse.up()
-            drawn = [int(v) for v in page.text_content("#box-text").split("(")[0].removeprefix("box ").split(",")]
-            assert np.allclose(drawn, [6.4, 6.4, 70.4, 57.6], atol=2), drawn  # image pixels, XYXY
-            page.click("#segment")
-            page.wait_for_selector("#summary >> text=reference", timeout=30_000)
-            assert "target" in page.text_content("#summary")
-            page.screenshot(path=str(tmp_path / "page-reference.png"), full_page=True)
-            # A bad request shows the server's message.
-            page.select_option("#mode", "vocabulary")
-            page.fill("#classes", "cat, cat")
-            page.click("#segment")
-            page.wait_for_selector("#status.error")
-            assert "unique" in page.text_content("#status")
-        finally:
-            browser.close()
-    assert not outside, outside
-    keep = os.environ.get("REFBANK_SCREENSHOT_DIR")
-    if keep:
-        for name in ("page-vocabulary.png", "page-reference.png"):
-            shutil.copy(tmp_path / name, os.path.join(keep, name))
-    assert Image.open(shot).size[0] >= 1000
