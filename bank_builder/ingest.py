@@ -20,7 +20,7 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 
-from bank_builder.config import IngestConfig, MaskKind
+from bank_builder.config import MASK_PROBE_SAMPLES, IngestConfig, MaskKind, OnMissingMask
 from bank_builder.records import Reject, RejectReason, Sample
 
 
@@ -184,6 +184,9 @@ def iter_samples(
 ) -> Iterator[Sample | Reject]:
     """Stream one shard (.tar or .tar.gz) as Samples / Rejects in shard order; index counts both.
 
+    A sample without a usable mask follows `config.on_missing_mask`, or, when that is None, the shard's
+    own default (see `IngestConfig`): the first MASK_PROBE_SAMPLES member groups are held back (raw bytes)
+    until one with a mask member shows the shard has masks.
     Raises ShardReadError when the shard cannot be opened, is not a tar, or its stream fails for a
     reason other than cut/corrupt data; a cut or corrupt tail ends the shard with one TRUNCATED_MEMBER.
     """
@@ -193,11 +196,52 @@ def iter_samples(
         except Exception as exc:  # ReadError, CompressionError, or the stream's own errors
             raise ShardReadError(f"shard {shard} is not a readable tar: {exc}") from exc
         with tar:
+            groups = _member_groups(tar, shard)
+            on_missing, groups = _missing_mask_policy(config, groups)
             try:
-                for index, (key, members) in enumerate(_member_groups(tar, shard)):
-                    yield decode_sample(shard, key, index, members, config)
+                for index, (key, members) in enumerate(groups):
+                    yield decode_sample(shard, key, index, members, config, on_missing)
             except _TruncatedShard as cut:
                 yield Reject(shard=shard, key=cut.key, reason=RejectReason.TRUNCATED_MEMBER, detail=cut.detail)
+
+
+Groups = Iterator[tuple[str, dict[str, bytes]]]
+
+
+def _missing_mask_policy(config: IngestConfig, groups: Groups) -> tuple[OnMissingMask, Groups]:
+    """(what a sample without a usable mask becomes in this shard, the same groups to iterate).
+
+    Only an AUTO shard without an explicit policy is probed; its held-back groups are replayed first,
+    and a truncation met while probing is raised again after them, where the caller expects it.
+    """
+    if config.on_missing_mask is not None:
+        return config.on_missing_mask, groups
+    if config.mask_kind is MaskKind.NONE:
+        return OnMissingMask.SUPERPIXELS, groups
+    if config.mask_kind is not MaskKind.AUTO:
+        return OnMissingMask.REJECT, groups  # the user said the corpus has masks
+    head: list[tuple[str, dict[str, bytes]]] = []
+    cut: _TruncatedShard | None = None
+    try:
+        for group in groups:
+            head.append(group)
+            if _has_mask_member(group[1], config) or len(head) == MASK_PROBE_SAMPLES:
+                break
+    except _TruncatedShard as exc:
+        cut = exc
+    masked = any(_has_mask_member(members, config) for _, members in head)
+
+    def replay() -> Groups:
+        yield from head
+        if cut is not None:
+            raise cut
+        yield from groups
+
+    return (OnMissingMask.REJECT if masked else OnMissingMask.SUPERPIXELS), replay()
+
+
+def _has_mask_member(members: dict[str, bytes], config: IngestConfig) -> bool:
+    return config.mask_key in members or config.rle_key in members
 
 
 def _member_groups(tar: tarfile.TarFile, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -245,15 +289,22 @@ def _split_name(name: str) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------------------- decoding
 
 
-def decode_sample(shard: str, key: str, index: int, members: dict[str, bytes], config: IngestConfig) -> Sample | Reject:
-    """Decode one group of members ({extension: bytes}) into a validated Sample, or a Reject."""
+def decode_sample(shard: str, key: str, index: int, members: dict[str, bytes], config: IngestConfig,
+                  on_missing: OnMissingMask = OnMissingMask.REJECT) -> Sample | Reject:
+    """Decode one group of members ({extension: bytes}) into a validated Sample, or a Reject.
+
+    on_missing: what a sample without a usable mask becomes (a reject, or a Sample without mask_kind,
+    which the segments stage cuts into superpixels); iter_samples resolves it per shard.
+    """
     try:
         image = _decode_image(members, config)
         meta = _decode_meta(members, config)
-        mask, annotations = _decode_mask(members, config, image.shape[:2])
+        kind = _mask_kind(members, meta, config, on_missing)
+        mask, annotations = _decode_mask(members, kind, config, image.shape[:2])
     except RejectError as exc:
         return exc.to_reject(shard, key)
-    return Sample(shard=shard, key=key, index=index, image=image, mask=mask, annotations=annotations, meta=meta)
+    return Sample(shard=shard, key=key, index=index, image=image, mask_kind=kind, mask=mask,
+                  annotations=annotations, meta=meta)
 
 
 def _open_image(data: bytes, member: str, reason: RejectReason) -> Image.Image:
@@ -323,25 +374,58 @@ def _parse_json(data: bytes, member: str, reason: RejectReason) -> Any:
         raise RejectError(reason, f"{member} is not valid JSON: {exc}") from exc
 
 
-def _decode_mask(
-    members: dict[str, bytes], config: IngestConfig, size: tuple[int, int]
-) -> tuple[np.ndarray | None, list[dict[str, Any]] | None]:
-    """(mask, annotations) for the configured mask kind; (None, None) when there is none to read."""
+# AUTO: with a mask.png, the first of these json keys present (and of this type) names the mask kind.
+# `label` comes before `classes` because a binary sample's json may carry a dataset's whole class table.
+_KIND_KEYS = (("segments", list, MaskKind.INSTANCE), ("label", str, MaskKind.BINARY), ("classes", dict, MaskKind.CLASS))
+
+
+def _mask_kind(members: dict[str, bytes], meta: dict[str, Any], config: IngestConfig,
+               on_missing: OnMissingMask) -> MaskKind | None:
+    """How to read this sample's mask; None (superpixels) or a RejectError when it has no usable one.
+
+    AUTO: a mask.png whose json names its kind, else an rle.json, else no usable mask.
+    """
     kind = config.mask_kind
     if kind is MaskKind.NONE:
-        return None, None
-    member = config.rle_key if kind is MaskKind.RLE else config.mask_key
-    if member not in members:
-        if config.require_mask:
-            raise RejectError(
-                RejectReason.MISSING_MASK,
-                f"no {member} member (mask_kind={kind.value}), found {sorted(members)}; "
-                "set require_mask=False to segment such images into superpixels",
-            )
+        return None
+    if kind is not MaskKind.AUTO:
+        member = config.rle_key if kind is MaskKind.RLE else config.mask_key
+        if member in members:
+            return kind
+        return _missing(on_missing, RejectReason.MISSING_MASK,
+                        f"no {member} member (mask_kind={kind.value}), found {sorted(members)}; pass "
+                        "--mask-kind auto to read each sample by what it holds")
+    if config.mask_key in members:
+        found = next((k for key, kind_type, k in _KIND_KEYS if isinstance(meta.get(key), kind_type)), None)
+        if found is not None:
+            return found
+    if config.rle_key in members:
+        return MaskKind.RLE
+    if config.mask_key in members:
+        return _missing(on_missing, RejectReason.UNKNOWN_MASK_KIND,
+                        f"{config.mask_key} but the {config.json_key} has none of `segments` (instance ids), "
+                        "`label` (binary) or `classes` (class indices); add the one that fits, or pass --mask-kind")
+    return _missing(on_missing, RejectReason.MISSING_MASK,
+                    f"no mask member ({config.mask_key} or {config.rle_key}), found {sorted(members)}")
+
+
+def _missing(on_missing: OnMissingMask, reason: RejectReason, detail: str) -> None:
+    """None (cut the sample into superpixels), or the RejectError the policy asks for."""
+    if on_missing is OnMissingMask.SUPERPIXELS:
+        return None
+    raise RejectError(reason, f"{detail}. Samples without a usable mask are rejected in a shard that has masks; "
+                              "pass --on-missing-mask superpixels to cut them into unlabelled superpixels instead")
+
+
+def _decode_mask(
+    members: dict[str, bytes], kind: MaskKind | None, config: IngestConfig, size: tuple[int, int]
+) -> tuple[np.ndarray | None, list[dict[str, Any]] | None]:
+    """(mask, annotations) of the given kind; (None, None) for a sample without a mask."""
+    if kind is None:
         return None, None
     if kind is MaskKind.RLE:
-        return None, _decode_annotations(members[member], member)
-    return _decode_mask_png(members[member], member, size), None
+        return None, _decode_annotations(members[config.rle_key], config.rle_key)
+    return _decode_mask_png(members[config.mask_key], config.mask_key, size), None
 
 
 def _decode_annotations(data: bytes, member: str) -> list[dict[str, Any]]:

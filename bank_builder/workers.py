@@ -82,7 +82,7 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
         if isinstance(item, Reject):
             rejects.append(item)
             continue
-        segments = make_segments(item, config.ingest, config.segments)
+        segments = make_segments(item, config.segments)
         if isinstance(segments, Reject):
             rejects.append(segments)
             continue
@@ -137,5 +137,7 @@ def write_shard(
     table = store.part_table(info.name, info.ordinal, rows, visual, quality, text, spec["text_dim"])
     info.rows, info.samples, info.rejects = len(rows), tail.samples, len(tail.rejects)
     info.reject_reasons = dict(Counter(r.reason.value for r in tail.rejects))
+    info.labelled = sum(label is not None for label in rows.label)
+    info.unlabelled_by_kind = dict(Counter(k for k, label in zip(rows.mask_kind, rows.label) if label is None))
     store.write_rejects(bank, info.name, tail.rejects, storage_options)
     return store.write_part(bank, table, info, spec, storage_options)

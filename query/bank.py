@@ -30,7 +30,8 @@ VISUAL = "visual_embedding"
 # What `Bank.metadata` returns per segment: everything but the embeddings (the bulk of a row).
 METADATA_COLUMNS = ["segment_id", "part", "image_key", "segment_index", "label", "label_source", "bbox", "area",
                     "mask", "quality"]
-SPEC_FIELDS = [f.name for f in fields(EncoderSpec)]
+# The fields that identify an encoder; `entry` is the recipe to rebuild it (absent in older banks), not compared.
+SPEC_FIELDS = [f.name for f in fields(EncoderSpec) if f.name != "entry"]
 
 
 def list_versions(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
