@@ -87,3 +87,19 @@ class Segment:
     area: int
     rle: dict[str, Any]
     mask_kind: str
+
+
+class RejectError(Exception):
+    """One unusable sample; raised inside a build stage and turned into a `Reject` row at its boundary."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(reason, detail)  # both in args, so it pickles (Ray) and unpickles intact
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+    def to_reject(self, shard: str, key: str) -> Reject:
+        """The `Reject` row for this error on sample `key` of `shard`."""
+        return Reject(shard=shard, key=key, reason=self.reason, detail=self.detail)

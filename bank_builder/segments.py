@@ -17,8 +17,7 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from bank_builder.config import MaskKind, SegmentConfig
-from bank_builder.ingest import RejectError
-from bank_builder.records import SUPERPIXEL, LabelSource, Reject, RejectReason, Sample, Segment
+from bank_builder.records import SUPERPIXEL, LabelSource, Reject, RejectError, RejectReason, Sample, Segment
 
 Bbox = tuple[int, int, int, int]  # XYXY pixels, max exclusive
 
