@@ -1,7 +1,8 @@
 """Segments stage: a sample's mask (instance / class / binary PNG, COCO RLE) → segments; no mask → superpixels.
 
 Every mask kind first becomes candidate regions (an area each, and a way to draw one); filtering by
-area and count is shared, and only the regions kept are ever drawn at full resolution.
+area and count is shared, and only the regions kept are ever drawn at full resolution. Each segment
+records the kind that cut it; `unlabelled_warning` explains a build whose masks left segments unlabelled.
 """
 
 from __future__ import annotations
@@ -69,37 +70,6 @@ def _regions(sample: Sample, config: SegmentConfig) -> _Regions:
     if kind is MaskKind.RLE:
         return _rle_regions(sample.annotations, sample.image.shape[:2])
     return _label_map_regions(superpixel_labels(sample.image, config), {}, exclude=None)
-
-
-# Why segments cut by each kind have no label, and the fix; binary masks are always labelled ("foreground").
-_UNLABELLED = {
-    SUPERPIXEL: ("from samples without a usable mask, cut into superpixels",
-                 "--on-missing-mask reject drops such samples instead"),
-    MaskKind.INSTANCE.value: ("from instance ids the json's `segments` does not name",
-                              "instance masks need json `segments` [{id, label}]"),
-    MaskKind.CLASS.value: ("from class indices missing from the json's `classes`",
-                           "class masks need json `classes` {index: name}"),
-    MaskKind.RLE.value: ("from rle.json annotations without a `label`", "give each annotation a `label`"),
-}
-
-
-def unlabelled_warning(labelled: int, unlabelled_by_kind: dict[str, int], mask_kind: MaskKind) -> str | None:
-    """What to tell the user when a build that was given masks produced unlabelled segments, else None.
-
-    A build was given masks when `mask_kind` names a format, or (auto) when any segment was cut from a
-    mask; a mask-free corpus built with auto gives unlabelled superpixels by design and no warning.
-    """
-    unlabelled = sum(unlabelled_by_kind.values())
-    from_masks = labelled > 0 or any(kind != SUPERPIXEL for kind in unlabelled_by_kind)
-    if not unlabelled or mask_kind is MaskKind.NONE or (mask_kind is MaskKind.AUTO and not from_masks):
-        return None
-    unknown = ("of an unknown kind", "check the corpus")
-    causes = [(n, *_UNLABELLED.get(kind, unknown)) for kind, n in sorted(unlabelled_by_kind.items())]
-    why = "; ".join(f"{n} {cause}" for n, cause, _ in causes)
-    fixes = "; ".join(fix for _, _, fix in causes)
-    kind_hint = "" if mask_kind is MaskKind.AUTO else f" (or --mask-kind auto instead of {mask_kind.value})"
-    return (f"{unlabelled} of {labelled + unlabelled} segments have NO LABEL: {why}. Fix: {fixes}{kind_hint}; "
-            "see docs/CORPUS.md")
 
 
 def _select(areas: np.ndarray, config: SegmentConfig) -> np.ndarray:
@@ -305,3 +275,37 @@ def _string_runs(counts: bytes) -> np.ndarray:
     runs[1::2] = np.cumsum(values[1::2])
     runs[2::2] = np.cumsum(values[2::2])
     return runs
+
+
+# ----------------------------------------------------------------------------------------- label report
+
+
+# Why segments cut by each kind have no label, and the fix; binary masks are always labelled ("foreground").
+_UNLABELLED = {
+    SUPERPIXEL: ("from samples without a usable mask, cut into superpixels",
+                 "--on-missing-mask reject drops such samples instead"),
+    MaskKind.INSTANCE.value: ("from instance ids the json's `segments` does not name",
+                              "instance masks need json `segments` [{id, label}]"),
+    MaskKind.CLASS.value: ("from class indices missing from the json's `classes`",
+                           "class masks need json `classes` {index: name}"),
+    MaskKind.RLE.value: ("from rle.json annotations without a `label`", "give each annotation a `label`"),
+}
+
+
+def unlabelled_warning(labelled: int, unlabelled_by_kind: dict[str, int], mask_kind: MaskKind) -> str | None:
+    """What to tell the user when a build that was given masks produced unlabelled segments, else None.
+
+    A build was given masks when `mask_kind` names a format, or (auto) when any segment was cut from a
+    mask; a mask-free corpus built with auto gives unlabelled superpixels by design and no warning.
+    """
+    unlabelled = sum(unlabelled_by_kind.values())
+    from_masks = labelled > 0 or any(kind != SUPERPIXEL for kind in unlabelled_by_kind)
+    if not unlabelled or mask_kind is MaskKind.NONE or (mask_kind is MaskKind.AUTO and not from_masks):
+        return None
+    unknown = ("of an unknown kind", "check the corpus")
+    causes = [(n, *_UNLABELLED.get(kind, unknown)) for kind, n in sorted(unlabelled_by_kind.items())]
+    why = "; ".join(f"{n} {cause}" for n, cause, _ in causes)
+    fixes = "; ".join(fix for _, _, fix in causes)
+    kind_hint = "" if mask_kind is MaskKind.AUTO else f" (or --mask-kind auto instead of {mask_kind.value})"
+    return (f"{unlabelled} of {labelled + unlabelled} segments have NO LABEL: {why}. Fix: {fixes}{kind_hint}; "
+            "see docs/CORPUS.md")

@@ -248,6 +248,8 @@ _REJECT_CASES = {
     ),
     "missing mask": (IngestConfig(), [("b.png", _PNG)], RejectReason.MISSING_MASK),
     "missing rle": (_RLE, [("b.png", _PNG)], RejectReason.MISSING_MASK),
+    # an SA-1B-style sample in an instance-mask build used to become unlabelled superpixels
+    "rle in an instance build": (_INSTANCE, [("b.png", _PNG), ("b.rle.json", b"[]")], RejectReason.MISSING_MASK),
     "unknown mask kind": (IngestConfig(), [("b.png", _PNG), ("b.mask.png", _PNG)], RejectReason.UNKNOWN_MASK_KIND),
     "rle not json": (_RLE, [("b.png", _PNG), ("b.rle.json", b"nope")], RejectReason.BAD_ANNOTATION),
     "rle not list": (_RLE, [("b.png", _PNG), ("b.rle.json", b'{"segmentation": 1}')], RejectReason.BAD_ANNOTATION),
@@ -269,6 +271,11 @@ def test_each_reject_reason_keeps_its_neighbours(tmp_path, case):
 
 
 def test_reject_details_are_actionable(tmp_path):
+    shard = write(tmp_path / "rle.tar", tar_bytes(good("a", 1) + [("b.png", _PNG), ("b.rle.json", b"[]")]))
+    _, b = iter_samples(shard, _INSTANCE)
+    assert "no mask.png member (mask_kind=instance)" in b.detail and "rle.json" in b.detail
+    assert "--mask-kind auto" in b.detail and "--on-missing-mask superpixels" in b.detail
+
     bad = [("b.png", _PNG), ("b.mask.png", encode(np.zeros((4, 6), np.uint8)))]
     shard = write(tmp_path / "s.tar", tar_bytes(bad + [("c.png", encode(rgb(9, 20, 20)))]))
     b, c = iter_samples(shard, IngestConfig(mask_kind=MaskKind.INSTANCE, max_image_pixels=100))
