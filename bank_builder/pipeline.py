@@ -288,7 +288,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         body = manifest.make_manifest(parts, spec.to_dict(), fingerprint, build)
         version = manifest.publish(config.bank, body, config.storage_options)
     counts = manifest.totals(parts)
-    unlabelled = Counter()
+    unlabelled: Counter[str] = Counter()
     for p in parts:
         unlabelled.update(p.unlabelled_by_kind)
     return BuildReport(

@@ -65,7 +65,11 @@ def make_corpus_cmd(
 
     config = CorpusConfig(shards=shards, samples_per_shard=samples_per_shard, image_size=image_size,
                           mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed)
-    summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
+    try:
+        summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
+    except ValueError as exc:  # e.g. --mask-kind auto, which reads corpora but writes none
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {len(summary.shards)} shards + {len(summary.heldout)} held-out, {summary.samples} samples, "
                f"{summary.segments} segments to {out}")
 
