@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
@@ -10,8 +10,9 @@ from bank_builder.format.ref import BankRef
 
 
 class MaskKind(str, Enum):
-    """How to read a sample's mask (see DESIGN.md, corpus convention)."""
+    """How to read a sample's mask (see docs/CORPUS.md)."""
 
+    AUTO = "auto"  # per sample, from the members present and the json keys (see `IngestConfig`)
     INSTANCE = "instance"  # mask.png: pixel = segment id, 0 = unlabeled; labels from json `segments`
     CLASS = "class"  # mask.png: pixel = class index; names from json `classes`; `ignore_value` skipped
     BINARY = "binary"  # mask.png: non-zero = foreground; label from json `label`
@@ -19,25 +20,56 @@ class MaskKind(str, Enum):
     NONE = "none"  # ignore masks; every image is segmented into superpixels
 
 
+class OnMissingMask(str, Enum):
+    """What becomes of a sample without a usable mask."""
+
+    REJECT = "reject"  # a `missing_mask` (or `unknown_mask_kind`) reject row
+    SUPERPIXELS = "superpixels"  # class-agnostic, unlabelled superpixel segments
+
+
+# How many leading samples of a shard `mask_kind=auto` looks at to tell whether the shard has masks.
+MASK_PROBE_SAMPLES = 16
+
+
 @dataclass(frozen=True)
 class IngestConfig:
-    """Which tar members make a sample, and how strictly to validate it."""
+    """Which tar members make a sample, how its mask is read, and how strictly it is validated.
 
-    mask_kind: MaskKind = MaskKind.INSTANCE
+    mask_kind AUTO reads each sample by what it holds: `mask.png` with json `segments` → instance, else
+    with json `label` → binary, else with json `classes` → class (the first key present decides); else
+    `rle.json` → RLE; a `mask.png` alone is no usable mask (`unknown_mask_kind`).
+    on_missing_mask: what becomes of a sample with no usable mask. None (the default) decides per
+    shard: REJECT when the shard has masks, SUPERPIXELS when it has none. A shard has masks when
+    mask_kind names a format, or (AUTO) when one of its first MASK_PROBE_SAMPLES samples has a mask
+    member; so a mask-free corpus needs no option, and a masked one never turns silently unlabelled.
+    mask_kind NONE ignores masks: superpixels for every image.
+    """
+
+    mask_kind: MaskKind = MaskKind.AUTO
+    on_missing_mask: OnMissingMask | None = None
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
     mask_key: str = "mask.png"
     rle_key: str = "rle.json"
     json_key: str = "json"
-    require_mask: bool = False  # True: a sample without a mask is a reject, not superpixels
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
 
     def __post_init__(self) -> None:
         # Accept "rle" as well as MaskKind.RLE (configs come from JSON and the CLI); stages compare enums.
-        try:
-            object.__setattr__(self, "mask_kind", MaskKind(self.mask_kind))
-        except ValueError:
-            known = ", ".join(k.value for k in MaskKind)
-            raise ValueError(f"unknown mask_kind {self.mask_kind!r}; use one of: {known}") from None
+        object.__setattr__(self, "mask_kind", _enum(MaskKind, self.mask_kind, "mask_kind"))
+        if self.on_missing_mask is not None:
+            object.__setattr__(self, "on_missing_mask", _enum(OnMissingMask, self.on_missing_mask, "on_missing_mask"))
+        if self.mask_kind is MaskKind.NONE and self.on_missing_mask is OnMissingMask.REJECT:
+            raise ValueError("mask_kind=none ignores every mask, so on_missing_mask=reject would reject every "
+                             "sample; drop one of the two")
+
+
+def _enum(cls: type[Enum], value: Any, name: str) -> Any:
+    """`value` as a member of `cls`; ValueError listing the allowed values."""
+    try:
+        return cls(value)
+    except ValueError:
+        known = ", ".join(k.value for k in cls)
+        raise ValueError(f"unknown {name} {value!r}; use one of: {known}") from None
 
 
 @dataclass(frozen=True)
@@ -58,13 +90,24 @@ class EncoderConfig:
 
     weights: "pretrained" (the registry entry's pretrained tag / timm name), "untrained" (the same
     architecture with seeded random weights; recorded in the spec, never chosen silently), or a local
-    checkpoint path.
+    checkpoint path. entry: the encoder's whole registry entry (an open_clip `model_config` as its JSON
+    content, not a path); it travels with the job to every worker and into the bank, so an encoder
+    defined only in a config file builds and serves anywhere. None: the entry registered as `name` in
+    this process (a BuildConfig fills it in). `bank_builder.encoders.encoder_config_from_file` makes one
+    from a config file.
     """
 
     name: str = "clip-vit-b16"
     weights: str = "pretrained"
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when the actor has a GPU, else cpu
+    entry: dict[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.entry is not None and (not isinstance(self.entry, dict) or self.entry.get("name") != self.name):
+            got = self.entry.get("name") if isinstance(self.entry, dict) else type(self.entry).__name__
+            raise ValueError(f"EncoderConfig(name={self.name!r}) carries the entry of {got!r}; an entry must be the "
+                             "dict of the encoder it names (use encoder_config_from_file to build both from a file)")
 
 
 @dataclass(frozen=True)
@@ -82,7 +125,11 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything one `build_bank` run needs; saved in the manifest of the version it publishes."""
+    """Everything one `build_bank` run needs; saved in the manifest of the version it publishes.
+
+    The encoder's registry entry is pinned into `encoder` here, on the driver, so the workers (other
+    processes, other machines) never look a name up in a registry of their own.
+    """
 
     source: str  # shard URL pattern: local path, file://, s3://, with {a..b} braces and globs
     bank: str  # bank URI (local dir or s3://bucket/prefix)
@@ -91,6 +138,21 @@ class BuildConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. endpoint_url
+
+    def __post_init__(self) -> None:
+        for name, kind in (("ingest", IngestConfig), ("segments", SegmentConfig), ("encoder", EncoderConfig),
+                           ("pipeline", PipelineConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                example = f"{kind.__name__}(name={value!r})" if isinstance(value, str) and kind is EncoderConfig \
+                    else f"{kind.__name__}(...)"
+                article = "an" if kind.__name__[0] in "AEIOU" else "a"
+                raise TypeError(f"BuildConfig.{name} must be {article} {kind.__name__}, got {type(value).__name__} "
+                                f"{value!r}; pass {name}={example}")
+        if self.encoder.entry is None:
+            from bank_builder.encoders.registry import get_encoder_entry  # here: the registry imports this module
+
+            object.__setattr__(self, "encoder", replace(self.encoder, entry=get_encoder_entry(self.encoder.name)))
 
     @property
     def bank_ref(self) -> BankRef:
@@ -118,5 +180,7 @@ def fingerprint_fields(config: BuildConfig) -> dict[str, Any]:
     return {
         "ingest": config_to_dict(config.ingest),
         "segments": config_to_dict(config.segments),
-        "encoder": {f.name: getattr(config.encoder, f.name) for f in fields(config.encoder) if f.name != "device"},
+        # device changes nothing stored; the entry is part of the encoder spec, which the fingerprint hashes
+        "encoder": {f.name: getattr(config.encoder, f.name) for f in fields(config.encoder)
+                    if f.name not in ("device", "entry")},
     }

@@ -7,8 +7,6 @@ becomes a `Sample`, or a `Reject` saying why not. Only a shard that cannot be op
 from __future__ import annotations
 
 import importlib
-import io
-import json
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -16,32 +14,15 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import fsspec
-import numpy as np
 from braceexpand import braceexpand
-from PIL import Image
 
-from bank_builder.config import IngestConfig, MaskKind
+from bank_builder.config import MASK_PROBE_SAMPLES, IngestConfig, MaskKind, OnMissingMask
+from bank_builder.decode import decode_sample
 from bank_builder.records import Reject, RejectReason, Sample
 
 
 class ShardReadError(RuntimeError):
     """A shard that cannot be opened, or is not a tar at all; the pipeline retries it, then reports it."""
-
-
-class RejectError(Exception):
-    """One unusable sample; raised inside a build stage and turned into a `Reject` row at its boundary."""
-
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(reason, detail)  # both in args, so it pickles (Ray) and unpickles intact
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason.value}: {self.detail}"
-
-    def to_reject(self, shard: str, key: str) -> Reject:
-        """The `Reject` row for this error on sample `key` of `shard`."""
-        return Reject(shard=shard, key=key, reason=self.reason, detail=self.detail)
 
 
 # ----------------------------------------------------------------------------------------- listing
@@ -179,11 +160,17 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
+Groups = Iterator[tuple[str, dict[str, bytes]]]  # (key, {extension: bytes}) per sample, in shard order
+
+
 def iter_samples(
     shard: str, config: IngestConfig, storage_options: dict[str, Any] | None = None
 ) -> Iterator[Sample | Reject]:
     """Stream one shard (.tar or .tar.gz) as Samples / Rejects in shard order; index counts both.
 
+    A sample without a usable mask follows `config.on_missing_mask`, or, when that is None, the shard's
+    own default (see `IngestConfig`): the first MASK_PROBE_SAMPLES member groups are held back (raw bytes)
+    until one with a mask member shows the shard has masks.
     Raises ShardReadError when the shard cannot be opened, is not a tar, or its stream fails for a
     reason other than cut/corrupt data; a cut or corrupt tail ends the shard with one TRUNCATED_MEMBER.
     """
@@ -193,14 +180,52 @@ def iter_samples(
         except Exception as exc:  # ReadError, CompressionError, or the stream's own errors
             raise ShardReadError(f"shard {shard} is not a readable tar: {exc}") from exc
         with tar:
+            groups = _member_groups(tar, shard)
+            on_missing, groups = _missing_mask_policy(config, groups)
             try:
-                for index, (key, members) in enumerate(_member_groups(tar, shard)):
-                    yield decode_sample(shard, key, index, members, config)
+                for index, (key, members) in enumerate(groups):
+                    yield decode_sample(shard, key, index, members, config, on_missing)
             except _TruncatedShard as cut:
                 yield Reject(shard=shard, key=cut.key, reason=RejectReason.TRUNCATED_MEMBER, detail=cut.detail)
 
 
-def _member_groups(tar: tarfile.TarFile, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _missing_mask_policy(config: IngestConfig, groups: Groups) -> tuple[OnMissingMask, Groups]:
+    """(what a sample without a usable mask becomes in this shard, the same groups to iterate).
+
+    Only an AUTO shard without an explicit policy is probed; its held-back groups are replayed first,
+    and a truncation met while probing is raised again after them, where the caller expects it.
+    """
+    if config.on_missing_mask is not None:
+        return config.on_missing_mask, groups
+    if config.mask_kind is MaskKind.NONE:
+        return OnMissingMask.SUPERPIXELS, groups
+    if config.mask_kind is not MaskKind.AUTO:
+        return OnMissingMask.REJECT, groups  # the user said the corpus has masks
+    head: list[tuple[str, dict[str, bytes]]] = []
+    cut: _TruncatedShard | None = None
+    try:
+        for group in groups:
+            head.append(group)
+            if _has_mask_member(group[1], config) or len(head) == MASK_PROBE_SAMPLES:
+                break
+    except _TruncatedShard as exc:
+        cut = exc
+    masked = any(_has_mask_member(members, config) for _, members in head)
+
+    def replay() -> Groups:
+        yield from head
+        if cut is not None:
+            raise cut
+        yield from groups
+
+    return (OnMissingMask.REJECT if masked else OnMissingMask.SUPERPIXELS), replay()
+
+
+def _has_mask_member(members: dict[str, bytes], config: IngestConfig) -> bool:
+    return config.mask_key in members or config.rle_key in members
+
+
+def _member_groups(tar: tarfile.TarFile, shard: str) -> Groups:
     """(key, {extension: bytes}) per run of consecutive members sharing a key; _TruncatedShard at a cut.
 
     We walk the members ourselves rather than use webdataset's tar_file_iterator: its error handler
@@ -240,140 +265,3 @@ def _split_name(name: str) -> tuple[str, str] | None:
     if not stem or not dot:
         return None
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-# ----------------------------------------------------------------------------------------- decoding
-
-
-def decode_sample(shard: str, key: str, index: int, members: dict[str, bytes], config: IngestConfig) -> Sample | Reject:
-    """Decode one group of members ({extension: bytes}) into a validated Sample, or a Reject."""
-    try:
-        image = _decode_image(members, config)
-        meta = _decode_meta(members, config)
-        mask, annotations = _decode_mask(members, config, image.shape[:2])
-    except RejectError as exc:
-        return exc.to_reject(shard, key)
-    return Sample(shard=shard, key=key, index=index, image=image, mask=mask, annotations=annotations, meta=meta)
-
-
-def _open_image(data: bytes, member: str, reason: RejectReason) -> Image.Image:
-    """PIL image of a member, header only (pixels not decoded yet)."""
-    try:
-        return Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise RejectError(RejectReason.IMAGE_TOO_LARGE, f"{member}: {exc} (PIL's Image.MAX_IMAGE_PIXELS)") from exc
-    except Exception as exc:  # PIL raises many types on corrupt input (OSError, SyntaxError, ...)
-        raise RejectError(reason, f"{member} is not a readable image: {exc}") from exc
-
-
-def _load(image: Image.Image, member: str, reason: RejectReason) -> None:
-    """Decode the pixels; truncated or corrupt data becomes a reject."""
-    try:
-        image.load()
-    except Exception as exc:  # see _open_image
-        raise RejectError(reason, f"{member} cannot be decoded: {exc}") from exc
-
-
-def _decode_image(members: dict[str, bytes], config: IngestConfig) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from the first image member present, size-checked before decoding."""
-    ext = next((e for e in config.image_keys if e in members), None)
-    if ext is None:
-        raise RejectError(
-            RejectReason.MISSING_IMAGE,
-            f"no image member: expected one of {list(config.image_keys)}, found {sorted(members)}",
-        )
-    image = _open_image(members[ext], ext, RejectReason.UNDECODABLE_IMAGE)
-    width, height = image.size
-    if width * height > config.max_image_pixels:
-        raise RejectError(
-            RejectReason.IMAGE_TOO_LARGE,
-            f"{ext} is {width}x{height} = {width * height} px > max_image_pixels={config.max_image_pixels}; "
-            "raise IngestConfig.max_image_pixels to keep it",
-        )
-    _load(image, ext, RejectReason.UNDECODABLE_IMAGE)
-    # No EXIF transpose: masks are aligned with the stored pixels, not with the display orientation.
-    return _to_rgb(image)
-
-
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of any PIL mode; 16-bit grey is scaled (PIL's convert would clip it at 255)."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    return np.array(image.convert("RGB"), dtype=np.uint8)
-
-
-def _decode_meta(members: dict[str, bytes], config: IngestConfig) -> dict[str, Any]:
-    """The parsed json member (an object), {} when absent."""
-    if config.json_key not in members:
-        return {}
-    meta = _parse_json(members[config.json_key], config.json_key, RejectReason.BAD_JSON)
-    if not isinstance(meta, dict):
-        raise RejectError(RejectReason.BAD_JSON, f"{config.json_key} holds a {type(meta).__name__}, expected an object")
-    return meta
-
-
-def _parse_json(data: bytes, member: str, reason: RejectReason) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise RejectError(reason, f"{member} is not valid JSON: {exc}") from exc
-
-
-def _decode_mask(
-    members: dict[str, bytes], config: IngestConfig, size: tuple[int, int]
-) -> tuple[np.ndarray | None, list[dict[str, Any]] | None]:
-    """(mask, annotations) for the configured mask kind; (None, None) when there is none to read."""
-    kind = config.mask_kind
-    if kind is MaskKind.NONE:
-        return None, None
-    member = config.rle_key if kind is MaskKind.RLE else config.mask_key
-    if member not in members:
-        if config.require_mask:
-            raise RejectError(
-                RejectReason.MISSING_MASK,
-                f"no {member} member (mask_kind={kind.value}), found {sorted(members)}; "
-                "set require_mask=False to segment such images into superpixels",
-            )
-        return None, None
-    if kind is MaskKind.RLE:
-        return None, _decode_annotations(members[member], member)
-    return _decode_mask_png(members[member], member, size), None
-
-
-def _decode_annotations(data: bytes, member: str) -> list[dict[str, Any]]:
-    """The parsed rle.json: a list of annotation objects (checked in depth by the segments stage)."""
-    annotations = _parse_json(data, member, RejectReason.BAD_ANNOTATION)
-    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
-        raise RejectError(RejectReason.BAD_ANNOTATION, f"{member} must be a JSON list of annotation objects")
-    return annotations
-
-
-# Single-channel modes; "P" keeps palette indices (PASCAL VOC class masks are palette PNGs).
-_MASK_MODES = frozenset({"1", "L", "P"}) | _SIXTEEN_BIT_MODES
-
-
-def _decode_mask_png(data: bytes, member: str, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 or uint16 raw mask values; single channel and the image's size, else a reject."""
-    mask = _open_image(data, member, RejectReason.UNDECODABLE_MASK)
-    if mask.mode not in _MASK_MODES:
-        raise RejectError(
-            RejectReason.UNDECODABLE_MASK,
-            f"{member} has mode {mask.mode}; a mask must be single-channel (8- or 16-bit grey, or palette)",
-        )
-    height, width = size
-    if mask.size != (width, height):
-        raise RejectError(
-            RejectReason.MASK_SIZE_MISMATCH,
-            f"{member} is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height} (W x H)",
-        )
-    _load(mask, member, RejectReason.UNDECODABLE_MASK)
-    values = np.asarray(mask)
-    if values.dtype.itemsize == 1:  # L, P, and "1" (bool)
-        return values.astype(np.uint8)
-    if values.min() < 0 or values.max() > 65535:
-        raise RejectError(RejectReason.UNDECODABLE_MASK, f"{member} has values outside 0..65535")
-    return values.astype(np.uint16)

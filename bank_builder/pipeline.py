@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,10 @@ class BuildReport:
     parts_written: int
     parts_skipped: int
     segments: int
+    labelled: int  # segments with a label, in every part of the version
+    unlabelled: int
+    unlabelled_by_kind: dict[str, int]  # the unlabelled ones by what cut them: superpixel, instance, class, ...
+    part_labels: dict[str, dict[str, int]]  # part name → {"labelled": n, "unlabelled": m}
     samples: int
     rejects: int
     reject_reasons: dict[str, int]
@@ -302,9 +306,15 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
             plan = plan_build(config, spec, fingerprint, shards)
             pending = _renumber(config, spec, plan, pending)
     counts = totals(parts)
+    unlabelled: Counter[str] = Counter()
+    for p in parts:
+        unlabelled.update(p.unlabelled_by_kind)
     return BuildReport(
         bank=config.bank, version=version, up_to_date=up_to_date, shards=len(shards),
         parts_written=len(written), parts_skipped=len(plan.done), segments=counts["segments"],
+        labelled=sum(p.labelled for p in parts), unlabelled=sum(unlabelled.values()),
+        unlabelled_by_kind=dict(sorted(unlabelled.items())),
+        part_labels={p.name: {"labelled": p.labelled, "unlabelled": p.rows - p.labelled} for p in parts},
         samples=counts["samples"], rejects=counts["rejects"], reject_reasons=counts["reject_reasons"],
         failed=failed, seconds=progress.elapsed_s, startup_s=progress.startup_s, images_per_s=progress.images_per_s,
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,

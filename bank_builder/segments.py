@@ -1,7 +1,8 @@
 """Segments stage: a sample's mask (instance / class / binary PNG, COCO RLE) → segments; no mask → superpixels.
 
 Every mask kind first becomes candidate regions (an area each, and a way to draw one); filtering by
-area and count is shared, and only the regions kept are ever drawn at full resolution.
+area and count is shared, and only the regions kept are ever drawn at full resolution. Each segment
+records the kind that cut it; `unlabelled_warning` explains a build whose masks left segments unlabelled.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from bank_builder.config import IngestConfig, MaskKind, SegmentConfig
-from bank_builder.ingest import RejectError
-from bank_builder.records import LabelSource, Reject, RejectReason, Sample, Segment
+from bank_builder.config import MaskKind, SegmentConfig
+from bank_builder.records import SUPERPIXEL, LabelSource, Reject, RejectError, RejectReason, Sample, Segment
 
 Bbox = tuple[int, int, int, int]  # XYXY pixels, max exclusive
 
@@ -35,18 +35,21 @@ class _Regions:
     draw: Callable[[int], tuple[np.ndarray, Bbox]]  # region i → ((H, W) bool mask, bbox)
 
 
-def make_segments(sample: Sample, ingest: IngestConfig, config: SegmentConfig) -> list[Segment] | Reject:
+def make_segments(sample: Sample, config: SegmentConfig) -> list[Segment] | Reject:
     """Segments of one sample in mask order (instance / class ids ascending, annotations as listed).
 
-    Segments below `min_area` are dropped and at most `max_segments` (the largest) kept; a mask with no
-    labelled pixel is EMPTY_MASK, one with nothing left is NO_SEGMENTS, a malformed one BAD_ANNOTATION.
+    The mask is read as `sample.mask_kind` says (ingest decided it); no mask kind → superpixels. Each
+    segment records the kind that cut it. Segments below `min_area` are dropped and at most `max_segments`
+    (the largest) kept; a mask with no labelled pixel is EMPTY_MASK, one with nothing left is NO_SEGMENTS,
+    a malformed one BAD_ANNOTATION.
     """
     try:
-        regions = _regions(sample, ingest.mask_kind, config)
+        regions = _regions(sample, config)
         kept = _select(regions.areas, config)
     except RejectError as exc:
         return exc.to_reject(sample.shard, sample.key)
-    return [_segment(j, *regions.draw(i), regions.labels[i], int(regions.areas[i])) for j, i in enumerate(kept)]
+    kind = sample.mask_kind.value if sample.mask_kind is not None else SUPERPIXEL
+    return [_segment(j, *regions.draw(i), regions.labels[i], int(regions.areas[i]), kind) for j, i in enumerate(kept)]
 
 
 def superpixel_segments(image: np.ndarray, config: SegmentConfig) -> list[np.ndarray]:
@@ -55,16 +58,16 @@ def superpixel_segments(image: np.ndarray, config: SegmentConfig) -> list[np.nda
     return [regions.draw(i)[0] for i in range(len(regions.areas))]
 
 
-def _regions(sample: Sample, kind: MaskKind, config: SegmentConfig) -> _Regions:
-    """Candidate regions for the configured mask kind; superpixels when the sample has no mask."""
-    mask, meta = sample.mask, sample.meta
-    if kind is MaskKind.INSTANCE and mask is not None:
+def _regions(sample: Sample, config: SegmentConfig) -> _Regions:
+    """Candidate regions of the sample's mask kind; superpixels when it has none."""
+    kind, mask, meta = sample.mask_kind, sample.mask, sample.meta
+    if kind is MaskKind.INSTANCE:
         return _label_map_regions(mask, _instance_names(meta), exclude=0)
-    if kind is MaskKind.CLASS and mask is not None:
+    if kind is MaskKind.CLASS:
         return _label_map_regions(mask, _class_names(meta), exclude=config.ignore_value)
-    if kind is MaskKind.BINARY and mask is not None:
+    if kind is MaskKind.BINARY:
         return _binary_regions(mask, meta)
-    if kind is MaskKind.RLE and sample.annotations is not None:
+    if kind is MaskKind.RLE:
         return _rle_regions(sample.annotations, sample.image.shape[:2])
     return _label_map_regions(superpixel_labels(sample.image, config), {}, exclude=None)
 
@@ -89,12 +92,13 @@ def _select(areas: np.ndarray, config: SegmentConfig) -> np.ndarray:
     return kept
 
 
-def _segment(index: int, mask: np.ndarray, bbox: Bbox, label: str | None, area: int) -> Segment:
+def _segment(index: int, mask: np.ndarray, bbox: Bbox, label: str | None, area: int, kind: str) -> Segment:
     """A Segment with its COCO RLE ({"size": [H, W], "counts": str})."""
     encoded = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     source = LabelSource.GROUND_TRUTH if label is not None else LabelSource.NONE
     rle = {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
-    return Segment(index=index, mask=mask, label=label, label_source=source, bbox=bbox, area=area, rle=rle)
+    return Segment(index=index, mask=mask, label=label, label_source=source, bbox=bbox, area=area, rle=rle,
+                   mask_kind=kind)
 
 
 def _bbox(mask: np.ndarray) -> Bbox:
@@ -271,3 +275,37 @@ def _string_runs(counts: bytes) -> np.ndarray:
     runs[1::2] = np.cumsum(values[1::2])
     runs[2::2] = np.cumsum(values[2::2])
     return runs
+
+
+# ----------------------------------------------------------------------------------------- label report
+
+
+# Why segments cut by each kind have no label, and the fix; binary masks are always labelled ("foreground").
+_UNLABELLED = {
+    SUPERPIXEL: ("from samples without a usable mask, cut into superpixels",
+                 "--on-missing-mask reject drops such samples instead"),
+    MaskKind.INSTANCE.value: ("from instance ids the json's `segments` does not name",
+                              "instance masks need json `segments` [{id, label}]"),
+    MaskKind.CLASS.value: ("from class indices missing from the json's `classes`",
+                           "class masks need json `classes` {index: name}"),
+    MaskKind.RLE.value: ("from rle.json annotations without a `label`", "give each annotation a `label`"),
+}
+
+
+def unlabelled_warning(labelled: int, unlabelled_by_kind: dict[str, int], mask_kind: MaskKind) -> str | None:
+    """What to tell the user when a build that was given masks produced unlabelled segments, else None.
+
+    A build was given masks when `mask_kind` names a format, or (auto) when any segment was cut from a
+    mask; a mask-free corpus built with auto gives unlabelled superpixels by design and no warning.
+    """
+    unlabelled = sum(unlabelled_by_kind.values())
+    from_masks = labelled > 0 or any(kind != SUPERPIXEL for kind in unlabelled_by_kind)
+    if not unlabelled or mask_kind is MaskKind.NONE or (mask_kind is MaskKind.AUTO and not from_masks):
+        return None
+    unknown = ("of an unknown kind", "check the corpus")
+    causes = [(n, *_UNLABELLED.get(kind, unknown)) for kind, n in sorted(unlabelled_by_kind.items())]
+    why = "; ".join(f"{n} {cause}" for n, cause, _ in causes)
+    fixes = "; ".join(fix for _, _, fix in causes)
+    kind_hint = "" if mask_kind is MaskKind.AUTO else f" (or --mask-kind auto instead of {mask_kind.value})"
+    return (f"{unlabelled} of {labelled + unlabelled} segments have NO LABEL: {why}. Fix: {fixes}{kind_hint}; "
+            "see docs/CORPUS.md")

@@ -82,7 +82,7 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
         if isinstance(item, Reject):
             rejects.append(item)
             continue
-        segments = make_segments(item, config.ingest, config.segments)
+        segments = make_segments(item, config.segments)
         if isinstance(segments, Reject):
             rejects.append(segments)
             continue
@@ -136,5 +136,7 @@ def write_shard(
     table = part_io.part_table(info.name, info.ordinal, rows, visual, quality, text, spec["text_dim"])
     info.rows, info.samples, info.rejects = len(rows), tail.samples, len(tail.rejects)
     info.reject_reasons = dict(Counter(r.reason.value for r in tail.rejects))
+    info.labelled = sum(label is not None for label in rows.label)
+    info.unlabelled_by_kind = dict(Counter(k for k, label in zip(rows.mask_kind, rows.label) if label is None))
     part_io.write_rejects(ref, info.name, tail.rejects)
     return part_io.write_part(ref, table, info, spec)

@@ -74,7 +74,7 @@ def bare_forward(config: BuildConfig, threads: int) -> dict:
         for item in iter_samples(shard, config.ingest):
             if isinstance(item, Reject):
                 continue
-            segments = make_segments(item, config.ingest, config.segments)
+            segments = make_segments(item, config.segments)
             if not isinstance(segments, Reject):
                 images.append(prepare_image(item.image, [s.mask for s in segments], spec)[0])
     bs = config.pipeline.batch_size

@@ -81,7 +81,8 @@ def ensure_bank(args: argparse.Namespace) -> tuple[str, np.ndarray]:
         which = rng.integers(0, len(label_text), n)
         rows = store.SegmentRows(image_key=[f"{name}/{i}" for i in range(n)], segment_index=[0] * n,
                                  label=[f"label-{w}" for w in which], label_source=["ground_truth"] * n,
-                                 bbox=[(0, 0, 1, 1)] * n, area=[1] * n, rle=[{"size": [1, 1], "counts": "1"}] * n)
+                                 bbox=[(0, 0, 1, 1)] * n, area=[1] * n, rle=[{"size": [1, 1], "counts": "1"}] * n,
+                                 mask_kind=["instance"] * n)
         table = store.part_table(name, ordinal, rows, x, np.ones(n, np.float32), list(label_text[which]), 32)
         info = store.PartInfo(name, ordinal, f"synthetic://{name}", int(n), 0, "", int(n), 0, {}, "bench")
         infos.append(store.write_part(bank, table, info, {"name": "synthetic"}, {}))

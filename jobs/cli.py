@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from bank_builder.config import (
-    BuildConfig, EncoderConfig, IngestConfig, MaskKind, PipelineConfig, SegmentConfig,
+    MASK_PROBE_SAMPLES, BuildConfig, EncoderConfig, IngestConfig, MaskKind, OnMissingMask, PipelineConfig, SegmentConfig,
 )
 from bank_builder.index.params import IndexConfig
 
@@ -65,7 +65,11 @@ def make_corpus_cmd(
 
     config = CorpusConfig(shards=shards, samples_per_shard=samples_per_shard, image_size=image_size,
                           mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed)
-    summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
+    try:
+        summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
+    except ValueError as exc:  # e.g. --mask-kind auto, which reads corpora but writes none
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {len(summary.shards)} shards + {len(summary.heldout)} held-out, {summary.samples} samples, "
                f"{summary.segments} segments to {out}")
 
@@ -96,11 +100,17 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     from bank_builder.format import BankError as BankMismatchError
     from bank_builder.pipeline import build_bank
     from bank_builder.progress import ConsolePrinter
+    from bank_builder.segments import unlabelled_warning
 
     report = _run_job(lambda: build_bank(config, on_progress=ConsolePrinter(config.pipeline.progress_interval_s)),
                       (EncoderWeightsError, EncoderStartError, BankMismatchError, ValueError), print_report,
                       ray_address, as_json)
-    return 2 if report is None else 0 if report.ok else 1
+    if report is None:
+        return 2
+    warning = unlabelled_warning(report.labelled, report.unlabelled_by_kind, config.ingest.mask_kind)
+    if warning:
+        typer.secho(f"WARNING   {warning}", err=True, fg=typer.colors.RED, bold=True)
+    return 0 if report.ok else 1
 
 
 def print_report(report) -> None:
@@ -108,10 +118,12 @@ def print_report(report) -> None:
     enc = report.encoder
     state = f"published version {report.version}" if report.version else (
         "already up to date, nothing published" if report.up_to_date else "NOT published (failed shards)")
+    kinds = ", ".join(f"{kind} {n}" for kind, n in report.unlabelled_by_kind.items())
     lines = [
         f"bank      {report.bank}: {state}",
         f"shards    {report.shards} ({report.parts_written} built, {report.parts_skipped} reused, {len(report.failed)} failed)",
         f"contents  {report.samples} images, {report.segments} segments, {report.rejects} rejects {report.reject_reasons or ''}",
+        f"labels    {report.labelled} labelled, {report.unlabelled} unlabelled" + (f" ({kinds})" if kinds else ""),
         f"speed     {report.seconds:.1f} s, {report.images_per_s:.1f} images/s, {report.segments_per_s:.1f} segments/s "
         f"({report.shard_retries} shard retries, {report.actor_restarts} actor restarts)",
         f"encoder   {enc['name']} ({enc['family']} {enc['architecture']}), weights: {enc['weights']}",
@@ -127,10 +139,20 @@ def print_report(report) -> None:
 def build_cmd(
     source: str = typer.Argument(..., help="Input shards: path or URL pattern with {000..009} braces and globs."),
     bank: str = typer.Argument(..., help="Bank URI to create or extend: a local directory or s3://bucket/prefix."),
-    mask_kind: MaskKind = typer.Option(MaskKind.INSTANCE, help="How to read masks (none = superpixels for all)."),
-    require_mask: bool = typer.Option(False, help="Reject samples without a mask instead of using superpixels."),
+    mask_kind: MaskKind = typer.Option(
+        MaskKind.AUTO, help="How to read masks. auto: per sample, mask.png with json `segments` → instance, "
+        "`label` → binary, `classes` → class; else rle.json → rle. Or one format for every sample; none = "
+        "superpixels for every image."),
+    on_missing_mask: Optional[OnMissingMask] = typer.Option(
+        None, help="A sample without a usable mask: reject it, or cut it into unlabelled superpixels. Default: "
+        f"reject in a shard that has masks (--mask-kind names a format, or auto finds a mask in its first "
+        f"{MASK_PROBE_SAMPLES} samples), superpixels in a shard without any."),
     min_area: int = typer.Option(SegmentConfig.min_area, help="Drop segments smaller than this many pixels."),
-    encoder: str = typer.Option(EncoderConfig.name, help="Encoder registry entry (see `refbank encoders`)."),
+    encoder: Optional[str] = typer.Option(
+        None, help=f"Encoder registry entry (see `refbank encoders`); default {EncoderConfig.name}."),
+    encoder_config: Optional[Path] = typer.Option(
+        None, help="Your own encoder: a JSON registry entry (docs/ENCODERS.md). The whole entry travels with the "
+        "job to every worker and into the bank, so `refbank serve` rebuilds it from the bank alone."),
     weights: str = typer.Option(
         "pretrained", help="'pretrained' (the entry's published weights), 'untrained' (seeded random weights, "
         "explicitly), or a local checkpoint path."),
@@ -151,15 +173,32 @@ def build_cmd(
     published; re-run to retry them), 2 bad options or encoder/bank mismatch.
     """
     _setup_logging(verbose)
-    config = BuildConfig(
-        source=source, bank=bank,
-        ingest=IngestConfig(mask_kind=mask_kind, require_mask=require_mask),
-        segments=SegmentConfig(min_area=min_area),
-        encoder=EncoderConfig(name=encoder, weights=weights, seed=seed),
-        pipeline=PipelineConfig(batch_size=batch_size, num_encoders=num_encoders, max_attempts=max_attempts),
-        storage_options=_storage_options(storage_option, endpoint_url),
-    )
+    try:
+        config = BuildConfig(
+            source=source, bank=bank,
+            ingest=IngestConfig(mask_kind=mask_kind, on_missing_mask=on_missing_mask),
+            segments=SegmentConfig(min_area=min_area),
+            encoder=_encoder_config(encoder, encoder_config, weights, seed),
+            pipeline=PipelineConfig(batch_size=batch_size, num_encoders=num_encoders, max_attempts=max_attempts),
+            storage_options=_storage_options(storage_option, endpoint_url),
+        )
+    except ValueError as exc:  # an unknown encoder, a bad encoder config file, contradictory mask options
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(run_build(config, ray_address, as_json))
+
+
+def _encoder_config(name: str | None, path: Path | None, weights: str, seed: int) -> EncoderConfig:
+    """The encoder of `--encoder` (a registry name) or `--encoder-config` (a file; then --encoder may only repeat it)."""
+    if path is None:
+        return EncoderConfig(name=name or EncoderConfig.name, weights=weights, seed=seed)
+    from bank_builder.encoders import encoder_config_from_file
+
+    config = encoder_config_from_file(path, weights=weights, seed=seed)
+    if name is not None and name != config.name:
+        raise ValueError(f"--encoder {name} and --encoder-config {path} (encoder {config.name!r}) disagree; "
+                         "give one of them")
+    return config
 
 
 @app.command("encoders")

@@ -27,8 +27,9 @@ log = logging.getLogger("refbank.query")
 VISUAL = "visual_embedding"
 # What `Bank.metadata` returns per segment: everything but the embeddings (the bulk of a row).
 METADATA_COLUMNS = ["segment_id", "part", "image_key", "segment_index", "label", "label_source", "bbox", "area",
-                    "mask", "quality"]
-SPEC_FIELDS = [f.name for f in fields(EncoderSpec)]
+                    "mask", "mask_kind", "quality"]
+# The fields that identify an encoder; `entry` is the recipe to rebuild it (absent in older banks), not compared.
+SPEC_FIELDS = [f.name for f in fields(EncoderSpec) if f.name != "entry"]
 
 
 def encoder_differences(recorded: dict[str, Any], expected: EncoderSpec | dict[str, Any]) -> dict[str, tuple]:

@@ -114,20 +114,22 @@ def label_table(bank: Bank) -> LabelTable:
 
 
 def encoder_config(spec: dict[str, Any], weights: str | None = None, device: str = "auto") -> EncoderConfig:
-    """How to load the encoder a bank's manifest records: seeded untrained weights as built; else `weights` (a
-    checkpoint path) when given, the registry's pretrained weights when they are the ones recorded, or the
-    recorded weights as a checkpoint path."""
-    name = spec["name"]
+    """How to load the encoder a bank's manifest records, from the registry entry it records (banks built before
+    entries were recorded: the registry's entry by name): seeded untrained weights as built; else `weights` (a
+    checkpoint path) when given, the entry's pretrained weights when they are the ones recorded, or the recorded
+    weights as a checkpoint path."""
+    name, entry = spec["name"], spec.get("entry")
     if spec.get("untrained"):
-        return EncoderConfig(name=name, weights="untrained", seed=int(spec.get("seed") or 0), device=device)
+        return EncoderConfig(name=name, weights="untrained", seed=int(spec.get("seed") or 0), device=device,
+                             entry=entry)
     if weights is not None:
-        return EncoderConfig(name=name, weights=weights, device=device)
+        return EncoderConfig(name=name, weights=weights, device=device, entry=entry)
     try:
-        pretrained = resolve_spec(EncoderConfig(name=name, weights="pretrained")).weights
-    except Exception:  # no pretrained tag in the registry: the bank was built from a checkpoint
+        pretrained = resolve_spec(EncoderConfig(name=name, weights="pretrained", entry=entry)).weights
+    except Exception:  # no pretrained tag in the entry: the bank was built from a checkpoint
         pretrained = None
     return EncoderConfig(name=name, weights="pretrained" if pretrained == spec["weights"] else spec["weights"],
-                         device=device)
+                         device=device, entry=entry)
 
 
 class ServiceState:

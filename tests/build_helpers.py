@@ -12,7 +12,7 @@ from bank_builder.config import BuildConfig, EncoderConfig, IngestConfig, MaskKi
 
 
 def tiny_config(source: str, bank: str, storage_options: dict[str, Any] | None = None,
-                mask_kind: MaskKind = MaskKind.INSTANCE, **pipeline: Any) -> BuildConfig:
+                mask_kind: MaskKind = MaskKind.AUTO, **pipeline: Any) -> BuildConfig:
     """A fast build: the tiny open_clip architecture with seeded untrained weights, small batches."""
     return BuildConfig(
         source=source,

@@ -41,6 +41,7 @@ def _rows(name: str, labels: list[str | None]) -> parts.SegmentRows:
         rows.bbox.append((0, 0, 4, 4))
         rows.area.append(16)
         rows.rle.append({"size": [4, 4], "counts": "0"})
+        rows.mask_kind.append("superpixel" if label is None else "instance")
     return rows
 
 

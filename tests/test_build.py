@@ -63,7 +63,10 @@ def test_build_writes_every_segment_with_its_label(corpus, clean_bank):
     assert m.encoder["untrained"] and m.encoder["name"] == "tiny-clip"
     assert "storage_options" not in m.build
     table = read_bank(bank)
-    assert table.num_rows == m.totals["segments"] == report.segments
+    assert table.num_rows == m.totals["segments"] == report.segments == report.labelled
+    assert report.unlabelled == 0 and report.unlabelled_by_kind == {}
+    assert report.part_labels == {p.name: {"labelled": p.rows, "unlabelled": 0} for p in m.parts}
+    assert set(table["mask_kind"].to_pylist()) == {"instance"}  # read by the default mask_kind=auto
     assert report.samples == summary.samples == 24
     ids = table["segment_id"].to_pylist()
     assert len(set(ids)) == len(ids)
@@ -194,7 +197,9 @@ def _bad_member_shard(path, good_shard: str) -> None:
     png = members[2][1]  # the first sample's mask.png
     members += [("bad-json.jpg", members[0][1]), ("bad-json.json", b"{not json"), ("bad-json.mask.png", png),
                 ("bad-image.jpg", b"\xff\xd8 not a jpeg"), ("bad-image.json", b"{}"),
-                ("no-image.json", b"{}"), ("no-image.mask.png", png)]
+                ("no-image.json", b"{}"), ("no-image.mask.png", png),
+                ("no-mask.jpg", members[0][1]), ("no-mask.json", b"{}"),
+                ("unnamed-mask.jpg", members[0][1]), ("unnamed-mask.mask.png", png)]
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -218,10 +223,14 @@ def test_bad_samples_become_rejects_and_bad_shards_fail_the_build(corpus, tmp_pa
     # The good shard's part is committed (a re-run reuses it) and its rejects carry their reasons.
     name = parts.part_name(str(src / "a-mixed.tar"), 0, build_fingerprint(config, resolve_spec(config.encoder)))
     info = parts.read_commit(BankRef(bank), name)
-    assert info.samples == 2 and info.reject_reasons == {"bad_json": 1, "undecodable_image": 1, "missing_image": 1}
+    # In a shard with masks, a sample without a usable one is a reject, not a silently unlabelled image.
+    assert info.samples == 2 and info.reject_reasons == {"bad_json": 1, "undecodable_image": 1, "missing_image": 1,
+                                                         "missing_mask": 1, "unknown_mask_kind": 1}
+    assert info.labelled == info.rows and info.unlabelled_by_kind == {}
     rejects = parts.read_rejects(BankRef(bank), name)
     assert sorted(zip(rejects["key"].to_pylist(), rejects["reason"].to_pylist())) == [
-        ("bad-image", "undecodable_image"), ("bad-json", "bad_json"), ("no-image", "missing_image")]
+        ("bad-image", "undecodable_image"), ("bad-json", "bad_json"), ("no-image", "missing_image"),
+        ("no-mask", "missing_mask"), ("unnamed-mask", "unknown_mask_kind")]
 
 
 def test_timm_encoder_on_unmasked_images_gives_unlabelled_superpixel_segments(corpus, tmp_path):
@@ -233,6 +242,8 @@ def test_timm_encoder_on_unmasked_images_gives_unlabelled_superpixel_segments(co
     table = read_bank(str(tmp_path / "bank"))
     assert table.num_rows > 6  # several superpixels per image
     assert set(table["label_source"].to_pylist()) == {"none"} and set(table["label"].to_pylist()) == {None}
+    assert set(table["mask_kind"].to_pylist()) == {"superpixel"}
+    assert (report.labelled, report.unlabelled_by_kind) == (0, {"superpixel": table.num_rows})
     assert all(table["text_embedding"].is_null().to_pylist())  # DINOv2-style encoders have no text tower
     dims = read_manifest(BankRef(str(tmp_path / "bank"))).dims
     assert table.schema.field("visual_embedding").type.list_size == dims["visual"]

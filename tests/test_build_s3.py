@@ -18,7 +18,8 @@ def test_build_from_s3_to_s3(s3):
     corpus = make_corpus(f"s3://{bucket}/corpus", CorpusConfig(shards=2, samples_per_shard=4, image_size=96,
                                                                mask_kind="rle", seed=3), options)
     bank = f"s3://{bucket}/banks/demo"
-    report = build_bank(tiny_config(f"s3://{bucket}/corpus/train-{{000000..000001}}.tar", bank, options, "rle"))
+    # SA-1B-style rle.json samples, read by the default mask_kind=auto
+    report = build_bank(tiny_config(f"s3://{bucket}/corpus/train-{{000000..000001}}.tar", bank, options))
     assert report.ok and report.version == "v000001" and report.samples == corpus.samples
 
     fs = s3fs.S3FileSystem(**options)
@@ -32,7 +33,8 @@ def test_build_from_s3_to_s3(s3):
     table = read_bank(bank, options)
     assert table.num_rows == report.segments > 0
     assert set(table["label_source"].to_pylist()) == {"ground_truth"}  # rle.json annotations carry labels
+    assert set(table["mask_kind"].to_pylist()) == {"rle"} and report.unlabelled == 0
 
-    again = build_bank(tiny_config(f"s3://{bucket}/corpus/train-*.tar", bank, options, "rle"))
+    again = build_bank(tiny_config(f"s3://{bucket}/corpus/train-*.tar", bank, options))
     assert again.up_to_date and again.parts_written == 0
     assert parts.read_commit(ref, m.parts[0].name).rows == m.parts[0].rows

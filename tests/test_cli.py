@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from bank_builder.format import BankRef, current_version
+from bank_builder.encoders import get_encoder_entry
+from bank_builder.format import BankRef, current_version, read_manifest
 from bank_builder.pipeline import build_bank
+from bank_builder.synthetic import CorpusConfig, make_corpus
+from jobs.cli import run_build
 from tests.build_helpers import assert_same_bank, read_bank, tiny_config
 
 TINY = ["--encoder", "tiny-clip", "--weights", "untrained", "--batch-size", "4", "--min-area", "32"]
@@ -32,17 +36,50 @@ def test_help_explains_the_commands():
     assert "--weights" in build_help and "untrained" in build_help and "Exit status" in build_help
 
 
+def _own_encoder_file(folder: Path) -> Path:
+    """tiny-clip's entry under a name of its own, in a file beside its open_clip model config file."""
+    entry = {**get_encoder_entry("tiny-clip"), "name": "my-tiny-clip", "model_config": "my-tiny-clip-model.json"}
+    (folder / "my-tiny-clip-model.json").write_text(json.dumps(get_encoder_entry("tiny-clip")["model_config"]))
+    (folder / "my-tiny-clip.json").write_text(json.dumps(entry))
+    return folder / "my-tiny-clip.json"
+
+
 def test_make_corpus_build_and_rebuild(tmp_path):
+    """The README's flow: a class-mask corpus, built with the default mask kind and one's own encoder file."""
     corpus, bank = tmp_path / "corpus", tmp_path / "bank"
-    made = refbank("make-corpus", str(corpus), "--shards", "2", "--samples-per-shard", "4", "--image-size", "96")
+    made = refbank("make-corpus", str(corpus), "--shards", "2", "--samples-per-shard", "4", "--image-size", "96",
+                   "--mask-kind", "class")
     assert made.returncode == 0, made.stderr
     assert sorted(p.name for p in corpus.iterdir()) == ["train-000000.tar", "train-000001.tar"]
-    built = refbank("build", str(corpus / "train-{000000..000001}.tar"), str(bank), *TINY)
+    own = ["--encoder-config", str(_own_encoder_file(tmp_path)), *TINY[2:]]
+    built = refbank("build", str(corpus / "train-{000000..000001}.tar"), str(bank), *own)
     assert built.returncode == 0, built.stderr
     assert "published version v000001" in built.stdout and "UNTRAINED" in built.stdout
+    assert "0 unlabelled" in built.stdout and "NO LABEL" not in built.stderr
     assert "[build] shards" in built.stderr  # progress lines
-    again = refbank("build", str(corpus / "*.tar"), str(bank), *TINY)
+    table = read_bank(str(bank))
+    assert None not in table["label"].to_pylist() and set(table["mask_kind"].to_pylist()) == {"class"}
+    assert read_manifest(BankRef(str(bank))).encoder["entry"]["name"] == "my-tiny-clip"
+    again = refbank("build", str(corpus / "*.tar"), str(bank), *own)
     assert again.returncode == 0 and "already up to date" in again.stdout
+
+
+def test_masks_read_as_the_wrong_kind_give_a_loud_warning(tmp_path, ray_local, capsys):
+    """The issue's silent case: a class corpus built as instance masks used to give null labels and exit 0 quietly."""
+    make_corpus(str(tmp_path / "c"), CorpusConfig(shards=1, samples_per_shard=3, image_size=64, mask_kind="class"))
+    config = tiny_config(str(tmp_path / "c" / "*.tar"), str(tmp_path / "bank"), mask_kind="instance")
+    assert run_build(config, None, as_json=True) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["labelled"] == 0 and report["unlabelled_by_kind"] == {"instance": report["segments"]} != {}
+    assert f"WARNING   {report['segments']} of {report['segments']} segments have NO LABEL" in out.err
+    assert "instance masks need json `segments`" in out.err and "--mask-kind auto" in out.err
+
+
+def test_a_bad_encoder_config_file_exits_2_with_one_line(tmp_path):
+    out = refbank("build", str(tmp_path / "*.tar"), str(tmp_path / "bank"), "--encoder-config", str(tmp_path / "no.json"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: encoder config: cannot read") and "no.json" in out.stderr
 
 
 @pytest.mark.parametrize("encoder", ["tiny-clip", "clip-vit-b32"])

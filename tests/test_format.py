@@ -25,7 +25,8 @@ def _segments(n: int) -> list[Segment]:
     return [
         Segment(index=i, mask=m, label=None if i == 1 else f"class{i}",
                 label_source=LabelSource.NONE if i == 1 else LabelSource.GROUND_TRUTH,
-                bbox=(0, i, i + 1, i + 1), area=i + 1, rle={"size": [8, 8], "counts": f"c{i}"})
+                bbox=(0, i, i + 1, i + 1), area=i + 1, rle={"size": [8, 8], "counts": f"c{i}"},
+                mask_kind="superpixel" if i == 1 else "instance")
         for i, m in enumerate(masks)
     ]
 
@@ -73,6 +74,7 @@ def test_part_round_trip(tmp_path):
     assert back["text_embedding"].is_null().to_pylist() == [False, True, False]
     assert back["label"].to_pylist() == ["class0", None, "class2"]
     assert back["label_source"].to_pylist() == ["ground_truth", "none", "ground_truth"]
+    assert back["mask_kind"].to_pylist() == ["instance", "superpixel", "instance"]
     assert back["bbox"].to_pylist()[2] == [0, 2, 3, 3]
     assert back["mask"].to_pylist()[1] == {"size": [8, 8], "counts": "c1"}
     meta = json.loads(pq.read_schema(parts.part_url(ref, "p")).metadata[b"refbank"])

@@ -8,7 +8,7 @@ import s3fs
 from PIL import Image
 from tar_helpers import Members, as_json, data_offset, encode, rgb, tar_bytes, write
 
-from bank_builder.config import IngestConfig, MaskKind
+from bank_builder.config import MASK_PROBE_SAMPLES, IngestConfig, MaskKind
 from bank_builder.ingest import ShardReadError, iter_samples, list_shards
 from bank_builder.records import Reject, RejectReason, Sample
 
@@ -123,14 +123,83 @@ def test_mask_kinds_and_optional_masks(tmp_path):
     members += [("c.jpg", encode(rgb(2), "JPEG"))]
     shard = write(tmp_path / "s.tar", tar_bytes(members))
 
-    a, b, c = iter_samples(shard, IngestConfig())
+    a, b, c = iter_samples(shard, IngestConfig(mask_kind=MaskKind.INSTANCE, on_missing_mask="superpixels"))
     assert a.mask.dtype == np.uint16 and np.array_equal(a.mask, depth16) and a.meta == {}
-    assert c.mask is None and c.image.shape == (8, 10, 3)  # no mask, not required: superpixels later
+    assert a.mask_kind is b.mask_kind is MaskKind.INSTANCE
+    assert c.mask is None and c.mask_kind is None and c.image.shape == (8, 10, 3)  # superpixels later
     none_kind = list(iter_samples(shard, IngestConfig(mask_kind=MaskKind.NONE)))
-    assert [s.mask for s in none_kind] == [None, None, None]
-    rle_kind = list(iter_samples(shard, IngestConfig(mask_kind=MaskKind.RLE)))
+    assert [(s.mask, s.mask_kind) for s in none_kind] == [(None, None)] * 3
+    rle_kind = list(iter_samples(shard, IngestConfig(mask_kind=MaskKind.RLE, on_missing_mask="superpixels")))
     assert [s.annotations is None for s in rle_kind] == [True, False, True]
+    assert [s.mask_kind for s in rle_kind] == [None, MaskKind.RLE, None]
     assert rle_kind[1].annotations[0]["label"] == "thing" and rle_kind[1].mask is None
+
+
+def _auto_sample(key: str, mask: bytes | None = None, rle: list | None = None, meta: dict | None = None) -> Members:
+    members = [(f"{key}.png", encode(rgb(0)))]
+    members += [(f"{key}.mask.png", mask)] if mask is not None else []
+    members += [(f"{key}.rle.json", as_json(rle))] if rle is not None else []
+    return members + ([(f"{key}.json", as_json(meta))] if meta is not None else [])
+
+
+def test_auto_reads_each_sample_by_what_it_holds(tmp_path):
+    mask = encode(instance_mask(0))
+    rle = [{"segmentation": {"size": [8, 10], "counts": [5, 10, 65]}}]
+    table = {"0": "road", "1": "sky"}
+    members = [
+        *_auto_sample("inst", mask, meta={"segments": [{"id": 1, "label": "cat"}], "classes": table}),
+        *_auto_sample("cls", mask, meta={"classes": table}),
+        *_auto_sample("bin", mask, meta={"label": "dog", "classes": table}),  # label wins over a class table
+        *_auto_sample("rle", rle=rle, meta={"caption": "x"}),
+        *_auto_sample("both", mask, rle=rle, meta={"classes": table}),  # a mask.png that names its kind wins
+        *_auto_sample("unnamed", mask, rle=rle),  # a mask.png without json keys: the rle.json is used
+        *_auto_sample("odd", mask, meta={"classes": ["road"]}),  # `classes` of the wrong type names nothing
+        *_auto_sample("bare"),
+    ]
+    shard = write(tmp_path / "s.tar", tar_bytes(members))
+
+    items = {item.key: item for item in iter_samples(shard, IngestConfig())}
+
+    kinds = {key: item.mask_kind for key, item in items.items() if isinstance(item, Sample)}
+    assert kinds == {"inst": MaskKind.INSTANCE, "cls": MaskKind.CLASS, "bin": MaskKind.BINARY,
+                     "rle": MaskKind.RLE, "both": MaskKind.CLASS, "unnamed": MaskKind.RLE}
+    assert items["both"].annotations is None and items["unnamed"].mask is None
+    # a shard with masks rejects the samples that have none usable, saying why and what to do
+    assert (items["odd"].reason, items["bare"].reason) == (RejectReason.UNKNOWN_MASK_KIND, RejectReason.MISSING_MASK)
+    assert "`segments`" in items["odd"].detail and "--on-missing-mask superpixels" in items["bare"].detail
+    relaxed = {i.key: i for i in iter_samples(shard, IngestConfig(on_missing_mask="superpixels"))}
+    assert all(isinstance(relaxed[k], Sample) and relaxed[k].mask_kind is None for k in ("odd", "bare"))
+
+
+def test_a_shard_without_masks_gets_superpixels_and_one_with_masks_rejects(tmp_path):
+    """auto: the first MASK_PROBE_SAMPLES samples of a shard tell whether it has masks."""
+    bare = [m for i in range(MASK_PROBE_SAMPLES + 2) for m in _auto_sample(f"k{i:02d}")]  # one member each
+    late = _auto_sample("m", encode(instance_mask(0)), meta={"segments": []})  # the probe's last sample
+    mask_free = write(tmp_path / "free.tar", tar_bytes(bare))
+    masked = write(tmp_path / "masked.tar", tar_bytes(bare[: MASK_PROBE_SAMPLES - 1] + late + bare[-2:]))
+
+    free_items = list(iter_samples(mask_free, IngestConfig()))
+    masked_items = list(iter_samples(masked, IngestConfig()))
+
+    assert [i.index for i in free_items] == list(range(MASK_PROBE_SAMPLES + 2))
+    assert all(isinstance(i, Sample) and i.mask_kind is None for i in free_items)
+    assert [i.key for i in masked_items] == [f"k{i:02d}" for i in range(MASK_PROBE_SAMPLES - 1)] + ["m"] + [
+        f"k{i:02d}" for i in range(MASK_PROBE_SAMPLES, MASK_PROBE_SAMPLES + 2)]
+    assert [type(i).__name__ for i in masked_items] == ["Reject"] * (MASK_PROBE_SAMPLES - 1) + ["Sample"] + ["Reject"] * 2
+    assert masked_items[MASK_PROBE_SAMPLES - 1].index == MASK_PROBE_SAMPLES - 1
+    assert {i.reason for i in masked_items if isinstance(i, Reject)} == {RejectReason.MISSING_MASK}
+    # a format named on the command line says the corpus has masks, whatever a shard starts with
+    assert all(isinstance(i, Reject) for i in iter_samples(mask_free, IngestConfig(mask_kind=MaskKind.CLASS)))
+    with pytest.raises(ValueError, match="drop one"):
+        IngestConfig(mask_kind="none", on_missing_mask="reject")
+
+
+def test_a_cut_inside_the_probe_still_yields_what_came_before(tmp_path):
+    data = tar_bytes([m for i in range(4) for m in _auto_sample(f"k{i}")])
+    shard = write(tmp_path / "s.tar", data[: data_offset(data, "k3.png") + 10])
+    items = list(iter_samples(shard, IngestConfig()))
+    assert [type(i).__name__ for i in items] == ["Sample"] * 3 + ["Reject"]
+    assert items[-1].reason is RejectReason.TRUNCATED_MEMBER and items[-1].key == "k3"
 
 
 def _mode_image(mode: str) -> tuple[Image.Image, np.ndarray]:
@@ -162,7 +231,7 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path):
 
 _PNG = encode(rgb(9))
 _RLE = IngestConfig(mask_kind=MaskKind.RLE)
-_RLE_REQUIRED = IngestConfig(mask_kind=MaskKind.RLE, require_mask=True)
+_INSTANCE = IngestConfig(mask_kind=MaskKind.INSTANCE)
 _REJECT_CASES = {
     "no image": (IngestConfig(), [("b.json", as_json({}))], RejectReason.MISSING_IMAGE),
     "garbage image": (IngestConfig(), [("b.jpg", b"not an image")], RejectReason.UNDECODABLE_IMAGE),
@@ -170,15 +239,18 @@ _REJECT_CASES = {
     "image too large": (SMALL, [("b.png", encode(rgb(9, 20, 20)))], RejectReason.IMAGE_TOO_LARGE),
     "invalid json": (IngestConfig(), [("b.png", _PNG), ("b.json", b"{oops")], RejectReason.BAD_JSON),
     "json not object": (IngestConfig(), [("b.png", _PNG), ("b.json", b"[1, 2]")], RejectReason.BAD_JSON),
-    "garbage mask": (IngestConfig(), [("b.png", _PNG), ("b.mask.png", b"xx")], RejectReason.UNDECODABLE_MASK),
-    "rgb mask": (IngestConfig(), [("b.png", _PNG), ("b.mask.png", _PNG)], RejectReason.UNDECODABLE_MASK),
+    "garbage mask": (_INSTANCE, [("b.png", _PNG), ("b.mask.png", b"xx")], RejectReason.UNDECODABLE_MASK),
+    "rgb mask": (_INSTANCE, [("b.png", _PNG), ("b.mask.png", _PNG)], RejectReason.UNDECODABLE_MASK),
     "mask size": (
-        IngestConfig(),
+        _INSTANCE,
         [("b.png", _PNG), ("b.mask.png", encode(np.zeros((4, 6), np.uint8)))],
         RejectReason.MASK_SIZE_MISMATCH,
     ),
-    "missing mask": (IngestConfig(require_mask=True), [("b.png", _PNG)], RejectReason.MISSING_MASK),
-    "missing rle": (_RLE_REQUIRED, [("b.png", _PNG)], RejectReason.MISSING_MASK),
+    "missing mask": (IngestConfig(), [("b.png", _PNG)], RejectReason.MISSING_MASK),
+    "missing rle": (_RLE, [("b.png", _PNG)], RejectReason.MISSING_MASK),
+    # an SA-1B-style sample in an instance-mask build used to become unlabelled superpixels
+    "rle in an instance build": (_INSTANCE, [("b.png", _PNG), ("b.rle.json", b"[]")], RejectReason.MISSING_MASK),
+    "unknown mask kind": (IngestConfig(), [("b.png", _PNG), ("b.mask.png", _PNG)], RejectReason.UNKNOWN_MASK_KIND),
     "rle not json": (_RLE, [("b.png", _PNG), ("b.rle.json", b"nope")], RejectReason.BAD_ANNOTATION),
     "rle not list": (_RLE, [("b.png", _PNG), ("b.rle.json", b'{"segmentation": 1}')], RejectReason.BAD_ANNOTATION),
     "rle not objects": (_RLE, [("b.png", _PNG), ("b.rle.json", b"[1, 2]")], RejectReason.BAD_ANNOTATION),
@@ -199,9 +271,14 @@ def test_each_reject_reason_keeps_its_neighbours(tmp_path, case):
 
 
 def test_reject_details_are_actionable(tmp_path):
+    shard = write(tmp_path / "rle.tar", tar_bytes(good("a", 1) + [("b.png", _PNG), ("b.rle.json", b"[]")]))
+    _, b = iter_samples(shard, _INSTANCE)
+    assert "no mask.png member (mask_kind=instance)" in b.detail and "rle.json" in b.detail
+    assert "--mask-kind auto" in b.detail and "--on-missing-mask superpixels" in b.detail
+
     bad = [("b.png", _PNG), ("b.mask.png", encode(np.zeros((4, 6), np.uint8)))]
     shard = write(tmp_path / "s.tar", tar_bytes(bad + [("c.png", encode(rgb(9, 20, 20)))]))
-    b, c = iter_samples(shard, SMALL)
+    b, c = iter_samples(shard, IngestConfig(mask_kind=MaskKind.INSTANCE, max_image_pixels=100))
     assert "6x4" in b.detail and "10x8" in b.detail
     assert "20x20" in c.detail and "max_image_pixels=100" in c.detail
 

@@ -21,5 +21,5 @@ def test_readme_corpus_example_gives_labelled_segments(tmp_path, monkeypatch):
     ingest = IngestConfig(mask_kind="instance")
     [sample] = list(iter_samples(str(tmp_path / "corpus" / "train-000000.tar"), ingest))
     assert isinstance(sample, Sample) and sample.image.shape == (64, 64, 3)
-    segments = make_segments(sample, ingest, SegmentConfig())
+    segments = make_segments(sample, SegmentConfig())
     assert sorted((s.label, s.area) for s in segments) == [("grass", 64 * 32), ("sky", 64 * 32)]

@@ -132,7 +132,7 @@ def test_region_embeddings_are_the_builders(world):
     encoder, bank = world["encoder"], world["bank"]
     shard = world["summary"].shards[0]
     sample = next(iter_samples(shard, IngestConfig()))
-    segments = make_segments(sample, IngestConfig(), tiny_config(shard, "unused").segments)
+    segments = make_segments(sample, tiny_config(shard, "unused").segments)
     masks = [s.mask for s in segments]
     image, soft = prepare_image(sample.image, masks, encoder.spec)
     builder = encode_batch(encoder, np.stack([image]), soft, np.zeros(len(masks), np.int64), [None] * len(masks), {})

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from bank_builder.config import IngestConfig, MaskKind, SegmentConfig
-from bank_builder.records import LabelSource, Reject, RejectReason, Sample, Segment
-from bank_builder.segments import make_segments, superpixel_segments
+from bank_builder.config import MaskKind, SegmentConfig
+from bank_builder.records import SUPERPIXEL, LabelSource, Reject, RejectReason, Sample, Segment
+from bank_builder.segments import make_segments, superpixel_segments, unlabelled_warning
 
 # pycocotools' decode (used here as the reference) trips a numpy 2 copy-keyword DeprecationWarning.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -20,15 +20,17 @@ ANY = SegmentConfig(min_area=1)
 GT, NONE = LabelSource.GROUND_TRUTH, LabelSource.NONE
 
 
-def sample(mask: np.ndarray | None = None, annotations: list | None = None, meta: dict | None = None) -> Sample:
+def sample(kind: MaskKind | None, mask: np.ndarray | None = None, annotations: list | None = None,
+           meta: dict | None = None) -> Sample:
     image = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
-    return Sample("s.tar", "k", 0, image, mask=mask, annotations=annotations, meta=meta or {})
+    return Sample("s.tar", "k", 0, image, mask_kind=kind, mask=mask, annotations=annotations, meta=meta or {})
 
 
 def segments(kind: MaskKind, config: SegmentConfig = ANY, **fields: Any) -> list[Segment]:
-    result = make_segments(sample(**fields), IngestConfig(mask_kind=kind), config)
+    result = make_segments(sample(kind, **fields), config)
     assert isinstance(result, list), result
     assert [s.index for s in result] == list(range(len(result)))
+    assert {s.mask_kind for s in result} <= {kind.value}  # each segment records the kind that cut it
     for s in result:  # every segment is self-consistent: mask, area, bbox, and RLE agree
         assert s.mask.shape == (H, W) and s.mask.dtype == bool and s.area == s.mask.sum()
         x0, y0, x1, y1 = s.bbox
@@ -41,7 +43,7 @@ def segments(kind: MaskKind, config: SegmentConfig = ANY, **fields: Any) -> list
 
 
 def reject(kind: MaskKind, config: SegmentConfig = ANY, **fields: Any) -> Reject:
-    result = make_segments(sample(**fields), IngestConfig(mask_kind=kind), config)
+    result = make_segments(sample(kind, **fields), config)
     assert isinstance(result, Reject), result
     assert (result.shard, result.key) == ("s.tar", "k") and result.detail
     return result
@@ -269,9 +271,23 @@ def test_superpixels_cover_the_image_and_are_deterministic():
 
 def test_unmasked_samples_fall_back_to_superpixels():
     image = blocks(H, W)
-    masked = np.ones((H, W), np.uint8)
-    for kind, fields in [(MaskKind.NONE, {"mask": masked}), (MaskKind.INSTANCE, {}), (MaskKind.RLE, {})]:
-        result = make_segments(Sample("s", "k", 0, image, meta={}, **fields), IngestConfig(mask_kind=kind), ANY)
-        assert isinstance(result, list) and len(result) >= 4
-        assert all(s.label is None and s.label_source is NONE for s in result)
-        assert sum(s.area for s in result) == H * W
+    result = make_segments(Sample("s", "k", 0, image, mask=np.ones((H, W), np.uint8)), ANY)  # mask_kind None
+    assert isinstance(result, list) and len(result) >= 4
+    assert all(s.label is None and s.label_source is NONE and s.mask_kind == SUPERPIXEL for s in result)
+    assert sum(s.area for s in result) == H * W
+
+
+@pytest.mark.parametrize("labelled, kinds, mask_kind, expected", [
+    (3, {}, MaskKind.INSTANCE, None),
+    (0, {"superpixel": 5}, MaskKind.AUTO, None),  # a mask-free corpus: superpixels by design
+    (0, {"superpixel": 5}, MaskKind.NONE, None),
+    (3, {"superpixel": 5}, MaskKind.AUTO, "5 from samples without a usable mask"),  # other samples had masks
+    (0, {"superpixel": 5}, MaskKind.INSTANCE, "--on-missing-mask reject"),  # the user said there are masks
+    (0, {"instance": 7}, MaskKind.AUTO, "json's `segments` does not name"),
+    (3, {"class": 2, "rle": 1}, MaskKind.CLASS, "2 from class indices missing from the json's `classes`; 1 from rle"),
+])
+def test_unlabelled_warning_names_the_cause(labelled, kinds, mask_kind, expected):
+    warning = unlabelled_warning(labelled, kinds, mask_kind)
+    assert warning is None if expected is None else expected in warning
+    if warning:
+        assert f"{sum(kinds.values())} of {labelled + sum(kinds.values())} segments have NO LABEL" in warning

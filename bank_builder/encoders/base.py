@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ class EncoderSpec:
     image_size: square input side in pixels; patch_size: pixels per feature cell, so the dense
     feature grid is (image_size // patch_size) squared. visual_dim: channels C of the dense features
     (the joint image-text space for CLIP-style encoders). text_dim: None when there is no text tower.
+    entry: the whole registry entry that built it (an open_clip model_config as content), so a reader
+    rebuilds the same encoder from the bank alone; None in banks built before it was recorded.
     """
 
     name: str
@@ -33,6 +36,7 @@ class EncoderSpec:
     text_dim: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    entry: dict[str, Any] | None = field(default=None, hash=False)
 
     @property
     def grid(self) -> int:
@@ -41,14 +45,14 @@ class EncoderSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        d = asdict(self)
+        d = asdict(self)  # deep-copies the entry
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EncoderSpec":
-        """Inverse of `to_dict`."""
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        """Inverse of `to_dict` (a dict without `entry` gives entry None)."""
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"]), "entry": copy.deepcopy(d.get("entry"))})
 
 
 class Encoder(ABC):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,16 +17,37 @@ from bank_builder.encoders.base import Encoder, EncoderSpec
 from bank_builder.encoders.registry import autocast, pixels_to_tensor
 
 
+_MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
 def _model_config(entry: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's model config for the entry's architecture, registering the entry's own config file first."""
-    arch = entry["architecture"]
-    if open_clip.get_model_config(arch) is None and entry.get("model_config"):
-        open_clip.add_model_config(entry["model_config"])
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
-        raise ValueError(f"encoder {entry['name']!r}: open_clip has no model config {arch!r} "
-                         "(the model_config file must be named after the architecture)")
-    return cfg
+    """open_clip's model config for the entry's architecture: the entry's own (registered with open_clip on
+    first use in this process), else one open_clip ships. ValueError when there is none, or when the entry's
+    differs from the one open_clip already holds under that name."""
+    arch, own = entry["architecture"], entry.get("model_config")
+    if own is not None and not all(k in own for k in _MODEL_CONFIG_KEYS):
+        raise ValueError(f"encoder {entry['name']!r}: its model_config needs the keys {list(_MODEL_CONFIG_KEYS)} "
+                         "(an open_clip model config)")
+    known = open_clip.get_model_config(arch)
+    if own is not None and known is None:
+        _add_model_config(arch, own)
+        known = open_clip.get_model_config(arch)
+    if known is None:
+        raise ValueError(f"encoder {entry['name']!r}: open_clip has no model config {arch!r}; give the entry a "
+                         "model_config (the architecture's open_clip JSON)")
+    if own is not None and known != own:
+        raise ValueError(f"encoder {entry['name']!r}: its model_config differs from the {arch!r} open_clip already "
+                         "holds (built in, or from another entry); give the architecture a name of its own")
+    return known
+
+
+def _add_model_config(arch: str, config: dict[str, Any]) -> None:
+    """Register a model config by content: open_clip's public API reads configs from files named after the
+    architecture, so it goes through a temporary one."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{arch}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
 
 
 def check_entry(entry: dict[str, Any]) -> None:

@@ -1,8 +1,11 @@
 """Named encoder configurations (one JSON file per entry in configs/) and building encoders from them.
 
 An entry binds architecture, pretrained weights and preprocessing, so a bank can never be built with
-one model's weights and another's normalisation. `resolve_spec` is cheap (no model, no torch model
-code imported); `load_encoder` builds the model and applies the weights policy:
+one model's weights and another's normalisation. An entry is self-contained data: an open_clip
+`model_config` file is read into it, so the entry can travel with a job (`EncoderConfig.entry`) to
+Ray workers and into a bank's encoder spec, and a worker or a query service rebuilds the encoder
+from it without any registry of its own. `resolve_spec` is cheap (no model, no torch model code
+imported); `load_encoder` builds the model and applies the weights policy:
 
 - "pretrained": the entry's tag; if there is none or it cannot be loaded → EncoderWeightsError.
   Never a silent fallback to random weights.
@@ -45,8 +48,13 @@ class EncoderWeightsError(RuntimeError):
     """The requested weights cannot be loaded; the message says what failed and what to do instead."""
 
 
-def _validate(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """A checked copy of a registry entry; a relative `model_config` is resolved against `base_dir`."""
+def _validate(entry: Any, base_dir: Path | None) -> dict[str, Any]:
+    """A checked copy of a registry entry; a `model_config` file (relative to `base_dir`) is read into it.
+
+    base_dir None: the entry travelled with a job or a bank, so it must already hold the content.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"an encoder entry is a JSON object, got {type(entry).__name__}")
     missing = [k for k in _REQUIRED if k not in entry]
     unknown = sorted(set(entry) - set(_REQUIRED) - set(_OPTIONAL))
     if missing or unknown:
@@ -55,16 +63,31 @@ def _validate(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     name = e["name"]
     if e["family"] not in FAMILIES:
         raise ValueError(f"encoder entry {name!r}: family must be one of {sorted(FAMILIES)}, not {e['family']!r}")
-    if e["family"] == "timm" and e["text_dim"] is not None:
-        raise ValueError(f"encoder entry {name!r}: timm encoders have no text tower, so text_dim must be null")
+    if e["family"] == "timm" and (e["text_dim"] is not None or e.get("model_config") is not None):
+        raise ValueError(f"encoder entry {name!r}: timm encoders have no text tower and no model_config file, so "
+                         "text_dim must be null and the architecture's options go in model_kwargs")
     dims = [e["image_size"], e["patch_size"], e["visual_dim"]] + ([] if e["text_dim"] is None else [e["text_dim"]])
     if not all(isinstance(d, int) and d > 0 for d in dims) or e["image_size"] % e["patch_size"]:
         raise ValueError(f"encoder entry {name!r}: sizes must be positive ints and image_size a multiple of patch_size")
     if len(e["mean"]) != 3 or len(e["std"]) != 3:
         raise ValueError(f"encoder entry {name!r}: mean and std need one value per RGB channel")
-    if e.get("model_config"):
-        e["model_config"] = str((base_dir / e["model_config"]).resolve())
+    if isinstance(e.get("model_config"), (str, os.PathLike)):
+        if base_dir is None:
+            raise ValueError(f"encoder entry {name!r} names its model_config file {e['model_config']!r}, which "
+                             "other processes cannot read; load the entry with read_encoder_entry (it reads the "
+                             "file into the entry)")
+        e["model_config"] = _read_json(base_dir / e["model_config"], f"model_config of encoder entry {name!r}")
+    if e.get("model_config") is not None and not isinstance(e["model_config"], dict):
+        raise ValueError(f"encoder entry {name!r}: model_config must be a file name or a JSON object")
     return e
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The parsed JSON file at `path`; ValueError naming `what` and the path when it is missing or invalid."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what}: cannot read {path}: {exc}") from None
 
 
 def _register(entry: dict[str, Any]) -> str:
@@ -94,19 +117,40 @@ def get_encoder_entry(name: str) -> dict[str, Any]:
     """A copy of the registry entry `name`; ValueError listing the known names if there is none."""
     if name not in _ENTRIES:
         raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())} "
-                         "(add one with add_encoder_config)")
+                         "(or bring your own: --encoder-config FILE, encoder_config_from_file)")
     return copy.deepcopy(_ENTRIES[name])
 
 
-def add_encoder_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> str:
-    """Register an entry from a JSON file or a dict and return its name; it is checked against its library."""
+def read_encoder_entry(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """A checked, self-contained entry from a JSON file or a dict (a relative model_config path is resolved
+    against the file's folder, or the working directory for a dict), checked against its library."""
     if isinstance(path_or_dict, dict):
         entry = _validate(path_or_dict, Path.cwd())
     else:
         path = Path(path_or_dict)
-        entry = _validate(json.loads(path.read_text()), path.parent)
+        entry = _validate(_read_json(path, "encoder config"), path.parent)
     _family(entry["family"]).check_entry(entry)
-    return _register(entry)
+    return entry
+
+
+def add_encoder_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> str:
+    """Register an entry in this process (see `read_encoder_entry`) and return its name.
+
+    A build pins the entry into its job config, so Ray workers need no registration of their own.
+    """
+    return _register(read_encoder_entry(path_or_dict))
+
+
+def encoder_config_from_file(path: str | os.PathLike, weights: str = "pretrained", seed: int = 0,
+                             device: str = "auto") -> EncoderConfig:
+    """An EncoderConfig carrying the whole entry in `path`; nothing is registered, nothing else is needed."""
+    entry = read_encoder_entry(path)
+    return EncoderConfig(name=entry["name"], weights=weights, seed=seed, device=device, entry=entry)
+
+
+def _entry(config: EncoderConfig) -> dict[str, Any]:
+    """The entry `config` carries (checked), or the one registered under its name."""
+    return _validate(config.entry, None) if config.entry is not None else get_encoder_entry(config.name)
 
 
 def _family(family: str) -> Any:
@@ -116,7 +160,7 @@ def _family(family: str) -> Any:
 
 def resolve_spec(config: EncoderConfig) -> EncoderSpec:
     """The spec `load_encoder(config)` will produce, without building a model."""
-    e = get_encoder_entry(config.name)
+    e = _entry(config)
     untrained = config.weights == "untrained"
     if config.weights == "pretrained":
         if e["pretrained"] is None:
@@ -131,13 +175,13 @@ def resolve_spec(config: EncoderConfig) -> EncoderSpec:
         name=e["name"], family=e["family"], architecture=e["architecture"], weights=weights,
         untrained=untrained, seed=config.seed if untrained else None, image_size=e["image_size"],
         patch_size=e["patch_size"], visual_dim=e["visual_dim"], text_dim=e["text_dim"],
-        mean=tuple(float(v) for v in e["mean"]), std=tuple(float(v) for v in e["std"]))
+        mean=tuple(float(v) for v in e["mean"]), std=tuple(float(v) for v in e["std"]), entry=e)
 
 
 def load_encoder(config: EncoderConfig) -> Encoder:
     """Build the encoder `config` names, with the weights it asks for, in eval mode on its device."""
     spec = resolve_spec(config)
-    entry = get_encoder_entry(config.name)
+    entry = spec.entry
     family = _family(entry["family"])
     family.check_entry(entry)
     if spec.untrained:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from bank_builder.format.errors import BankFormatError
@@ -84,6 +84,8 @@ class PartEntry:
     rejects: int
     reject_reasons: dict[str, int]
     fingerprint: str
+    labelled: int = 0  # segments with a label
+    unlabelled_by_kind: dict[str, int] = field(default_factory=dict)  # the others, by the mask kind that cut them
 
     def __post_init__(self) -> None:
         check_name(self.name)

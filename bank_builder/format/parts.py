@@ -83,6 +83,7 @@ class SegmentRows:
     bbox: list[tuple[int, int, int, int]] = field(default_factory=list)
     area: list[int] = field(default_factory=list)
     rle: list[dict[str, Any]] = field(default_factory=list)
+    mask_kind: list[str] = field(default_factory=list)  # what cut the segment: instance/class/binary/rle/superpixel
 
     def add(self, image_key: str, segments: list[Segment]) -> None:
         """Append the segments of one image."""
@@ -94,6 +95,7 @@ class SegmentRows:
             self.bbox.append(tuple(int(v) for v in s.bbox))
             self.area.append(int(s.area))
             self.rle.append({"size": [int(v) for v in s.rle["size"]], "counts": s.rle["counts"]})
+            self.mask_kind.append(s.mask_kind)
 
     def __len__(self) -> int:
         return len(self.image_key)
@@ -113,6 +115,7 @@ def part_schema(visual_dim: int, text_dim: int | None) -> pa.Schema:
             ("bbox", pa.list_(pa.int32(), 4)),
             ("area", pa.int64()),
             ("mask", pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])),
+            ("mask_kind", pa.string()),
             ("quality", pa.float32()),
             ("visual_embedding", pa.list_(pa.float16(), visual_dim)),
             ("text_embedding", text_type),
@@ -148,6 +151,7 @@ def part_table(
         _fixed_list(np.asarray(rows.bbox, dtype=np.int32).reshape(n, 4), 4),
         pa.array(rows.area, pa.int64()),
         pa.array(rows.rle, part_schema(1, None).field("mask").type),
+        pa.array(rows.mask_kind, pa.string()),
         pa.array(quality.astype(np.float32)),
         _fixed_list(visual.astype(np.float16), width),
         _fixed_list(text_values, text_width, text_valid),

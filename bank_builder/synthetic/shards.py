@@ -70,11 +70,11 @@ def _validate(config: CorpusConfig) -> CorpusConfig:
         raise ValueError("shards and heldout_shards must be >= 0 and samples_per_shard >= 1")
     if not 0 <= config.min_objects <= config.max_objects:
         raise ValueError(f"need 0 <= min_objects <= max_objects, got {config.min_objects}..{config.max_objects}")
-    try:
-        kind = MaskKind(config.mask_kind)
-    except ValueError:
-        raise ValueError(f"mask_kind={config.mask_kind!r}: use one of {[k.value for k in MaskKind]}") from None
-    return replace(config, mask_kind=kind)
+    # auto is how a build reads a mixed corpus; a corpus is written in one kind
+    written = [k.value for k in MaskKind if k is not MaskKind.AUTO]
+    if config.mask_kind not in written:
+        raise ValueError(f"mask_kind={getattr(config.mask_kind, 'value', config.mask_kind)!r}: use one of {written}")
+    return replace(config, mask_kind=MaskKind(config.mask_kind))
 
 
 def _png(array: np.ndarray) -> bytes:
