@@ -276,6 +276,9 @@ def serve_cmd(
     cache_dir: Optional[Path] = typer.Option(None, help="Local disk tier of the list cache: lists fetched from the "
                                              "bank are kept here by content (and survive restarts)."),
     disk_cache_mb: int = typer.Option(4096, help="Byte limit of --cache-dir, MiB (least recently used go first)."),
+    prefetch: bool = typer.Option(False, help="After the bank opens, fill the free memory budget in the background "
+                                  "with the lists earlier runs probed most (counts kept in --cache-dir), else "
+                                  "the largest; requests always go first."),
     memory_mb: int = typer.Option(1024, help="Memory budget of resident inverted lists, MiB. Lists are fetched by byte "
                                   "range when a query first probes them; when the whole index fits nothing is ever "
                                   "evicted, otherwise lists are evicted (2Q: lists seen once go first) to make room."),
@@ -294,6 +297,7 @@ def serve_cmd(
     _setup_logging(True)
     serve(ServiceConfig(bank=bank, version=version, storage_options=_storage_options(storage_option, endpoint_url),
                         cache_dir=str(cache_dir) if cache_dir else None, disk_bytes=disk_cache_mb << 20,
+                        prefetch=prefetch,
                         memory_bytes=memory_mb << 20,
                         weights=weights, token=token), host=host, port=port)
 

@@ -30,7 +30,6 @@ import logging
 import mmap
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,12 +40,12 @@ import numpy as np
 from bank_builder.format import BankRef, IndexEntry
 from bank_builder.format.index_layout import MAX_GAP, ListLayout, fetch_lists
 from query.disk_cache import DiskCache
+from query.eviction import POLICIES, make_policy
 
 log = logging.getLogger("refbank.query")
 
 PAGE = mmap.PAGESIZE
 DEFAULT_MEMORY_BYTES = 1 << 30
-POLICIES = ("2q", "lru")
 
 
 class BudgetTooSmall(ValueError):
@@ -114,105 +113,6 @@ class _RWLock:
                 self._cond.notify_all()
 
 
-class _TwoQueue:
-    """2Q over list numbers, by bytes. A list enters on probation (first in, first out); a list probed again while
-    on probation, or fetched again soon after probation evicted it (its number is still among the `ghosts`),
-    moves to the protected LRU. Victims come from probation first, so a scan of one-off lists only cycles
-    probation; the protected segment keeps at most `protected_share` of the budget, its least recent lists
-    going back to probation."""
-
-    def __init__(self, charge: np.ndarray, budget: int, protected_share: float = 0.75) -> None:
-        self.charge, self.cap = charge, int(protected_share * budget)
-        mean = float(charge[charge > 0].mean()) if (charge > 0).any() else 1.0
-        self.ghost_limit = max(16, int(budget / mean))  # about as many numbers as the budget holds lists
-        self.probation: OrderedDict[int, None] = OrderedDict()
-        self.protected: OrderedDict[int, None] = OrderedDict()
-        self.ghosts: OrderedDict[int, None] = OrderedDict()
-        self.protected_bytes = 0
-        self._lock = threading.Lock()
-
-    def touch(self, lists: np.ndarray) -> None:
-        with self._lock:
-            for l in lists.tolist():
-                if l in self.probation:
-                    del self.probation[l]
-                    self._protect(l)
-                elif l in self.protected:
-                    self.protected.move_to_end(l)
-            self._trim_protected()
-
-    def insert(self, lists: np.ndarray) -> None:
-        with self._lock:
-            for l in lists.tolist():
-                if self.ghosts.pop(l, "absent") is None:  # evicted from probation a moment ago: in use after all
-                    self._protect(l)
-                else:
-                    self.probation[l] = None
-            self._trim_protected()
-
-    def victims(self, charge: np.ndarray, need: int, protect: np.ndarray) -> np.ndarray:
-        """Lists to evict until their charges reach `need`: probation's oldest first, then protected's."""
-        picked, freed = [], 0
-        with self._lock:
-            for segment in (self.probation, self.protected):
-                for l in list(segment):
-                    if freed >= need:
-                        break
-                    if not protect[l]:
-                        del segment[l]
-                        picked.append(l)
-                        freed += int(charge[l])
-                        if segment is self.protected:
-                            self.protected_bytes -= int(charge[l])
-                        else:
-                            self.ghosts[l] = None
-            while len(self.ghosts) > self.ghost_limit:
-                self.ghosts.popitem(last=False)
-        return np.array(picked, np.int64)
-
-    def _protect(self, l: int) -> None:
-        self.protected[l] = None
-        self.protected_bytes += int(self.charge[l])
-
-    def _trim_protected(self) -> None:
-        while self.protected_bytes > self.cap and self.protected:
-            l, _ = self.protected.popitem(last=False)
-            self.protected_bytes -= int(self.charge[l])
-            self.probation[l] = None
-
-
-class _LRU:
-    """Least recently used over list numbers (the baseline 2Q is measured against)."""
-
-    def __init__(self) -> None:
-        self.order: OrderedDict[int, None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def touch(self, lists: np.ndarray) -> None:
-        with self._lock:
-            for l in lists.tolist():
-                if l in self.order:
-                    self.order.move_to_end(l)
-
-    def insert(self, lists: np.ndarray) -> None:
-        with self._lock:
-            for l in lists.tolist():
-                self.order[l] = None
-
-    def victims(self, charge: np.ndarray, need: int, protect: np.ndarray) -> np.ndarray:
-        picked, freed = [], 0
-        with self._lock:
-            for l in list(self.order):
-                if freed >= need:
-                    break
-                if not protect[l]:
-                    picked.append(l)
-                    freed += int(charge[l])
-            for l in picked:
-                del self.order[l]
-        return np.array(picked, np.int64)
-
-
 @dataclass
 class _Fetch:
     """A fetch in flight: set when done, with the error when it failed (every waiter sees it)."""
@@ -251,9 +151,10 @@ class ListCache:
         self.resident = np.zeros(self.nlist, bool)
         self.invlists = faiss.ArrayInvertedLists(self.nlist, self.code_size)
         self.ivf.replace_invlists(self.invlists, False)  # self.invlists keeps it alive
-        self.policy = _TwoQueue(self.charge, config.memory_bytes) if config.policy == "2q" else _LRU()
+        self.policy = make_policy(config.policy, self.charge, config.memory_bytes)
         self._rw, self._lock = _RWLock(), threading.Lock()
         self._inflight: dict[int, _Fetch] = {}
+        self.foreground = 0  # searches waiting on fetches now: a prefetcher holds back while any do
         self.resident_bytes = self.leaked_bytes = 0
         self._counts = {"hits": 0, "misses": 0, "fetch_requests": 0, "bytes_fetched": 0, "evictions": 0,
                         "compactions": 0, "fetch_seconds": 0.0}
@@ -307,30 +208,60 @@ class ListCache:
             raise BudgetTooSmall(f"this search probes {len(lists)} lists needing {need} bytes, more than the list "
                                  f"cache's budget of {self.config.memory_bytes} bytes: raise the memory budget "
                                  "or lower nprobe / the batch size")
+        mine, theirs = self._claim(missing)
+        with self._lock:
+            self._counts["misses"] += len(mine)
+            self.foreground += 1
+        try:
+            if mine:
+                self._fetch_and_install(np.array(mine, np.int64), protect=lists)
+            for fetch in theirs:
+                fetch.done.wait()
+                if fetch.error is not None:
+                    raise fetch.error
+        finally:
+            with self._lock:
+                self.foreground -= 1
+
+    def _claim(self, lists: np.ndarray) -> tuple[list[int], list[_Fetch]]:
+        """(the lists of `lists` this thread now fetches, the fetches in flight it waits for instead); resident
+        lists are left out."""
         mine, theirs = [], []
         with self._lock:
-            for l in missing[~self.resident[missing]].tolist():
+            for l in lists[~self.resident[lists]].tolist():
                 if l in self._inflight:
                     theirs.append(self._inflight[l])
                 else:
                     self._inflight[l] = _Fetch()
                     mine.append(l)
-            self._counts["misses"] += len(mine)
-        if mine:
-            self._fetch_and_install(np.array(mine, np.int64), protect=lists)
-        for fetch in theirs:
-            fetch.done.wait()
-            if fetch.error is not None:
-                raise fetch.error
+        return mine, theirs
 
-    def _fetch_and_install(self, lists: np.ndarray, protect: np.ndarray) -> None:
-        """Fetch `lists` (this thread owns their in-flight records) and install them; every waiter is woken,
-        with the error when one happened."""
+    def prefetch(self, lists: np.ndarray) -> int:
+        """Fetch and install the lists of `lists` that are not resident, in order, as far as the free budget
+        goes: never evicts (a prefetch only fills memory nothing else uses). Returns how many it installed."""
+        with self._lock:
+            free = self.config.memory_bytes - self.resident_bytes - self.leaked_bytes
+            wanted = lists[~self.resident[lists]]
+            fits = wanted[np.cumsum(self.charge[wanted]) <= free]
+        mine, _ = self._claim(fits)
+        if mine:
+            self._fetch_and_install(np.array(mine, np.int64), protect=np.array(mine, np.int64), evict=False)
+        return len(mine)
+
+    def _fetch_and_install(self, lists: np.ndarray, protect: np.ndarray, evict: bool = True) -> None:
+        """Fetch `lists` (this thread owns their in-flight records) and install them, evicting others for room
+        unless `evict` is False (then lists that no longer fit are dropped); every waiter is woken, with the
+        error when one happened."""
         error: BaseException | None = None
+        claimed = lists
         try:
             data = self._read(lists.tolist())
             with self._rw.write():
-                self._make_room(int(self.charge[lists].sum()), protect)
+                if evict:
+                    self._make_room(int(self.charge[lists].sum()), protect)
+                else:
+                    free = self.config.memory_bytes - self.resident_bytes - self.leaked_bytes
+                    lists = lists[np.cumsum(self.charge[lists]) <= free]
                 for l in lists.tolist():
                     self._install(l, data[l])
                 with self._lock:
@@ -342,7 +273,7 @@ class ListCache:
             raise
         finally:
             with self._lock:
-                for l in lists.tolist():
+                for l in claimed.tolist():  # all of them: a list dropped for want of room wakes its waiters too
                     fetch = self._inflight.pop(l)
                     fetch.error = error
                     fetch.done.set()

@@ -1,4 +1,4 @@
-"""Retrieval segmentation: regions of a query image labelled from a reference bank (DESIGN.md, "Query modes").
+"""Retrieval segmentation: regions of a query image labelled from a reference bank.
 
 Build a `Segmenter` once from an encoder and the bank's three read interfaces (below), then call a mode per
 image: `vocabulary` (class names → text → bank labels → visual prototypes), `open_set` (kNN label vote),

@@ -83,6 +83,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if not state.ready:
             threading.Thread(target=_load_logged, args=(state,), name="refbank-load", daemon=True).start()
         yield
+        state.close()
 
     app = FastAPI(title="refbank", version="1", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="Retrieval segmentation over a reference bank. Errors: {error, detail}.",

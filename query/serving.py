@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +28,7 @@ from bank_builder.format import BankError, BankMismatchError, BankRef, current_v
 from query.bank import Bank, open_bank
 from query.disk_cache import DiskCache
 from query.lists import DEFAULT_MEMORY_BYTES, CacheConfig
+from query.prefetch import Prefetcher
 from query.regions import RegionConfig
 from query.search import MAX_K, BankSearcher
 from query.segment import LabelTable, Segmenter
@@ -44,7 +46,8 @@ class ServiceConfig:
     bank: bank URI (any fsspec URL); version: the version to serve (None = CURRENT); storage_options: fsspec
     options of the bank; cache_dir: local disk tier of the list cache (None = none), holding at most disk_bytes;
     memory_bytes: the list cache's memory budget (a budget that holds the whole index never evicts); eviction:
-    "2q" or "lru".
+    "2q" or "lru"; prefetch: after a version opens, fill the free budget in the background with the lists
+    earlier runs probed most (access counts kept in cache_dir), else the largest.
     weights: a local checkpoint path for the bank's encoder when its spec names
     pretrained weights (untrained banks always load seeded random weights, as built); device: "auto" / "cpu" /
     "cuda". Limits: max_upload_bytes (whole request body), max_pixels (width × height, checked from the image
@@ -58,6 +61,7 @@ class ServiceConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
     disk_bytes: int = 4 << 30
+    prefetch: bool = False
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     eviction: str = "2q"
     weights: str | None = None
@@ -101,6 +105,7 @@ class Snapshot:
     table: LabelTable
     segmenters: dict[str, Segmenter]  # region kind → Segmenter
     loaded_at: float
+    prefetcher: Prefetcher | None = None  # warms the list cache; keeps access counts beside the disk cache
 
 
 def label_table(bank: Bank) -> LabelTable:
@@ -201,6 +206,8 @@ class ServiceState:
             old = self._live
             self._retired.update({k: v for k, v in old.searcher.stats().items() if k in CACHE_COUNTERS})
             self._live = fresh  # the swap: one reference assignment
+            if old.prefetcher is not None:
+                old.prefetcher.stop()
             self.reloads["ok"] += 1
         log.info("switched from %s to %s", old.bank.version, fresh.bank.version)
         return old.bank.version, fresh.bank.version
@@ -230,7 +237,19 @@ class ServiceState:
         table = label_table(bank)
         segmenters = {kind: Segmenter(self.encoder, searcher, bank, table, RegionConfig(kind=kind))
                       for kind in ("superpixel", "grid")}
-        return Snapshot(bank, searcher, table, segmenters, time.time())
+        prefetcher = None
+        if config.prefetch or config.cache_dir:
+            heat = Path(config.cache_dir) / f"heat-{bank.index.id}.npy" if config.cache_dir else None
+            prefetcher = Prefetcher(searcher.cache, heat)
+            if config.prefetch:
+                prefetcher.start()
+        return Snapshot(bank, searcher, table, segmenters, time.time(), prefetcher)
+
+    def close(self) -> None:
+        """Stop prefetching and keep the list access counts (at shutdown)."""
+        snapshot = self._live
+        if snapshot is not None and snapshot.prefetcher is not None:
+            snapshot.prefetcher.stop()
 
 
 # ----------------------------------------------------------------------------------------- uploads

@@ -25,6 +25,7 @@ from query import lists as lists_module
 from query.bank import METADATA_COLUMNS, open_bank
 from query.disk_cache import DiskCache
 from query.lists import BudgetTooSmall, CacheConfig
+from query.prefetch import Prefetcher
 from query.search import MAX_K, BankSearcher
 
 K = 10
@@ -204,6 +205,57 @@ def test_searches_from_many_threads_match_serial_results(built, mono, share):
     assert stats["resident_bytes"] + stats["leaked_bytes"] <= budget
     if share is None:  # each probed list installed once, however many threads wanted it
         assert stats["evictions"] == 0 and stats["misses"] == stats["resident_lists"]
+
+
+def test_prefetch_fills_the_free_budget_largest_first_and_never_evicts(built, mono):
+    budget = _whole_bytes(built) // 2
+    searcher = _searcher(built.url, memory_bytes=budget)
+    prefetcher = Prefetcher(searcher.cache).start()
+    assert prefetcher.wait(60)
+    stats, cache = searcher.stats(), searcher.cache
+    assert stats["evictions"] == 0 and prefetcher.installed == stats["resident_lists"] > 0
+    assert budget - cache.charge.max() < stats["resident_bytes"] <= budget  # filled, as far as lists fit
+    sizes = cache.directory["bytes"]
+    assert sizes[cache.resident].mean() > 1.5 * sizes[~cache.resident].mean()  # the largest went first
+    q = _queries(built, 16, seed=8)
+    _assert_same(searcher.search(q, K, 4), mono.search(q, K, 4, 2))
+
+
+def test_access_counts_persist_and_order_the_next_prefetch(built, tmp_path):
+    heat = tmp_path / "heat.npy"
+    first = _searcher(built.url)
+    hot = clustered(np.random.default_rng(12), built.centers[3:4], 20)
+    for q in hot:
+        first.search(q[None], K, nprobe=2)
+    Prefetcher(first.cache, heat).save_heat()
+    probed = np.unique(first.ivf.quantizer.search(hot, 2)[1])
+    second = _searcher(built.url, memory_bytes=_whole_bytes(built) // 4)
+    prefetcher = Prefetcher(second.cache, heat)
+    assert set(prefetcher.order()[:len(probed)].tolist()) == set(probed.tolist())  # the hot lists lead
+    assert prefetcher.start().wait(60) and second.cache.resident[probed].all()
+
+
+def test_prefetch_holds_back_while_a_request_waits_on_a_fetch(built, monkeypatch):
+    searcher = _searcher(built.url)
+    calls, fetch = [], lists_module.fetch_lists
+
+    def slow(ref, entry, directory, lists, max_gap=index_layout.MAX_GAP):
+        start = time.monotonic()
+        time.sleep(0.3 if threading.current_thread().name == "request" else 0.0)
+        calls.append((threading.current_thread().name, start, time.monotonic()))
+        return fetch(ref, entry, directory, lists, max_gap)
+
+    monkeypatch.setattr(lists_module, "fetch_lists", slow)
+    request = threading.Thread(target=searcher.search, args=(_queries(built, 1), K), name="request")
+    request.start()
+    while not searcher.cache.foreground:  # the request is fetching now
+        time.sleep(0.005)
+    prefetcher = Prefetcher(searcher.cache).start()
+    request.join()
+    assert prefetcher.wait(60)
+    (_, _, request_done), = [c for c in calls if c[0] == "request"]
+    prefetched = [c for c in calls if c[0] == "refbank-prefetch"]
+    assert prefetched and all(start >= request_done for _, start, _ in prefetched)
 
 
 def test_disk_tier_serves_a_second_process_and_replaces_a_damaged_copy(built, tmp_path):

@@ -1,7 +1,7 @@
 """Deterministic synthetic WebDataset corpus: image + mask + json shards for tests, demos and evals.
 
 `make_corpus(url, CorpusConfig(...))` writes the shards; `make_scene` composes one image; the class
-table is `class_names()`. See DESIGN.md, "Corpus convention", for the layout it follows.
+table is `class_names()`. The README and docs/CORPUS.md describe the layout it follows.
 """
 
 from bank_builder.synthetic.scenes import BACKGROUND_CLASSES, Scene, class_names, make_scene, min_visible_area

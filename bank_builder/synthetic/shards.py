@@ -1,6 +1,6 @@
 """Encode synthetic scenes as WebDataset samples and write them as deterministic tar shards.
 
-Layout (DESIGN.md, corpus convention): `{url}/train-{i:06d}.tar` and `{url}/heldout-{i:06d}.tar`;
+Layout (the corpus convention, docs/CORPUS.md): `{url}/train-{i:06d}.tar` and `{url}/heldout-{i:06d}.tar`;
 sample key `{split}-{shard:06d}-{sample:06d}`; members `<key>.jpg|png`, `<key>.json`, and by mask
 kind `<key>.mask.png` or `<key>.rle.json`.
 """
