@@ -1,15 +1,15 @@
-"""Benchmark the sliced Ray index build against one monolithic faiss build; plot recall vs latency.
+"""Benchmark refbank's Ray index build against one monolithic faiss build; plot recall vs latency.
 
     python bench/index_build.py --vectors 1000000 --dim 64 --out bench-out/index
 
-Both builds index the same synthetic bank (Parquet parts written once, reused by later runs with the same
-shape) with the same factory string and the same training sample, each in its own subprocess:
+Both builds index the same synthetic bank (bench/synthetic_bank.py: Parquet parts written once, reused by later
+runs with the same shape) with the same factory string and the same training sample, each in its own subprocess:
   monolithic  read every part into one float32 matrix, train, add_with_ids, faiss.write_index
-  sliced      bank_builder.index.build_index on a fresh local Ray (2 CPUs here)
+  refbank     bank_builder.index.build_index on a fresh local Ray (2 CPUs here): list objects + directory
 Memory: the parent samples the subprocess and all its descendants (driver, Ray workers, raylet, GCS, agents)
 every 0.1 s with psutil and reports the peak of the summed PSS (shared pages, e.g. Ray's /dev/shm object
 store, counted once), the peak of the summed RSS, and the largest single process; plus each driver's own
-ru_maxrss. Build time of the sliced variant is reported with and without its extra stages (autotune, text).
+ru_maxrss. Build time of refbank's variant is reported with and without its extra stages (autotune, text).
 Needs matplotlib for the plot (`pip install matplotlib==3.11.2`); prints one JSON object.
 """
 
@@ -27,7 +27,11 @@ import time
 import numpy as np
 import psutil
 
-from bank_builder import manifest, store
+import bench_common  # noqa: E402 - first: it takes this folder off the path (bench/query.py shadows `query`)
+
+bench_common.leave_bench_folder()
+_bank = bench_common.sibling("synthetic_bank")
+clustered, ensure_bank, ground_truth, read_all = _bank.clustered, _bank.ensure_bank, _bank.ground_truth, _bank.read_all
 
 RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "monitor.py")
 
@@ -47,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nprobes", default="1,2,4,8,16,32,64,128,256")
     p.add_argument("--out", default="bench-out/index")
     p.add_argument("--repeat", type=int, default=1, help="runs per variant, alternating; fastest time, top memory")
-    p.add_argument("--variant", choices=["monolithic", "sliced"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=["monolithic", "refbank"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -60,75 +64,28 @@ def config_for(args: argparse.Namespace):
     return IndexConfig(**{**base.__dict__, "factory": factory})
 
 
-# --- the synthetic bank ------------------------------------------------------------------------------------
-
-
-def ensure_bank(args: argparse.Namespace) -> tuple[str, np.ndarray]:
-    """(bank URL, cluster centers): written once per shape, reused when the marker says it matches."""
-    bank = os.path.abspath(os.path.join(args.out, f"bank-{args.vectors}x{args.dim}"))
-    marker = os.path.join(bank, "bench.json")
-    shape = {"vectors": args.vectors, "dim": args.dim, "parts": args.parts, "clusters": args.clusters,
-             "spread": args.spread}
-    if os.path.exists(marker) and json.load(open(marker)) == shape:
-        return bank, np.load(os.path.join(bank, "centers.npy"))
-    rng = np.random.default_rng(0)
-    centers = _unit(rng.standard_normal((args.clusters, args.dim)))
-    label_text = _unit(rng.standard_normal((200, 32))).astype(np.float16)
-    infos, sizes = [], np.diff(np.linspace(0, args.vectors, args.parts + 1).astype(int))
-    for ordinal, n in enumerate(sizes):
-        name = f"part-{ordinal:05d}"
-        x = clustered(rng, centers, int(n), args.spread).astype(np.float16)
-        which = rng.integers(0, len(label_text), n)
-        rows = store.SegmentRows(image_key=[f"{name}/{i}" for i in range(n)], segment_index=[0] * n,
-                                 label=[f"label-{w}" for w in which], label_source=["ground_truth"] * n,
-                                 bbox=[(0, 0, 1, 1)] * n, area=[1] * n, rle=[{"size": [1, 1], "counts": "1"}] * n,
-                                 mask_kind=["instance"] * n)
-        table = store.part_table(name, ordinal, rows, x, np.ones(n, np.float32), list(label_text[which]), 32)
-        info = store.PartInfo(name, ordinal, f"synthetic://{name}", int(n), 0, "", int(n), 0, {}, "bench")
-        infos.append(store.write_part(bank, table, info, {"name": "synthetic"}, {}))
-    spec = {"name": "synthetic", "visual_dim": args.dim, "text_dim": 32}
-    manifest.publish(bank, manifest.make_manifest(infos, spec, "bench", {}), manifest.read_current(bank))
-    np.save(os.path.join(bank, "centers.npy"), centers)
-    json.dump(shape, open(marker, "w"))
-    return bank, centers
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def clustered(rng: np.random.Generator, centers: np.ndarray, n: int, spread: float) -> np.ndarray:
-    d = centers.shape[1]
-    return _unit(centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d))
-
-
 # --- the two variants (each runs in its own subprocess) ------------------------------------------------------
 
 
 def run_monolithic(args: argparse.Namespace, bank: str) -> dict:
-    """One faiss index in one process: all vectors in memory, the same training sample as the sliced build.
+    """One faiss index in one process: all vectors in memory, the same training sample as refbank's build.
 
-    With refine, the index stores what the sliced build stores: ids, codes and float16 vectors
+    With refine, the index stores what refbank's lists store: ids, codes and float16 vectors
     (IndexIDMap(IndexRefine(the trained IVF, SQfp16)), i.e. factory "<factory>,Refine(SQfp16)" + ids)."""
     import faiss
 
+    from bank_builder.format import BankRef, read_manifest
     from bank_builder.index import choose_params
-    from bank_builder.index.source import VISUAL, iter_row_groups, matrix
     from bank_builder.index.train import plan_sample, train_index
 
     config, t0 = config_for(args), time.perf_counter()
-    m = manifest.read_manifest(bank)
-    parts = sorted(m["parts"], key=lambda p: p["ordinal"])
-    n = sum(p["rows"] for p in parts)
-    x, ids, at = np.empty((n, m["dims"]["visual"]), np.float32), np.empty(n, np.int64), 0
-    for p in parts:  # filled in place: peak memory is the matrix itself, not a list of chunks plus a copy
-        for t in iter_row_groups(bank, p["name"], ["segment_id", VISUAL], None):
-            x[at:at + t.num_rows], ids[at:at + t.num_rows] = matrix(t[VISUAL]), t["segment_id"].to_numpy()
-            at += t.num_rows
+    entries = sorted(read_manifest(BankRef(bank)).parts, key=lambda p: p.ordinal)
+    x, ids = read_all(bank)
     t_read = time.perf_counter()
     params = choose_params(len(x), x.shape[1], config)
-    plan, starts = plan_sample(parts, params.n_train, params.n_queries, config.seed), np.cumsum([0] + [p["rows"] for p in parts])
-    train_rows = np.concatenate([starts[i] + plan[p["name"]][0] for i, p in enumerate(parts)])
+    plan, starts = plan_sample(entries, params.n_train, params.n_queries, config.seed), np.cumsum(
+        [0] + [p.rows for p in entries])
+    train_rows = np.concatenate([starts[i] + plan[p.name][0] for i, p in enumerate(entries)])
     index, _ = train_index(params, x[train_rows], config)
     if config.refine:
         refine = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
@@ -146,7 +103,7 @@ def run_monolithic(args: argparse.Namespace, bank: str) -> dict:
             "index_bytes": os.path.getsize(path), "driver_ru_maxrss_mb": _ru_maxrss_mb()}
 
 
-def run_sliced(args: argparse.Namespace, bank: str) -> dict:
+def run_refbank(args: argparse.Namespace, bank: str) -> dict:
     """bank_builder.index.build_index on a fresh local Ray."""
     import ray
 
@@ -159,7 +116,7 @@ def run_sliced(args: argparse.Namespace, bank: str) -> dict:
     extra = r.timings_s.get("autotune", 0) + r.timings_s.get("text", 0)
     return {"factory": r.factory, "seconds": round(r.timings_s["total"], 2),
             "seconds_without_autotune_text": round(r.timings_s["total"] - extra, 2), "stages_s": r.timings_s,
-            "slices": r.slices, "bytes": r.bytes, "nprobe": r.nprobe, "recall_at_10": r.recall_at_k,
+            "list_objects": r.objects, "bytes": r.bytes, "nprobe": r.nprobe, "recall_at_10": r.recall_at_k,
             "version": r.version, "driver_ru_maxrss_mb": _ru_maxrss_mb()}
 
 
@@ -220,38 +177,26 @@ def measured(cmd: list[str]) -> dict:
 # --- recall vs latency ----------------------------------------------------------------------------------------
 
 
-def ground_truth(bank: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k segment ids over every part, streamed (faiss.knn per row group + ResultHeap)."""
-    import faiss
-
-    from bank_builder.index.source import VISUAL, iter_row_groups, matrix
-
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    for p in manifest.read_manifest(bank)["parts"]:
-        for t in iter_row_groups(bank, p["name"], ["segment_id", VISUAL], None):
-            scores, rows = faiss.knn(queries, matrix(t[VISUAL], np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, t["segment_id"].to_numpy()[rows])
-    heap.finalize()
-    return heap.I
-
-
 def curves(args: argparse.Namespace, bank: str, centers: np.ndarray) -> dict:
-    """recall@10 and ms/query per nprobe: sliced with refine, sliced without, and the monolithic index."""
+    """recall@10 and ms/query per nprobe: refbank's search with refine and without, and the monolithic index."""
     import faiss
 
-    from bank_builder.index import open_index
     from bank_builder.index.autotune import recall_at_k
+    from query.bank import open_bank
+    from query.lists import CacheConfig
+    from query.search import BankSearcher
 
     queries = clustered(np.random.default_rng(123), centers, args.queries, args.spread)  # not bank vectors
     truth = ground_truth(bank, queries, 10)
-    sliced, mono = open_index(bank), faiss.read_index(artifact(args, "monolithic", "faissindex"))
-    nprobes = [n for n in map(int, args.nprobes.split(",")) if n <= sliced.nlist]
-    sliced.search(queries[:10], 10, nprobe=sliced.nlist)  # load every slice: measure search, not storage
-    out: dict[str, list] = {"sliced_refine": [], "sliced": [], "monolithic_refine": [], "monolithic": []}
+    searcher = BankSearcher(open_bank(bank), CacheConfig(memory_bytes=1 << 40))
+    mono = faiss.read_index(artifact(args, "monolithic", "faissindex"))
+    nprobes = [n for n in map(int, args.nprobes.split(",")) if n <= searcher.nlist]
+    searcher.search(queries[:10], 10, nprobe=searcher.nlist)  # load every list: measure search, not storage
+    out: dict[str, list] = {"refbank_refine": [], "refbank": [], "monolithic_refine": [], "monolithic": []}
     refine = args.refine_factor
     for nprobe in nprobes:
-        for name, fn in (("sliced_refine", lambda: sliced.search(queries, 10, nprobe, refine)),
-                         ("sliced", lambda: sliced.search(queries, 10, nprobe, 0)),
+        for name, fn in (("refbank_refine", lambda: searcher.search(queries, 10, nprobe, refine)),
+                         ("refbank", lambda: searcher.search(queries, 10, nprobe, 0)),
                          ("monolithic_refine", lambda: _mono_search(mono, queries, nprobe, refine)),
                          ("monolithic", lambda: _mono_search(mono, queries, nprobe, 1))):
             if refine == 0 and name.endswith("_refine"):
@@ -284,13 +229,13 @@ def plot(data: dict, path: str, title: str) -> str | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in (("sliced_refine", "o-"), ("sliced", "s-"), ("monolithic_refine", "v--"),
+    for name, style in (("refbank_refine", "o-"), ("refbank", "s-"), ("monolithic_refine", "v--"),
                         ("monolithic", "^--")):
         pts = data[name]
         if not pts:
             continue
         ax.plot([p["ms_per_query"] for p in pts], [p["recall_at_10"] for p in pts], style, label=name)
-        for p in pts if name.startswith("sliced") else []:
+        for p in pts if name.startswith("refbank") else []:
             ax.annotate(str(p["nprobe"]), (p["ms_per_query"], p["recall_at_10"]), fontsize=7,
                         textcoords="offset points", xytext=(3, -9))
     ax.axhline(0.95, color="grey", lw=0.8, ls=":")
@@ -303,7 +248,7 @@ def plot(data: dict, path: str, title: str) -> str | None:
 
 
 def build_seconds(run: dict) -> float:
-    """What the time ratio compares: the whole build, less the sliced build's extra stages (autotune, text)."""
+    """What the time ratio compares: the whole build, less refbank's extra stages (autotune, text)."""
     return run.get("seconds_without_autotune_text", run["seconds"])
 
 
@@ -319,31 +264,31 @@ def best(runs: list[dict]) -> dict:
 def main() -> None:
     args = parse_args()
     os.makedirs(args.out, exist_ok=True)
-    bank, centers = ensure_bank(args)
+    bank, centers = ensure_bank(args.out, args.vectors, args.dim, args.parts, args.clusters, args.spread)
     if args.variant:
-        run = run_monolithic if args.variant == "monolithic" else run_sliced
+        run = run_monolithic if args.variant == "monolithic" else run_refbank
         print(json.dumps(run(args, bank)))
         return
     base = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
-    runs: dict[str, list[dict]] = {"monolithic": [], "sliced": []}
+    runs: dict[str, list[dict]] = {"monolithic": [], "refbank": []}
     for _ in range(args.repeat):  # alternate, so load from other work on the machine hits both alike
         for variant in runs:
             runs[variant].append(measured(base + ["--variant", variant]))
-    mono, sliced = best(runs["monolithic"]), best(runs["sliced"])
+    mono, ours = best(runs["monolithic"]), best(runs["refbank"])
     data = curves(args, bank, centers)
-    title = f"{args.vectors:,} × {args.dim}, {sliced['factory']}"
+    title = f"{args.vectors:,} × {args.dim}, {ours['factory']}"
     png = plot(data, artifact(args, "recall_latency", "png"), title)
-    ratio = {"time": round(sliced["seconds_without_autotune_text"] / mono["seconds"], 3),
+    ratio = {"time": round(ours["seconds_without_autotune_text"] / mono["seconds"], 3),
              "time_per_pair": [round(build_seconds(s) / build_seconds(m), 3)
-                               for m, s in zip(runs["monolithic"], runs["sliced"])],
-             "time_with_autotune_text": round(sliced["seconds"] / mono["seconds"], 3),
-             "time_excluding_train": round((sliced["seconds_without_autotune_text"] - sliced["stages_s"]["train"])
+                               for m, s in zip(runs["monolithic"], runs["refbank"])],
+             "time_with_autotune_text": round(ours["seconds"] / mono["seconds"], 3),
+             "time_excluding_train": round((ours["seconds_without_autotune_text"] - ours["stages_s"]["train"])
                                            / (mono["seconds"] - mono["stages_s"]["train"]), 3),
-             "cpu_s": round(sliced["cpu_s"] / mono["cpu_s"], 3),
-             "peak_pss": round(sliced["peak_memory"]["pss_mb"] / mono["peak_memory"]["pss_mb"], 3),
-             "peak_single_process_rss": round(sliced["peak_memory"]["single_rss_mb"] / mono["peak_memory"]["single_rss_mb"], 3)}
+             "cpu_s": round(ours["cpu_s"] / mono["cpu_s"], 3),
+             "peak_pss": round(ours["peak_memory"]["pss_mb"] / mono["peak_memory"]["pss_mb"], 3),
+             "peak_single_process_rss": round(ours["peak_memory"]["single_rss_mb"] / mono["peak_memory"]["single_rss_mb"], 3)}
     print(json.dumps({"vectors": args.vectors, "dim": args.dim, "parts": args.parts, "cpus": os.cpu_count(),
-                      "monolithic": mono, "sliced": sliced, "sliced_over_monolithic": ratio, "curves": data,
+                      "monolithic": mono, "refbank": ours, "refbank_over_monolithic": ratio, "curves": data,
                       "plot": png}, indent=1))
 
 

@@ -1,6 +1,6 @@
 """The list cache's local disk tier: list bytes by content address, under a byte limit.
 
-A file `<folder>/<checksum>.list` holds one inverted list's bytes, named by the list's blake2b-128 checksum from
+A file `<folder>/<checksum>.list` holds one inverted list's bytes, named by the list's checksum (sha256, 16 bytes) from
 the index directory, so a file is never mistaken for another list (of this index, another version or another
 bank), several processes can share a folder (files appear by atomic rename), and a list that did not change
 between two versions is fetched from the bank once. Every read is checked against its name; a damaged file is
@@ -46,7 +46,7 @@ class DiskCache:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        if hashlib.blake2b(data, digest_size=16).hexdigest() != key:
+        if hashlib.sha256(data).digest()[:16].hex() != key:
             log.warning("disk-cached list %s does not match its checksum; removed, fetching it again", path.name)
             self._forget(key, path)
             with self._lock:

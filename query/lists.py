@@ -113,6 +113,12 @@ class _RWLock:
                 self._cond.notify_all()
 
 
+def _private_map(size: int) -> mmap.mmap:
+    """Anonymous private memory of `size` bytes: pages take memory once written and are freed (read back as
+    zeros) by madvise(DONTNEED). Python's default anonymous map is shared, whose pages DONTNEED does not free."""
+    return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 @dataclass
 class _Fetch:
     """A fetch in flight: set when done, with the error when it failed (every waiter sees it)."""
@@ -137,18 +143,17 @@ class ListCache:
         counts = directory["count"].astype(np.int64)
         self.row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         total = int(self.row_start[-1])
-        self._ids_map = mmap.mmap(-1, (total + 1) * 8)
+        self._ids_map = _private_map((total + 1) * 8)
         self.row_ids = np.frombuffer(self._ids_map, np.int64)
         self.row_ids[-1] = -1
-        self._vec_map = mmap.mmap(-1, max(total * 2 * entry.dim, 1)) if entry.refine else None
-        self.vectors = (np.frombuffer(self._vec_map, np.float16, total * entry.dim).reshape(total, entry.dim)
-                        if entry.refine else None)
         self.faiss_bytes = counts * (self.code_size + 8)
         self.charge = self.faiss_bytes + self._pages(self.row_start, 8) + (
             self._pages(self.row_start, 2 * entry.dim) if entry.refine else 0)
         self.whole_bytes = int(self.charge.sum())
         self.never_evicts = self.whole_bytes <= config.memory_bytes
-        self.resident = np.zeros(self.nlist, bool)
+        self.store, self._vec_map, self.vectors = self._refine_rows(total, entry)
+        self.resident = counts == 0  # an empty list has nothing to fetch: resident from the start
+        self.complete = bool(self.resident.all())  # every list resident: searches need no residency check
         self.invlists = faiss.ArrayInvertedLists(self.nlist, self.code_size)
         self.ivf.replace_invlists(self.invlists, False)  # self.invlists keeps it alive
         self.policy = make_policy(config.policy, self.charge, config.memory_bytes)
@@ -159,6 +164,23 @@ class ListCache:
         self._counts = {"hits": 0, "misses": 0, "fetch_requests": 0, "bytes_fetched": 0, "evictions": 0,
                         "compactions": 0, "fetch_seconds": 0.0}
         self.access = np.zeros(self.nlist, np.int64)  # probes per list since open (prefetch order, heat)
+
+    def _refine_rows(self, total: int, entry: IndexEntry) -> tuple:
+        """(faiss fp16 store or None, memory map or None, (total, dim) float16 rows or None) for refine vectors.
+
+        A cache that never evicts keeps them in a faiss IndexScalarQuantizer (fp16), so a search re-ranks inside
+        one faiss call (IndexRefine), as fast as a monolithic index; the budget holds all of them then. A cache
+        that evicts keeps them in an anonymous memory map whose pages are given back list by list."""
+        if not entry.refine:
+            return None, None, None
+        if self.never_evicts and total:
+            store = faiss.IndexScalarQuantizer(entry.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            store.codes.resize(total * 2 * entry.dim)
+            store.ntotal = total
+            rows = faiss.rev_swig_ptr(store.codes.data(), total * 2 * entry.dim).view(np.float16)
+            return store, None, rows.reshape(total, entry.dim)
+        vec_map = _private_map(total * 2 * entry.dim)
+        return None, vec_map, np.frombuffer(vec_map, np.float16, total * entry.dim).reshape(total, entry.dim)
 
     @staticmethod
     def _pages(row_start: np.ndarray, width: int) -> np.ndarray:
@@ -177,7 +199,10 @@ class ListCache:
         wanted = lists[lists >= 0]
         self.access[wanted] += 1  # approximate under concurrency: it only orders prefetching
         if self.never_evicts:  # nothing is ever evicted or moved: searches need no lock
-            self._count_hits(wanted)
+            if self.complete:
+                self.count_hits(wanted.size)
+            else:
+                self._count_hits(wanted)
             yield
             return
         for _ in range(100):
@@ -189,6 +214,11 @@ class ListCache:
                     return
         raise BudgetTooSmall(f"the lists of this search keep being evicted by concurrent searches; the memory "
                              f"budget ({self.config.memory_bytes} bytes) is too small for this load")
+
+    def count_hits(self, probes: int) -> None:
+        """Count `probes` probed lists served from memory (a search that needed no residency check)."""
+        with self._lock:
+            self._counts["hits"] += probes
 
     def _count_hits(self, wanted: np.ndarray) -> np.ndarray:
         """Fetch the lists of `wanted` that are not resident; count the probes served from memory. Returns the
@@ -267,6 +297,7 @@ class ListCache:
                 with self._lock:
                     self.resident[lists] = True
                     self.resident_bytes += int(self.charge[lists].sum())
+                    self.complete = bool(self.resident.all())
                 self.policy.insert(lists)
         except BaseException as exc:
             error = exc
@@ -310,7 +341,8 @@ class ListCache:
             return
         arrays = self.layout.decode(data, count)
         rows = np.arange(self.row_start[l], self.row_start[l + 1], dtype=np.int64)
-        self.invlists.add_entries(l, count, faiss.swig_ptr(rows), faiss.swig_ptr(np.ascontiguousarray(arrays.codes)))
+        codes = np.ascontiguousarray(arrays.codes)  # named: faiss reads through the pointer during the call
+        self.invlists.add_entries(l, count, faiss.swig_ptr(rows), faiss.swig_ptr(codes))
         self.row_ids[rows[0]:rows[-1] + 1] = arrays.ids
         if self.vectors is not None:
             self.vectors[rows[0]:rows[-1] + 1] = arrays.vectors
@@ -339,6 +371,7 @@ class ListCache:
             return
         with self._lock:
             self.resident[victims] = False
+            self.complete = False
             self.resident_bytes -= int(self.charge[victims].sum())
             self.leaked_bytes += int(self.faiss_bytes[victims].sum())
             self._counts["evictions"] += len(victims)
@@ -363,21 +396,22 @@ class ListCache:
             m.madvise(mmap.MADV_DONTNEED, first * PAGE, (last - first + 1) * PAGE)
 
     def _page_used(self, page: int, width: int, skip: int) -> bool:
-        """Whether a resident list other than `skip` has rows on `page` of a map of `width` bytes per row."""
-        lo_row, hi_row = page * PAGE // width, -(-(page + 1) * PAGE // width)
-        lo = int(np.searchsorted(self.row_start, lo_row, side="right")) - 1
-        hi = int(np.searchsorted(self.row_start, hi_row - 1, side="right")) - 1
-        near = np.arange(max(lo, 0), min(hi, self.nlist - 1) + 1)
-        near = near[(near != skip) & (self.directory["count"][near] > 0)]
-        return bool(self.resident[near].any())
+        """Whether a resident list other than `skip` has rows on `page` of a map of `width` bytes per row.
+        Lists lie in row order, so only `skip`'s neighbours can share its edge pages: walk out from it."""
+        start, end, rows = page * PAGE, (page + 1) * PAGE, self.row_start
+        for step, inside in ((-1, lambda l: rows[l + 1] * width > start), (1, lambda l: rows[l] * width < end)):
+            l = skip + step
+            while 0 <= l < self.nlist and inside(l):
+                if self.resident[l] and rows[l + 1] > rows[l]:
+                    return True
+                l += step
+        return False
 
     def _compact(self) -> None:
         """Rebuild the inverted lists from the resident ones, giving faiss's leaked bytes back."""
         fresh = faiss.ArrayInvertedLists(self.nlist, self.code_size)
-        for l in np.flatnonzero(self.resident).tolist():
-            n = self.invlists.list_size(l)
-            if n:
-                fresh.add_entries(l, n, self.invlists.get_ids(l), self.invlists.get_codes(l))
+        # Evicted lists are empty: copying every list copies the resident ones, in one faiss call.
+        self.invlists.copy_subset_to(fresh, faiss.InvertedLists.SUBSET_TYPE_INVLIST, 0, self.nlist)
         self.ivf.replace_invlists(fresh, False)
         self.invlists = fresh
         with self._lock:

@@ -46,7 +46,11 @@ class BankSearcher:
         self.dim, self.nlist = self.trained.d, self.ivf.nlist
         self.nprobe, self.refine_factor = entry.nprobe, entry.refine_factor
         self.cache = ListCache(bank.ref, entry, read_directory(bank.ref, entry), self.ivf, cache, disk)
-        self._params: dict[int, faiss.SearchParametersIVF] = {}
+        self.refined = None
+        if self.cache.store is not None:  # a cache that never evicts: re-rank inside faiss (IndexRefine)
+            self.trained.ntotal = self.ivf.ntotal = self.cache.store.ntotal  # IndexRefine checks both hold the rows
+            self.refined = faiss.IndexRefine(self.trained, self.cache.store)
+        self._params: dict[tuple[int, int], tuple] = {}
 
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None,
                refine_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -64,14 +68,53 @@ class BankSearcher:
         if refine and not self.entry.refine:
             raise ValueError("refine_factor > 0 needs an index built with refine vectors (IndexConfig(refine=True))")
         nprobe = min(self.nprobe if nprobe is None else int(nprobe), self.nlist)
-        xt = x if not self.chain else np.ascontiguousarray(apply_chain(self.chain, x), dtype=np.float32)
-        coarse, lists = self.ivf.quantizer.search(xt, nprobe)
-        scores, ids = self._search(x, xt, coarse, lists, int(k), refine)
+        if self.refined is not None or (self.cache.never_evicts and not refine):
+            scores, ids = self._search_whole(x, int(k), nprobe, refine)
+        else:
+            xt = x if not self.chain else np.ascontiguousarray(apply_chain(self.chain, x), dtype=np.float32)
+            coarse, lists = self._probe(xt, nprobe)
+            scores, ids = self._search(x, xt, coarse, lists, int(k), refine)
         # A row's results come best first, so a row with missing results ends in id -1; faiss leaves its lowest
         # float (-3.4e38) there when nothing is re-ranked. (Python's `in` on a short list beats a numpy reduction.)
         if -1 in ids[:, -1].tolist():
             scores[ids < 0] = -np.inf
         return scores, ids
+
+    def _probe(self, xt: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(coarse scores, probed lists), each (n, nprobe), of transformed queries xt."""
+        n = len(xt)
+        coarse, lists = np.empty((n, nprobe), np.float32), np.empty((n, nprobe), np.int64)
+        self.ivf.quantizer.search_c(n, faiss.swig_ptr(xt), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists))
+        return coarse, lists
+
+    def _search_whole(self, x: np.ndarray, k: int, nprobe: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search with a cache that never evicts: one faiss call (IVF, or IndexRefine over its fp16 store) once
+        every list is resident; until then the probed lists are made resident first."""
+        if not self.cache.complete:
+            xt = x if not self.chain else np.ascontiguousarray(apply_chain(self.chain, x), dtype=np.float32)
+            with self.cache.pinned(self._probe(xt, nprobe)[1]):
+                pass  # resident from here on: a cache that never evicts keeps them
+        else:
+            self.cache.count_hits(len(x) * nprobe)
+        n = len(x)
+        scores, rows = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        index = self.refined if refine else self.trained
+        index.search_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(scores), faiss.swig_ptr(rows),
+                       self._params_for(nprobe, refine))
+        return scores, self.cache.row_ids.take(rows)
+
+    def _params_for(self, nprobe: int, refine: int) -> faiss.SearchParameters:
+        """Search parameters per (nprobe, refine factor), made once (setdefault is atomic: racing threads use
+        the same pair). The IVF parameters must outlive the refine wrapper pointing at them: both are kept."""
+        made = self._params.get((nprobe, refine))
+        if made is None:
+            ivf = faiss.SearchParametersIVF(nprobe=nprobe)
+            params = ivf
+            if refine:
+                params = faiss.IndexRefineSearchParameters()
+                params.k_factor, params.base_index_params = float(refine), ivf
+            made = self._params.setdefault((nprobe, refine), (params, ivf))
+        return made[0]
 
     def _search(self, x: np.ndarray, xt: np.ndarray, coarse: np.ndarray, lists: np.ndarray, k: int,
                 refine: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +131,7 @@ class BankSearcher:
         with self.cache.pinned(lists):
             self.ivf.search_preassigned_c(n, faiss.swig_ptr(xt), kk, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
                                           faiss.swig_ptr(scores), faiss.swig_ptr(rows), False,
-                                          self._search_params(lists.shape[1]))
+                                          self._params_for(lists.shape[1], 0))
             if refine:
                 scores, rows = self._refine(x, rows, k)
             return scores, self.cache.row_ids.take(rows)
@@ -96,19 +139,16 @@ class BankSearcher:
     def _refine(self, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best k of each row's candidates by exact inner product with their stored float16 vectors (what
         faiss IndexRefine does); rows -1 stay last."""
+        if len(x) == 1 and rows[0, -1] >= 0:  # one query with every candidate found: the common case, short
+            exact = self.cache.vectors[rows[0]].astype(np.float32) @ x[0]
+            top = np.argsort(-exact, kind="stable")[:k]
+            return exact[top][None], rows[0][top][None]
         valid = rows >= 0
         candidates = self.cache.vectors[np.where(valid, rows, 0)].astype(np.float32)
         exact = np.einsum("nkd,nd->nk", candidates, x)
         exact[~valid] = -np.inf
         top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(exact, top, axis=1), np.take_along_axis(rows, top, axis=1)
-
-    def _search_params(self, nprobe: int) -> faiss.SearchParametersIVF:
-        """Search parameters per nprobe, made once (setdefault is atomic: racing threads use the same one)."""
-        made = self._params.get(nprobe)
-        if made is None:
-            made = self._params.setdefault(nprobe, faiss.SearchParametersIVF(nprobe=nprobe))
-        return made
 
     def stats(self) -> dict[str, int | float]:
         """The list cache's counters and gauges (see ListCache.stats)."""

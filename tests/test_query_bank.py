@@ -162,6 +162,26 @@ def test_eviction_keeps_the_budget_on_a_long_mixed_stream_and_2q_resists_scans(b
     assert hot_misses["2q"] == 0 < hot_misses["lru"]
 
 
+def test_eviction_gives_the_pages_of_a_list_back(built):
+    """An evicted list's rows read as zeros again (its pages went back to the system), except on an edge page
+    a resident neighbour still uses, whose bytes stay."""
+    searcher = _searcher(built.url, memory_bytes=_whole_bytes(built) // 2)
+    cache = searcher.cache
+    rows = np.diff(cache.row_start)
+    l = int(np.argmax(rows))  # the longest list: its vectors span several pages
+    cache.prefetch(np.array([l, l + 1]))
+    start, end = int(cache.row_start[l]), int(cache.row_start[l + 1])
+    kept = cache.vectors[end:end + 1].copy()  # list l + 1's first row shares l's last page
+    assert cache.vectors[start:end].any() and kept.any()
+    with cache._rw.write():
+        cache._evict(np.array([l]))
+    per_page = lists_module.PAGE // (2 * cache.entry.dim)
+    first_full = -(-start // per_page) * per_page
+    last_full = (end // per_page) * per_page
+    assert last_full > first_full and not cache.vectors[first_full:last_full].any()
+    np.testing.assert_array_equal(cache.vectors[end:end + 1], kept)
+
+
 def test_concurrent_requests_for_cold_lists_fetch_each_once(built, monkeypatch):
     searcher = _searcher(built.url)
     fetched = _spy_fetches(monkeypatch, delay=0.2)  # a slow store: every thread arrives while the fetch runs

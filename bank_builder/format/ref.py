@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import fsspec
@@ -48,8 +49,13 @@ class BankRef:
         return storage.join(self.uri, *(check_name(n) for n in names))
 
     def fs(self, *names: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """(filesystem, in-filesystem path) of `url(*names)`."""
-        return storage.url_to_fs(self.url(*names), self.storage_options)
+        """(filesystem, in-filesystem path) of `url(*names)`; the filesystem is resolved once per BankRef."""
+        return self._filesystem, self._filesystem._strip_protocol(self.url(*names))
+
+    @cached_property
+    def _filesystem(self) -> fsspec.AbstractFileSystem:
+        # fsspec tokenizes the options (an md5) on every lookup: a hot path asking per list would pay it per list
+        return storage.url_to_fs(self.uri, self.storage_options)[0]
 
     def __str__(self) -> str:
         return self.uri

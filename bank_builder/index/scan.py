@@ -41,8 +41,8 @@ class _Loaded:
                 continue
             arrays = layout.decode(view[int(row["offset"]):int(row["offset"] + row["bytes"])], int(row["count"]))
             labels = np.arange(self.offsets[j], self.offsets[j + 1], dtype=np.int64)
-            self.invlists.add_entries(lo + j, len(labels), faiss.swig_ptr(labels),
-                                      faiss.swig_ptr(np.ascontiguousarray(arrays.codes)))
+            codes = np.ascontiguousarray(arrays.codes)  # named: faiss reads through the pointer during the call
+            self.invlists.add_entries(lo + j, len(labels), faiss.swig_ptr(labels), faiss.swig_ptr(codes))
             ids.append(arrays.ids)
             vectors.append(arrays.vectors)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
