@@ -297,7 +297,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         if failed or up_to_date:
             break
         try:
-            version = _publish(config, spec, fingerprint, parts, plan.current)
+            version = _publish(config, spec, fingerprint, parts, plan)
             break
         except ConcurrentUpdateError as exc:
             if attempt == MAX_REPLANS:
@@ -323,10 +323,17 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
 
 
 def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: list[PartEntry],
-             expected: Current) -> str:
-    """Publish a version naming `parts`, on condition that CURRENT still names `expected`."""
+             plan: _Plan) -> str:
+    """Publish a version naming `parts`, on condition that CURRENT still names the version the plan started
+    from. The parent's index and tombstones carry over: the index keeps serving the parts it holds until
+    `refbank index` adds the new ones, and removed segments stay removed."""
     build = {k: v for k, v in config_to_dict(config).items() if k != "storage_options"}  # may hold secrets
-    return publish(config.bank_ref, make_manifest(parts, spec.to_dict(), fingerprint, build), expected)
+    body = make_manifest(parts, spec.to_dict(), fingerprint, build)
+    if plan.parent is not None:
+        removed = plan.parent.totals.get("removed")
+        body = body.with_(index=plan.parent.index, tombstones=plan.parent.tombstones,
+                          totals={**body.totals, **({"removed": removed} if removed else {})})
+    return publish(config.bank_ref, body, plan.current)
 
 
 def _published(plan: _Plan) -> list[PartEntry]:

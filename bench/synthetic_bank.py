@@ -33,7 +33,7 @@ def ensure_bank(out: str, vectors: int, dim: int, n_parts: int, clusters: int,
     """(bank URL, cluster centers): written once per shape, reused when the marker says it matches."""
     bank = os.path.abspath(os.path.join(out, f"bank-{vectors}x{dim}"))
     marker = os.path.join(bank, "bench.json")
-    shape = {"vectors": vectors, "dim": dim, "parts": n_parts, "clusters": clusters, "spread": spread, "format": 2}
+    shape = {"vectors": vectors, "dim": dim, "parts": n_parts, "clusters": clusters, "spread": spread, "format": 3}
     if os.path.exists(marker) and json.load(open(marker)) == shape:
         return bank, np.load(os.path.join(bank, "centers.npy"))
     ref = BankRef(bank)
@@ -43,24 +43,33 @@ def ensure_bank(out: str, vectors: int, dim: int, n_parts: int, clusters: int,
         shutil.rmtree(bank)
     rng = np.random.default_rng(0)
     centers = unit(rng.standard_normal((clusters, dim)))
-    label_text = unit(rng.standard_normal((200, 32))).astype(np.float16)
-    infos, sizes = [], np.diff(np.linspace(0, vectors, n_parts + 1).astype(int))
-    for ordinal, n in enumerate(sizes):
-        name = f"part-{ordinal:05d}"
-        x = clustered(rng, centers, int(n), spread).astype(np.float16)
-        which = rng.integers(0, len(label_text), n)
-        rows = parts.SegmentRows(image_key=[f"{name}/{i}" for i in range(n)], segment_index=[0] * n,
-                                 label=[f"label-{w}" for w in which], label_source=["ground_truth"] * n,
-                                 bbox=[(0, 0, 1, 1)] * n, area=[1] * n, rle=[{"size": [1, 1], "counts": "1"}] * n,
-                                 mask_kind=["instance"] * n)
-        table = parts.part_table(name, ordinal, rows, x, np.ones(n, np.float32), list(label_text[which]), 32)
-        info = PartEntry(name, ordinal, f"synthetic://{name}", int(n), 0, "", int(n), 0, {}, "bench")
-        infos.append(parts.write_part(ref, table, info, {"name": "synthetic"}))
+    sizes = np.diff(np.linspace(0, vectors, n_parts + 1).astype(int))
+    infos = write_parts(ref, rng, centers, sizes, 0, "part", spread)
     spec = {"name": "synthetic", "visual_dim": dim, "text_dim": 32}
     publish(ref, make_manifest(infos, spec, "bench", {}), read_current(ref))
     np.save(os.path.join(bank, "centers.npy"), centers)
     json.dump(shape, open(marker, "w"))
     return bank, centers
+
+
+def write_parts(ref: BankRef, rng: np.random.Generator, centers: np.ndarray, sizes: np.ndarray, first_ordinal: int,
+                prefix: str, spread: float) -> list[PartEntry]:
+    """Parts of clustered vectors (one per entry of `sizes`, ordinals from `first_ordinal`) with one of 200
+    labels each (a 32-d text embedding per label); their committed entries."""
+    label_text = unit(np.random.default_rng(1).standard_normal((200, 32))).astype(np.float16)
+    infos = []
+    for i, n in enumerate(int(n) for n in sizes):
+        ordinal, name = first_ordinal + i, f"{prefix}-{first_ordinal + i:05d}"
+        x = clustered(rng, centers, n, spread).astype(np.float16)
+        which = rng.integers(0, len(label_text), n)
+        rows = parts.SegmentRows(image_key=[f"{name}/{j}" for j in range(n)], segment_index=[0] * n,
+                                 label=[f"label-{w}" for w in which], label_source=["ground_truth"] * n,
+                                 bbox=[(0, 0, 1, 1)] * n, area=[1] * n, rle=[{"size": [1, 1], "counts": "1"}] * n,
+                                 mask_kind=["instance"] * n)
+        table = parts.part_table(name, ordinal, rows, x, np.ones(n, np.float32), list(label_text[which]), 32)
+        info = PartEntry(name, ordinal, f"synthetic://{name}", n, 0, "", n, 0, {}, "bench")
+        infos.append(parts.write_part(ref, table, info, {"name": "synthetic"}))
+    return infos
 
 
 def read_all(bank: str) -> tuple[np.ndarray, np.ndarray]:

@@ -224,6 +224,8 @@ def index_cmd(
     target_recall: float = typer.Option(IndexConfig.target_recall, help="nprobe autotune target for recall@10."),
     object_mb: int = typer.Option(IndexConfig.object_bytes >> 20, help="Target size of one list object, MiB (readers "
                                   "fetch single lists by byte range; this bounds the builder's memory)."),
+    retrain: bool = typer.Option(False, help="Train and build from scratch, even when CURRENT's index could take "
+                                 "the new parts as a delta (the report recommends it when deltas drift)."),
     ray_address: Optional[str] = RAY_ADDRESS,
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
@@ -232,27 +234,47 @@ def index_cmd(
 ) -> None:
     """Build the IVF index of a bank: train once, add parts in parallel, write list objects and a list directory.
 
-    Publishes the next bank version with the index in its manifest and a report (recall@10 vs nprobe,
-    latency, size) next to the index. Exit status: 0 ok, 2 bad options or a bank with no version.
+    On a bank whose CURRENT index lacks some parts, only those are added (a delta with the same quantizer); an
+    index that holds every part is up to date and nothing is published. Publishes the next bank version with
+    the index in its manifest and a report (recall@10 vs nprobe, latency, size, drift) next to the index.
+    Exit status: 0 ok (or up to date), 2 bad options, a bank with no version, or a concurrent writer.
     """
     _setup_logging(verbose)
     config = IndexConfig(factory=factory, memory_target_bytes_per_vector=memory_target, opq=opq, refine=refine,
                          target_recall=target_recall, object_bytes=object_mb << 20)
-    raise typer.Exit(run_index(bank, config, _storage_options(storage_option, endpoint_url), ray_address, as_json))
+    raise typer.Exit(run_index(bank, config, _storage_options(storage_option, endpoint_url), ray_address, as_json,
+                               retrain))
 
 
-def run_index(bank: str, config: IndexConfig, storage_options: dict, ray_address: str | None, as_json: bool) -> int:
+def run_index(bank: str, config: IndexConfig, storage_options: dict, ray_address: str | None, as_json: bool,
+              retrain: bool = False) -> int:
     """Build a bank's index, print its report; returns the process exit status."""
     from bank_builder.index import build_index
     from bank_builder.format import BankError as BankMismatchError
 
-    report = _run_job(lambda: build_index(bank, config, storage_options), (BankMismatchError, ValueError),
+    report = _run_job(lambda: build_index(bank, config, storage_options, retrain=retrain),
+                      (BankMismatchError, ValueError),
                       print_index_report, ray_address, as_json)
     return 2 if report is None else 0
 
 
 def print_index_report(report) -> None:
     """Human-readable summary of an IndexReport."""
+    if report.mode == "up_to_date":
+        typer.echo(f"index     {report.bank}: up to date — index {report.index_id} holds every part of "
+                   f"{report.source_version}; nothing published")
+        return
+    if report.mode == "delta":
+        d = report.delta
+        advice = "  RETRAIN RECOMMENDED: run `refbank index --retrain`" if d["retrain_recommended"] else ""
+        typer.echo("\n".join([
+            f"index     {report.bank}: published version {report.version} (index {report.index_id}, delta {d['id']})",
+            f"delta     {d['vectors']} vectors from {len(d['parts'])} new parts; {d['deltas']} deltas in all; "
+            f"{report.vectors} vectors indexed",
+            f"drift     mean coarse distance {d['drift_ratio']:.2f}x the base's{advice}",
+            "time      " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()),
+        ]))
+        return
     mib = report.bytes["total"] / 2**20
     refine = f", refine x{report.refine_factor}" if report.refine_factor else ""
     target = "" if report.target_met else "  (TARGET NOT MET: raise --memory-target or use a finer --factory)"
@@ -284,6 +306,9 @@ def serve_cmd(
                                   "evicted, otherwise lists are evicted (2Q: lists seen once go first) to make room."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint path overriding the weights the bank records."),
     token: Optional[str] = typer.Option(None, envvar="REFBANK_TOKEN", help="Require this bearer token on /v1 and /admin."),
+    follow: bool = typer.Option(False, help="Follow CURRENT: when another version is published (build, index, "
+                                "remove, compact), switch to it without dropping a request."),
+    poll_seconds: float = typer.Option(5.0, help="With --follow: how often CURRENT is read."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
 ) -> None:
@@ -297,9 +322,8 @@ def serve_cmd(
     _setup_logging(True)
     serve(ServiceConfig(bank=bank, version=version, storage_options=_storage_options(storage_option, endpoint_url),
                         cache_dir=str(cache_dir) if cache_dir else None, disk_bytes=disk_cache_mb << 20,
-                        prefetch=prefetch,
-                        memory_bytes=memory_mb << 20,
-                        weights=weights, token=token), host=host, port=port)
+                        prefetch=prefetch, memory_bytes=memory_mb << 20, weights=weights, token=token,
+                        follow_seconds=poll_seconds if follow else None), host=host, port=port)
 
 
 @app.command("demo")
@@ -315,3 +339,6 @@ def demo_cmd(
     _setup_logging(False)
     raise typer.Exit(run_demo(DemoConfig(workdir=workdir, encoder=encoder, shards=shards,
                                          samples_per_shard=samples_per_shard)))
+
+
+import jobs.lifecycle_cli  # noqa: E402,F401 - registers info, remove, compact, gc, pin, unpin on `app`

@@ -21,6 +21,7 @@ from bank_builder.format import BankMismatchError, BankRef, IndexEntry, Manifest
 from bank_builder.format import parts as part_io, read_manifest
 from bank_builder.format.index_layout import LabelTable, read_label_table
 from bank_builder.format.parts import matrix
+from bank_builder.format.tombstones import is_removed, read_removed
 
 log = logging.getLogger("refbank.query")
 
@@ -82,6 +83,7 @@ class Bank:
         self.uri, self.storage_options = ref.uri, ref.storage_options
         self.version: str = manifest.version
         self._parts = manifest.part_by_ordinal
+        self.removed = read_removed(ref, manifest)  # sorted ids its tombstones hide from searches and lookups
         self._footers: dict[str, pq.FileMetaData] = {}
         self._lock = threading.Lock()
         self._labels: dict[int, np.ndarray] = {}  # part ordinal → label code per row (see `labels`)
@@ -152,6 +154,10 @@ class Bank:
 
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(part ordinal, row) of each id; KeyError naming the first id that is not in this version."""
+        gone = is_removed(self.removed, ids)
+        if gone.any():
+            raise KeyError(f"segment id {int(ids[gone][0])} was removed from bank {self.uri} (version "
+                           f"{self.version} holds a tombstone for it)")
         ordinals, rows = ids >> part_io.ROW_BITS, ids & ((1 << part_io.ROW_BITS) - 1)
         for o in np.unique(ordinals):
             part = self._parts.get(int(o))

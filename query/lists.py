@@ -38,7 +38,8 @@ import faiss
 import numpy as np
 
 from bank_builder.format import BankRef, IndexEntry
-from bank_builder.format.index_layout import MAX_GAP, ListLayout, fetch_lists
+from bank_builder.format.index_layout import MAX_GAP, ListLayout, fetch_lists, list_sources, read_directory
+from bank_builder.format.tombstones import is_removed
 from query.disk_cache import DiskCache
 from query.eviction import POLICIES, make_policy
 
@@ -130,17 +131,23 @@ class _Fetch:
 class ListCache:
     """The resident inverted lists of one index version, under `config.memory_bytes` (thread-safe).
 
-    ivf: the trained IVF whose inverted lists this cache owns from now on; entry and directory: the index's
-    manifest entry and list directory; disk: a disk tier to read lists from before the bank (lists fetched from
-    the bank are kept there). Use `pinned(lists)` around every search of those lists."""
+    ivf: the trained IVF whose inverted lists this cache owns from now on; entry: the index's manifest entry
+    (its directories are read once here); disk: a disk tier to read lists from before the bank (lists fetched
+    from the bank are kept there); removed: sorted segment ids of the version's tombstones, left out of every
+    list installed. Use `pinned(lists)` around every search of those lists."""
 
-    def __init__(self, ref: BankRef, entry: IndexEntry, directory: np.ndarray, ivf: faiss.IndexIVF,
-                 config: CacheConfig = CacheConfig(), disk: DiskCache | None = None) -> None:
-        self.ref, self.entry, self.directory, self.ivf, self.config = ref, entry, directory, ivf, config
-        self.disk = disk
+    def __init__(self, ref: BankRef, entry: IndexEntry, ivf: faiss.IndexIVF, config: CacheConfig = CacheConfig(),
+                 disk: DiskCache | None = None, removed: np.ndarray | None = None) -> None:
+        self.ref, self.entry, self.ivf, self.config, self.disk = ref, entry, ivf, config, disk
+        self.sources = list_sources(entry)  # the base, then each delta: a list is their entries in this order
+        self.directories = [read_directory(ref, entry, source) for source in self.sources]
+        self.directory = self.directories[0]
+        self.removed = np.zeros(0, np.int64) if removed is None else removed  # tombstoned ids: never installed
         self.nlist, self.code_size = entry.nlist, entry.code_size
         self.layout = ListLayout(entry.code_size, entry.dim, entry.refine)
-        counts = directory["count"].astype(np.int64)
+        counts = sum(d["count"] for d in self.directories).astype(np.int64)
+        self.counts = counts
+        self.list_bytes = sum(d["bytes"] for d in self.directories).astype(np.int64)
         self.row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         total = int(self.row_start[-1])
         self._ids_map = _private_map((total + 1) * 8)
@@ -309,43 +316,51 @@ class ListCache:
                     fetch.error = error
                     fetch.done.set()
 
-    def _read(self, lists: list[int]) -> dict[int, bytes]:
-        """The verified bytes of `lists`: from the disk tier where it has them, the rest from the bank in one
-        batch of ranged reads (then kept on disk)."""
-        data, keys = {}, {}
-        if self.disk is not None:
-            for l in lists:
-                if self.directory["count"][l]:
-                    keys[l] = self.directory["checksum"][l].astype("<u8").tobytes().hex()
-                    found = self.disk.get(keys[l])
-                    if found is not None:
-                        data[l] = found
-        rest = [l for l in lists if l not in data]
-        if rest:
-            start = time.perf_counter()
-            fetched = fetch_lists(self.ref, self.entry, self.directory, rest, self.config.max_gap)
-            with self._lock:
-                self._counts["fetch_requests"] += fetched.requests
-                self._counts["bytes_fetched"] += fetched.bytes_read
-                self._counts["fetch_seconds"] += time.perf_counter() - start
-            data.update(fetched.lists)
-            for l in rest:
-                if l in keys:
+    def _read(self, lists: list[int]) -> dict[int, list[bytes]]:
+        """The verified bytes of `lists`, one piece per source (base, deltas) that holds entries of the list:
+        from the disk tier where it has them, the rest from the bank in one batch of ranged reads per source
+        (then kept on disk)."""
+        pieces: dict[int, list[bytes]] = {l: [] for l in lists}
+        for source, directory in zip(self.sources, self.directories):
+            held = [l for l in lists if directory["count"][l]]
+            data, keys = {}, {}
+            for l in held if self.disk is not None else []:
+                keys[l] = directory["checksum"][l].astype("<u8").tobytes().hex()
+                found = self.disk.get(keys[l])
+                if found is not None:
+                    data[l] = found
+            rest = [l for l in held if l not in data]
+            if rest:
+                start = time.perf_counter()
+                fetched = fetch_lists(self.ref, self.entry, directory, rest, self.config.max_gap, source)
+                with self._lock:
+                    self._counts["fetch_requests"] += fetched.requests
+                    self._counts["bytes_fetched"] += fetched.bytes_read
+                    self._counts["fetch_seconds"] += time.perf_counter() - start
+                data.update(fetched.lists)
+                for l in rest if self.disk is not None else []:
                     self.disk.put(keys[l], fetched.lists[l])
-        return data
+            for l in held:
+                pieces[l].append(data[l])
+        return pieces
 
-    def _install(self, l: int, data: bytes) -> None:
-        """Put list l's codes into faiss (labels = its global rows) and its ids / vectors into the maps."""
-        count = int(self.directory["count"][l])
-        if not count:
+    def _install(self, l: int, pieces: list[bytes]) -> None:
+        """Put list l's codes into faiss (labels = its global rows) and its ids / vectors into the row maps;
+        tombstoned entries are left out."""
+        counts = [int(d["count"][l]) for d in self.directories if d["count"][l]]
+        if not counts:
             return
-        arrays = self.layout.decode(data, count)
+        decoded = [self.layout.decode(piece, count) for piece, count in zip(pieces, counts)]
+        ids = np.concatenate([a.ids for a in decoded])
+        codes = np.concatenate([a.codes for a in decoded])  # named: faiss reads through the pointer in the call
         rows = np.arange(self.row_start[l], self.row_start[l + 1], dtype=np.int64)
-        codes = np.ascontiguousarray(arrays.codes)  # named: faiss reads through the pointer during the call
-        self.invlists.add_entries(l, count, faiss.swig_ptr(rows), faiss.swig_ptr(codes))
-        self.row_ids[rows[0]:rows[-1] + 1] = arrays.ids
+        keep = ~is_removed(self.removed, ids)
+        if not keep.all():
+            ids, codes, rows = ids[keep], np.ascontiguousarray(codes[keep]), rows[keep]
+        self.invlists.add_entries(l, len(rows), faiss.swig_ptr(rows), faiss.swig_ptr(codes))
+        self.row_ids[rows] = ids
         if self.vectors is not None:
-            self.vectors[rows[0]:rows[-1] + 1] = arrays.vectors
+            self.vectors[rows] = np.concatenate([a.vectors for a in decoded])[keep]
 
     # ------------------------------------------------------------------------------------- eviction
 

@@ -224,8 +224,9 @@ class StateCollector:
                 yield GaugeMetricFamily(f"refbank_list_cache_{key}", doc, value=stats[key])
         yield GaugeMetricFamily("refbank_ready", "1 when the bank and its encoder are loaded",
                                 value=int(self.state.ready))
-        reloads = CounterMetricFamily("refbank_reloads", "version reloads by outcome", labels=["outcome"])
-        for outcome in ("ok", "unknown_version", "refused"):
+        reloads = CounterMetricFamily("refbank_reloads", "version switches by outcome (followed: switches to a new "
+                                      "CURRENT that --follow noticed; they count as ok too)", labels=["outcome"])
+        for outcome in ("ok", "followed", "unknown_version", "refused"):
             reloads.add_metric([outcome], self.state.reloads[outcome])
         yield reloads
         if self.state.ready:

@@ -37,7 +37,7 @@ class Prefetcher:
 
     def order(self) -> np.ndarray:
         """List numbers, most likely probed first: by persisted heat, ties (and no heat) by size."""
-        sizes = self.cache.directory["bytes"]
+        sizes = self.cache.list_bytes
         return np.lexsort((-sizes, -self.previous))
 
     def start(self) -> Prefetcher:

@@ -15,7 +15,6 @@ import faiss
 import numpy as np
 
 from bank_builder.format import BankMismatchError
-from bank_builder.format.index_layout import read_directory
 from bank_builder.format.trained import apply_chain, read_trained, split_index
 from query.bank import Bank
 from query.disk_cache import DiskCache
@@ -45,7 +44,7 @@ class BankSearcher:
         self.ivf.parallel_mode = 3
         self.dim, self.nlist = self.trained.d, self.ivf.nlist
         self.nprobe, self.refine_factor = entry.nprobe, entry.refine_factor
-        self.cache = ListCache(bank.ref, entry, read_directory(bank.ref, entry), self.ivf, cache, disk)
+        self.cache = ListCache(bank.ref, entry, self.ivf, cache, disk, bank.removed)
         self.refined = None
         if self.cache.store is not None:  # a cache that never evicts: re-rank inside faiss (IndexRefine)
             self.trained.ntotal = self.ivf.ntotal = self.cache.store.ntotal  # IndexRefine checks both hold the rows

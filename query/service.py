@@ -82,6 +82,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not state.ready:
             threading.Thread(target=_load_logged, args=(state,), name="refbank-load", daemon=True).start()
+        if config.follow_seconds:
+            state.follow(config.follow_seconds)
         yield
         state.close()
 

@@ -47,7 +47,8 @@ class ServiceConfig:
     options of the bank; cache_dir: local disk tier of the list cache (None = none), holding at most disk_bytes;
     memory_bytes: the list cache's memory budget (a budget that holds the whole index never evicts); eviction:
     "2q" or "lru"; prefetch: after a version opens, fill the free budget in the background with the lists
-    earlier runs probed most (access counts kept in cache_dir), else the largest.
+    earlier runs probed most (access counts kept in cache_dir), else the largest. follow_seconds: when set, read
+    CURRENT this often and switch to each newly published version (as /admin/reload does).
     weights: a local checkpoint path for the bank's encoder when its spec names
     pretrained weights (untrained banks always load seeded random weights, as built); device: "auto" / "cpu" /
     "cuda". Limits: max_upload_bytes (whole request body), max_pixels (width × height, checked from the image
@@ -62,6 +63,7 @@ class ServiceConfig:
     cache_dir: str | None = None
     disk_bytes: int = 4 << 30
     prefetch: bool = False
+    follow_seconds: float | None = None
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     eviction: str = "2q"
     weights: str | None = None
@@ -149,6 +151,7 @@ class ServiceState:
         self._reload_lock = threading.Lock()
         self._retired: Counter[str] = Counter()  # cache counters of versions no longer served
         self.disk = DiskCache(config.cache_dir, config.disk_bytes) if config.cache_dir else None
+        self._stop_following = threading.Event()
         self.reloads: Counter[str] = Counter()
 
     @property
@@ -246,10 +249,34 @@ class ServiceState:
         return Snapshot(bank, searcher, table, segmenters, time.time(), prefetcher)
 
     def close(self) -> None:
-        """Stop prefetching and keep the list access counts (at shutdown)."""
+        """Stop following CURRENT and prefetching; keep the list access counts (at shutdown)."""
+        self._stop_following.set()
         snapshot = self._live
         if snapshot is not None and snapshot.prefetcher is not None:
             snapshot.prefetcher.stop()
+
+    def follow(self, poll_s: float) -> threading.Thread:
+        """Read CURRENT every `poll_s` seconds and switch to each new version, off to the side (requests keep
+        being served by the old one until the swap); a version that cannot be served is logged and skipped."""
+
+        def watch() -> None:
+            seen = None
+            while not self._stop_following.wait(poll_s):
+                try:
+                    now = current_version(self.ref)
+                    live = self._live
+                    if live is None or now in (None, seen, live.bank.version):
+                        continue
+                    seen = now
+                    previous, version = self.reload(now)
+                    self.reloads["followed"] += 1
+                    log.info("followed CURRENT from %s to %s", previous, version)
+                except Exception as exc:  # a bad version must not stop the watch: the next publish may be fine
+                    log.warning("cannot switch to the bank's CURRENT %s: %s", seen, exc)
+
+        thread = threading.Thread(target=watch, name="refbank-follow", daemon=True)
+        thread.start()
+        return thread
 
 
 # ----------------------------------------------------------------------------------------- uploads

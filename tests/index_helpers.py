@@ -8,7 +8,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bank_builder.format import BankRef, PartEntry, make_manifest, parts, publish, read_current
+from bank_builder.format import BankRef, PartEntry, make_manifest, parts, publish, read_current, read_manifest
 from bank_builder.format.trained import apply_chain, split_index
 
 
@@ -71,6 +71,34 @@ def make_bank(url: str, part_rows: tuple[int, ...] = (1500, 5000, 800, 1700), di
     publish(ref, make_manifest(infos, spec, "fp", {}), read_current(ref))
     return SyntheticBank(url, np.concatenate(vectors), np.concatenate(ids).astype(np.int64), centers, names,
                          label_text)
+
+
+def extend_bank(bank: SyntheticBank, part_rows: tuple[int, ...], seed: int = 9,
+                storage_options: dict[str, Any] | None = None) -> SyntheticBank:
+    """Write more parts (the next ordinals, vectors around the same centers) and publish them with the bank's
+    parts as the next version; the bank with every vector."""
+    ref = BankRef(bank.url, storage_options or {})
+    m = read_manifest(ref)
+    rng = np.random.default_rng(seed)
+    infos, vectors, ids = list(m.parts), [bank.vectors], [bank.ids]
+    for ordinal in range(len(m.parts), len(m.parts) + len(part_rows)):
+        n = part_rows[ordinal - len(m.parts)]
+        name = f"part-{ordinal:03d}"
+        x = clustered(rng, bank.centers, n).astype(np.float16)
+        which = rng.integers(-1, len(bank.label_names), n)
+        labels = [bank.label_names[w] if w >= 0 else None for w in which]
+        text = [bank.label_text[w] if w >= 0 else None for w in which]
+        table = parts.part_table(name, ordinal, _rows(name, labels), x, np.ones(n, np.float32), text,
+                                 bank.label_text.shape[1])
+        info = PartEntry(name, ordinal, f"synthetic://{name}", n, 0, "", n // 4, 0, {}, "fp")
+        infos.append(parts.write_part(ref, table, info, {"name": "synthetic"}))
+        vectors.append(x)
+        ids.append(np.array([parts.segment_id(ordinal, r) for r in range(n)], np.int64))
+    publish(ref, make_manifest(infos, m.encoder, m.fingerprint, m.build).with_(index=m.index,
+                                                                             tombstones=m.tombstones),
+            read_current(ref))
+    return SyntheticBank(bank.url, np.concatenate(vectors), np.concatenate(ids), bank.centers, bank.label_names,
+                         bank.label_text)
 
 
 def exact_knn(bank: SyntheticBank, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

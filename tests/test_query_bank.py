@@ -81,10 +81,10 @@ def _spy_fetches(monkeypatch, delay=0.0):
     """Record the lists of every fetch from the bank (ranged reads of list objects)."""
     fetched, fetch = [], lists_module.fetch_lists
 
-    def spy(ref, entry, directory, lists, max_gap=index_layout.MAX_GAP):
+    def spy(ref, entry, directory, lists, *more):
         fetched.append(sorted(lists))
         time.sleep(delay)
-        return fetch(ref, entry, directory, lists, max_gap)
+        return fetch(ref, entry, directory, lists, *more)
 
     monkeypatch.setattr(lists_module, "fetch_lists", spy)
     return fetched
@@ -259,11 +259,11 @@ def test_prefetch_holds_back_while_a_request_waits_on_a_fetch(built, monkeypatch
     searcher = _searcher(built.url)
     calls, fetch = [], lists_module.fetch_lists
 
-    def slow(ref, entry, directory, lists, max_gap=index_layout.MAX_GAP):
+    def slow(ref, entry, directory, lists, *more):
         start = time.monotonic()
         time.sleep(0.3 if threading.current_thread().name == "request" else 0.0)
         calls.append((threading.current_thread().name, start, time.monotonic()))
-        return fetch(ref, entry, directory, lists, max_gap)
+        return fetch(ref, entry, directory, lists, *more)
 
     monkeypatch.setattr(lists_module, "fetch_lists", slow)
     request = threading.Thread(target=searcher.search, args=(_queries(built, 1), K), name="request")

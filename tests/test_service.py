@@ -314,7 +314,7 @@ def test_metrics_count_requests_and_cache(server, client, world):
 def test_version_switch_under_load_drops_no_request(server, client, world):
     """Publish a new version (a rebuilt index), then switch back and forth while another thread keeps querying."""
     before = client.bank()["version"]
-    new = build_index(world["bank"], INDEX).version
+    new = build_index(world["bank"], INDEX, retrain=True).version  # an index that holds every part: retrain
     assert new > before
     image = png(world["heldout"][6].image)
     failures, versions, stop = [], [], threading.Event()

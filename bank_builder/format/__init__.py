@@ -26,10 +26,12 @@ from bank_builder.format.errors import (
 from bank_builder.format.manifest import (
     FORMAT_VERSION,
     INDEX_FORMAT,
+    DeltaEntry,
     IndexEntry,
     Manifest,
     ObjectEntry,
     PartEntry,
+    TombstoneEntry,
     make_manifest,
     totals,
 )
@@ -37,16 +39,19 @@ from bank_builder.format.ref import BankRef, check_name
 from bank_builder.format.versions import (
     Current,
     current_version,
+    list_pins,
     list_versions,
+    pin,
     publish,
     published_record,
     read_current,
     read_manifest,
+    unpin,
 )
 
 __all__ = [
     "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
-    "ConcurrentUpdateError", "Current", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry",
-    "UnsafeNameError", "check_name", "current_version", "list_versions", "make_manifest", "publish",
-    "published_record", "read_current", "read_manifest", "totals",
+    "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError", "TombstoneEntry", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry",
+    "UnsafeNameError", "check_name", "current_version", "list_pins", "list_versions", "make_manifest", "pin",
+    "publish", "published_record", "read_current", "read_manifest", "totals", "unpin",
 ]

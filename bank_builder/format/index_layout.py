@@ -12,9 +12,12 @@
                         ids      int64[count]              segment ids (part ordinal << 32 | row)
                         codes    uint8[count, code_size]   the faiss codes (IVF-Flat: the float32 bytes)
                         vectors  float16[count, dim]       only when the index stores refine vectors
-  text.npz            the label table: labels, their text embeddings, visual prototypes, counts
+  text.npz            the label table: labels, their text embeddings, sums of their visual embeddings, counts
   report.json         parameters, sizes, stage timings, recall / latency curves
   staging/<part>.bin  per-part add output of a build in progress (deleted once published)
+  deltas/<delta>/     vectors added later with the same quantizer: directory.npy + lists/<n>.bin, laid out as
+                      above; a list's content is the base's entries, then each delta's in order
+  text-<token>.npz    the label table of a later version (after a delta or a removal)
 
 A reader loads trained.faissindex and directory.npy once, then fetches exactly the lists it needs by byte
 range; every list is checked against its checksum before use. Nothing here is a pickle.
@@ -28,13 +31,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from bank_builder.format import storage
 from bank_builder.format.errors import IndexCorruptError
-from bank_builder.format.manifest import IndexEntry, ObjectEntry
+from bank_builder.format.manifest import DeltaEntry, IndexEntry, ObjectEntry
 from bank_builder.format.ref import BankRef
 
 TRAINED_OBJECT = "trained.faissindex"
@@ -147,26 +151,51 @@ def directory_bytes(directory: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_directory(ref: BankRef, entry: IndexEntry, verify: bool = True) -> np.ndarray:
-    """The index's list directory (nlist,) DIRECTORY_DTYPE, checked against the manifest: one row per list,
-    objects that exist, ranges inside their object, and the layout's bytes per vector."""
-    data = read_object(ref, entry.id, entry.directory, verify)
+@dataclass(frozen=True)
+class ListSource:
+    """One set of list objects with its directory: an index's base, or one of its deltas."""
+
+    name: str  # "base" or the delta's id
+    directory: ObjectEntry
+    lists: list[ObjectEntry]
+    vectors: int
+
+
+def list_sources(entry: IndexEntry) -> list[ListSource]:
+    """The base, then each delta in order: a list's entries are theirs, concatenated in this order."""
+    base_vectors = entry.vectors - sum(d.vectors for d in entry.deltas)
+    return [ListSource("base", entry.directory, entry.lists, base_vectors)] + [
+        ListSource(d.id, d.directory, d.lists, d.vectors) for d in entry.deltas]
+
+
+def delta_folder(delta_id: str) -> str:
+    """A delta's folder, relative to its index folder."""
+    return f"deltas/{delta_id}"
+
+
+def read_directory(ref: BankRef, entry: IndexEntry, source: ListSource | None = None,
+                   verify: bool = True) -> np.ndarray:
+    """A list directory (nlist,) DIRECTORY_DTYPE of the index's base (or of `source`), checked against the
+    manifest: one row per list, objects that exist, ranges inside their object, the layout's bytes per vector."""
+    source = source or list_sources(entry)[0]
+    data = read_object(ref, entry.id, source.directory, verify)
+    what = f"the {source.name} directory of index {entry.id}"
     try:
         with _NPY_PARSE_LOCK:
             directory = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:
-        raise IndexCorruptError(f"the directory of index {entry.id} cannot be read ({exc})") from None
+        raise IndexCorruptError(f"{what} cannot be read ({exc})") from None
     layout = ListLayout(entry.code_size, entry.dim, entry.refine)
-    sizes = np.array([o.bytes for o in entry.lists], np.int64)
+    sizes = np.array([o.bytes for o in source.lists], np.int64)
     if directory.dtype != DIRECTORY_DTYPE or directory.shape != (entry.nlist,):
-        raise IndexCorruptError(f"the directory of index {entry.id} has {directory.dtype} {directory.shape}, "
-                                f"expected {entry.nlist} rows of {DIRECTORY_DTYPE}")
+        raise IndexCorruptError(f"{what} has {directory.dtype} {directory.shape}, expected {entry.nlist} rows of "
+                                f"{DIRECTORY_DTYPE}")
     obj = directory["object"]
     bad = (obj < 0) | (obj >= len(sizes)) | (directory["offset"] < 0) | (directory["count"] < 0)
     bad |= directory["bytes"] != directory["count"] * layout.row_bytes
     bad |= ~bad & (directory["offset"] + directory["bytes"] > sizes[np.clip(obj, 0, max(len(sizes) - 1, 0))])
-    if bad.any() or int(directory["count"].sum()) != entry.vectors:
-        raise IndexCorruptError(f"the directory of index {entry.id} does not match its objects (first bad list: "
+    if bad.any() or int(directory["count"].sum()) != source.vectors:
+        raise IndexCorruptError(f"{what} does not match its objects (first bad list: "
                                 f"{int(np.flatnonzero(bad)[0]) if bad.any() else 'counts'}); rebuild the index")
     return directory
 
@@ -181,10 +210,12 @@ class Fetched:
 
 
 def fetch_lists(ref: BankRef, entry: IndexEntry, directory: np.ndarray, lists: list[int],
-                max_gap: int = MAX_GAP) -> Fetched:
-    """The bytes of `lists`, each checked against its checksum: ranged reads of their list objects, ranges of
-    one object closer than `max_gap` merged into one request, all requests issued together (concurrently where
-    the store allows: s3fs). IndexCorruptError naming the list and object when a list's bytes changed."""
+                max_gap: int = MAX_GAP, source: ListSource | None = None) -> Fetched:
+    """The bytes of `lists` of the index's base (or of `source`, whose `directory` this is), each checked
+    against its checksum: ranged reads of their list objects, ranges of one object closer than `max_gap` merged
+    into one request, all requests issued together (concurrently where the store allows: s3fs).
+    IndexCorruptError naming the list and object when a list's bytes changed."""
+    objects = (source or list_sources(entry)[0]).lists
     rows = sorted({int(l) for l in lists if directory["bytes"][l] > 0},
                   key=lambda l: (int(directory["object"][l]), int(directory["offset"][l])))
     spans: list[list] = []  # [object, start, end, [lists]]
@@ -197,7 +228,7 @@ def fetch_lists(ref: BankRef, entry: IndexEntry, directory: np.ndarray, lists: l
         else:
             spans.append([o, start, end, [l]])
     fs, _ = ref.fs()
-    paths = [ref.fs("index", entry.id, entry.lists[o].object)[1] for o, _, _, _ in spans]
+    paths = [ref.fs("index", entry.id, objects[o].object)[1] for o, _, _, _ in spans]
     blobs = list(fs.cat_ranges(paths, [s[1] for s in spans], [s[2] for s in spans])) if spans else []
     out = {int(l): b"" for l in lists if directory["bytes"][l] == 0}
     for (o, start, _, members), blob in zip(spans, blobs):
@@ -207,7 +238,7 @@ def fetch_lists(ref: BankRef, entry: IndexEntry, directory: np.ndarray, lists: l
             data = view[begin:begin + int(directory["bytes"][l])]
             if len(data) != int(directory["bytes"][l]) or not np.array_equal(list_checksum(data),
                                                                               directory["checksum"][l]):
-                raise IndexCorruptError(f"list {l} in {entry.lists[o].object} of index {entry.id} does not match "
+                raise IndexCorruptError(f"list {l} in {objects[o].object} of index {entry.id} does not match "
                                         "its checksum (the object changed or was truncated); rebuild the index "
                                         "with `refbank index`")
             out[l] = bytes(data)
@@ -220,18 +251,26 @@ def fetch_lists(ref: BankRef, entry: IndexEntry, directory: np.ndarray, lists: l
 @dataclass
 class LabelTable:
     """Every distinct label of a version (text.npz): labels (L,) sorted; text (L, D) float32 text embeddings;
-    prototypes (L, C) float32, each label's mean visual embedding, L2-normalised; counts (L,) segments."""
+    sums (L, C) float64, the sum of each label's visual embeddings; counts (L,) segments. Its prototypes are
+    the sums L2-normalised (each label's mean visual embedding); sums make the table updatable when segments
+    are added or removed."""
 
     labels: list[str]
     text: np.ndarray
-    prototypes: np.ndarray
+    sums: np.ndarray
     counts: np.ndarray
 
+    @cached_property
+    def prototypes(self) -> np.ndarray:
+        """(L, C) float32 mean visual embedding of each label, L2-normalised."""
+        norms = np.maximum(np.linalg.norm(self.sums, axis=1, keepdims=True), 1e-12)
+        return (self.sums / norms).astype(np.float32)
+
     def to_bytes(self) -> bytes:
-        """text.npz bytes (float16 embeddings, as stored in the parts)."""
+        """text.npz bytes (float16 text embeddings, as stored in the parts)."""
         buf = io.BytesIO()
         np.savez(buf, labels=np.array(self.labels, dtype=str), embeddings=self.text.astype(np.float16),
-                 prototypes=self.prototypes.astype(np.float16), counts=np.asarray(self.counts, np.int64))
+                 sums=np.asarray(self.sums, np.float64), counts=np.asarray(self.counts, np.int64))
         return buf.getvalue()
 
     @classmethod
@@ -242,14 +281,32 @@ class LabelTable:
                 arrays = {name: z[name] for name in z.files}
         except ValueError as exc:
             raise IndexCorruptError(f"the label table cannot be read ({exc})") from None
-        missing = {"labels", "embeddings", "prototypes", "counts"} - set(arrays)
+        missing = {"labels", "embeddings", "sums", "counts"} - set(arrays)
         if missing:
             raise IndexCorruptError(f"the label table lacks {sorted(missing)}; rebuild the index with `refbank index`")
         labels = [str(s) for s in arrays["labels"]]
-        text, prototypes = arrays["embeddings"].astype(np.float32), arrays["prototypes"].astype(np.float32)
-        if not len(text) == len(prototypes) == len(arrays["counts"]) == len(labels):
+        text, sums = arrays["embeddings"].astype(np.float32), arrays["sums"].astype(np.float64)
+        if not len(text) == len(sums) == len(arrays["counts"]) == len(labels):
             raise IndexCorruptError("the label table's arrays have different lengths; rebuild the index")
-        return cls(labels, text, prototypes, arrays["counts"].astype(np.int64))
+        return cls(labels, text, sums, arrays["counts"].astype(np.int64))
+
+    def merged(self, labels: dict[str, np.ndarray], sums: dict[str, np.ndarray], counts: dict[str, int],
+               sign: int = 1) -> LabelTable:
+        """This table with segments added (sign 1) or removed (sign -1): per label, a text embedding (kept from
+        this table when it has the label), the sum of their visual embeddings and their count. A label whose
+        count falls to zero leaves the table."""
+        text = dict(zip(self.labels, self.text))
+        total = {n: self.sums[i].copy() for i, n in enumerate(self.labels)}
+        count = dict(zip(self.labels, self.counts.tolist()))
+        for name in counts:
+            text.setdefault(name, labels.get(name))
+            total[name] = total.get(name, 0.0) + sign * np.asarray(sums[name], np.float64)
+            count[name] = count.get(name, 0) + sign * int(counts[name])
+        names = sorted(n for n in count if count[n] > 0 and text.get(n) is not None)
+        dim = self.sums.shape[1] if len(self.sums) else len(next(iter(sums.values())))
+        return LabelTable(names, np.array([text[n] for n in names], np.float32).reshape(len(names), -1),
+                          np.array([total[n] for n in names], np.float64).reshape(len(names), dim),
+                          np.array([count[n] for n in names], np.int64))
 
 
 def read_label_table(ref: BankRef, entry: IndexEntry, verify: bool = True) -> LabelTable | None:

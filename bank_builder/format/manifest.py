@@ -100,11 +100,59 @@ class PartEntry:
 
 
 @dataclass(frozen=True)
+class DeltaEntry:
+    """Vectors added to an index after it was built, with its trained quantizer: list objects and a directory
+    of their own under `index/<id>/deltas/<delta id>/` (names relative to the index folder), laid out as the
+    base's. A list's content is the base's entries, then each delta's in order."""
+
+    id: str
+    directory: ObjectEntry
+    lists: list[ObjectEntry]
+    vectors: int
+    parts: list[str]
+    coarse_score_mean: float  # mean inner product of its vectors with their nearest centroid (drift)
+    created_at: str
+
+    def __post_init__(self) -> None:
+        check_name(self.id)
+        _check(_is_int(self.vectors) and self.vectors >= 0, "vectors must be a count")
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> DeltaEntry:
+        """A delta entry from its JSON form; BankFormatError saying what is wrong."""
+        return _typed(cls, data, where, {"directory": ObjectEntry.parse, "lists": _parse_list(ObjectEntry.parse)})
+
+
+@dataclass(frozen=True)
+class TombstoneEntry:
+    """Segments a version hides from every search and metadata lookup: a sorted int64 array of segment ids
+    (`tombstones/<name>.npy`, np.load(allow_pickle=False)), with why and when."""
+
+    object: str
+    bytes: int
+    sha256: str
+    count: int
+    reason: str
+    created_at: str
+
+    def __post_init__(self) -> None:
+        check_name(self.object)
+        _check(_is_int(self.count) and self.count >= 0, "count must be a count")
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> TombstoneEntry:
+        """A tombstone entry from its JSON form; BankFormatError saying what is wrong."""
+        return _typed(cls, data, where)
+
+
+@dataclass(frozen=True)
 class IndexEntry:
     """The index of a version: objects under `index/<id>/`, parameters, and the autotune's choice.
 
     lists: the list objects in object-number order; directory: the per-list table (object, offset, bytes,
-    count, checksum) a reader loads once; text: the label table (None when no segment has a label text)."""
+    count, checksum) a reader loads once; text: the label table (None when no segment has a label text);
+    deltas: vectors added later with the same quantizer (base + deltas = the index's lists); vectors: base and
+    deltas together; parts: the parts the base and every delta hold."""
 
     format: int
     id: str
@@ -131,6 +179,9 @@ class IndexEntry:
     parts: list[str]
     config: dict[str, Any]
     created_at: str
+    coarse_score_mean: float = 0.0  # of the base's vectors: what a delta's drift is measured against
+    deltas: list[DeltaEntry] = field(default_factory=list)
+    folded_tombstones: list[str] = field(default_factory=list)  # tombstone objects compaction applied to the lists
 
     def __post_init__(self) -> None:
         check_name(self.id)
@@ -145,7 +196,12 @@ class IndexEntry:
         _check_format(data, "format", INDEX_FORMAT, f"{where} has index format", "Rebuild the index with "
                       "`refbank index`.")
         return _typed(cls, data, where, {"trained": ObjectEntry.parse, "directory": ObjectEntry.parse,
-                                         "text": ObjectEntry.parse, "lists": _parse_list(ObjectEntry.parse)})
+                                         "text": ObjectEntry.parse, "lists": _parse_list(ObjectEntry.parse),
+                                         "deltas": _parse_list(DeltaEntry.parse)})
+
+    def with_(self, **changes: Any) -> IndexEntry:
+        """A copy with `changes` applied."""
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -184,13 +240,15 @@ class Manifest:
     parts: list[PartEntry]
     totals: dict[str, Any]
     index: IndexEntry | None = None
+    tombstones: list[TombstoneEntry] = field(default_factory=list)
 
     @classmethod
     def parse(cls, data: Any, where: str) -> Manifest:
         """A manifest from its JSON form; BankFormatError for another format or anything malformed."""
         _check_format(data, "format_version", FORMAT_VERSION, f"{where} has format", "Rebuild the bank or use a "
                       "matching refbank release.")
-        m = _typed(cls, data, where, {"parts": _parse_list(PartEntry.parse), "index": IndexEntry.parse})
+        m = _typed(cls, data, where, {"parts": _parse_list(PartEntry.parse), "index": IndexEntry.parse,
+                                      "tombstones": _parse_list(TombstoneEntry.parse)})
         if not isinstance(m.encoder, dict) or not isinstance(m.dims, dict) or "visual" not in m.dims:
             raise BankFormatError(f"{where}: encoder and dims must be objects, dims with 'visual'")
         return m

@@ -168,3 +168,34 @@ def _remove_quietly(ref: BankRef, *names: str) -> None:
     except Exception as exc:  # noqa: BLE001 - an orphan is harmless: listings skip it
         log.warning("could not remove the unpublished %s (%s); it is an orphan that no listing shows",
                     ref.url(*names), exc)
+
+
+# ----------------------------------------------------------------------------------------- pins
+
+
+def pin(ref: BankRef, version: str) -> None:
+    """Keep `version` from garbage collection (`pins/<version>`) until unpinned."""
+    if version not in list_versions(ref):
+        raise BankMismatchError(f"bank {ref} has no version {version!r} to pin; available: "
+                                f"{', '.join(list_versions(ref)) or 'none'}")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    storage.write_bytes(ref.url("pins", version), f"{stamp}\n".encode(), ref.storage_options)
+
+
+def unpin(ref: BankRef, version: str) -> bool:
+    """Let garbage collection take `version` again; False when it was not pinned."""
+    fs, path = ref.fs("pins", version)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return False
+    fs.rm(path)
+    return True
+
+
+def list_pins(ref: BankRef) -> list[str]:
+    """The pinned versions, sorted."""
+    fs, path = ref.fs("pins")
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))

@@ -49,16 +49,18 @@ class PartAdded:
     text: np.ndarray | None = None  # (len(labels), D) float16, the first text embedding of each label
     visual_sums: np.ndarray | None = None  # (len(labels), C) float64, sum of each label's visual embeddings
     counts: np.ndarray | None = None  # (len(labels),) segments per label
+    coarse_sum: float = 0.0  # sum over its vectors of the inner product with their list's centroid
 
 
-def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(list number (n,) int64, code (n, code_size) uint8) of vectors x (n, C) float32."""
+def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(list number (n,) int64, code (n, code_size) uint8, sum of the coarse scores) of vectors x (n, C) float32;
+    a vector's coarse score is its inner product with its list's centroid (the lower, the farther it lies)."""
     xt = np.ascontiguousarray(apply_chain(chain, x), dtype=np.float32)
-    _, assign = ivf.quantizer.search(xt, 1)
+    scores, assign = ivf.quantizer.search(xt, 1)
     lists = np.ascontiguousarray(assign[:, 0])
     codes = np.empty((len(x), ivf.code_size), dtype=np.uint8)
     ivf.encode_vectors(len(x), faiss.swig_ptr(xt), faiss.swig_ptr(lists), faiss.swig_ptr(codes), False)
-    return lists, codes
+    return lists, codes, float(scores.sum(dtype=np.float64))
 
 
 class _Labels:
@@ -134,7 +136,7 @@ def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact:
     chain, ivf = split_index(index)
     dtype = record_dtype(ivf.code_size, index.d, refine)
     labels = _Labels(index.d)
-    lists, records = [], []
+    lists, records, coarse = [], [], 0.0
     columns = ["segment_id", parts.VISUAL] + (["label"] if text else [])
     with parts.open_part(ref, part.name, dictionary=["label"]) as f:
         for g in range(f.num_row_groups):
@@ -143,7 +145,8 @@ def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact:
             ids = table["segment_id"].to_numpy()
             x = x16.astype(np.float32)
             exact.add(x, ids)
-            assign, codes = encode(chain, ivf, x)
+            assign, codes, scored = encode(chain, ivf, x)
+            coarse += scored
             rec = np.empty(len(x), dtype=dtype)
             rec["id"], rec["code"] = ids, codes
             if refine:
@@ -159,12 +162,14 @@ def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact:
     body = np.concatenate(records)[order] if records else np.zeros(0, dtype)
     storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), ref.storage_options)
     names, vectors, sums, counts = labels.arrays()
-    return PartAdded(part.name, len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts)
+    return PartAdded(part.name, len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts, coarse)
 
 
-def staging_url(ref: BankRef, index_id: str, part: str) -> str:
-    """URL of a part's staging object (laid out by list; see the module docstring)."""
-    return index_layout.index_url(ref, index_id, index_layout.staging_object(part))
+def staging_url(ref: BankRef, index_id: str, part: str, folder: str = "") -> str:
+    """URL of a part's staging object (laid out by list; see the module docstring), under `folder` of the index
+    folder (a delta's) when given."""
+    name = index_layout.staging_object(part)
+    return index_layout.index_url(ref, index_id, f"{folder}/{name}" if folder else name)
 
 
 @dataclass
@@ -178,19 +183,26 @@ class AddResult:
     labels: dict[str, np.ndarray]  # label → text embedding (float16), first seen in part-ordinal order
     visual_sums: dict[str, np.ndarray]  # label → sum of its segments' visual embeddings (float64)
     counts: dict[str, int]  # label → number of segments
+    coarse_score_mean: float = 0.0  # mean inner product of the vectors with their list's centroid
+
+    @property
+    def vectors(self) -> int:
+        """Vectors added in all."""
+        return sum(self.rows.values())
 
 
 def add_parts(ref: BankRef, index_id: str, parts_: list[PartEntry], trained: bytes, nlist: int, exact: TopK,
-              refine: bool, text: bool) -> AddResult:
-    """Run one add task per part; merge what they report as they finish.
+              refine: bool, text: bool, folder: str = "") -> AddResult:
+    """Run one add task per part; merge what they report as they finish. Staging objects go under `folder`
+    of the index folder (a delta's) when given.
 
     exact: an empty TopK of the autotune queries (with floors); each task fills a copy, merged here."""
     task = ray.remote(num_cpus=1, max_retries=2)(add_part)  # a retry rewrites the same staging object
     trained_ref, exact_ref = ray.put(trained), ray.put(exact)
-    pending = {task.remote(ref, p, trained_ref, staging_url(ref, index_id, p.name), exact_ref, refine, text): p
-               for p in parts_}
+    pending = {task.remote(ref, p, trained_ref, staging_url(ref, index_id, p.name, folder), exact_ref, refine,
+                           text): p for p in parts_}
     sizes = np.zeros(nlist, np.int64)
-    rows, by_part = {}, {}
+    rows, by_part, coarse = {}, {}, 0.0
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         part = pending.pop(done[0])
@@ -202,6 +214,7 @@ def add_parts(ref: BankRef, index_id: str, parts_: list[PartEntry], trained: byt
         exact.merge(added.exact_scores, added.exact_ids)
         rows[part.name] = added.rows
         by_part[part.ordinal] = added
+        coarse += added.coarse_sum
     labels: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -211,4 +224,5 @@ def add_parts(ref: BankRef, index_id: str, parts_: list[PartEntry], trained: byt
             labels.setdefault(name, added.text[i])
             sums[name] = sums.get(name, 0.0) + added.visual_sums[i]
             counts[name] = counts.get(name, 0) + int(added.counts[i])
-    return AddResult(sizes, rows, exact.scores, exact.ids, labels, sums, counts)
+    mean = coarse / max(sum(rows.values()), 1)
+    return AddResult(sizes, rows, exact.scores, exact.ids, labels, sums, counts, mean)

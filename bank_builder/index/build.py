@@ -1,5 +1,8 @@
 """`build_index`: sample → train → add (Ray, per part) → list objects (Ray, per list range) + directory →
-label table → nprobe autotune → report → publish a new bank version whose manifest names the index."""
+label table → nprobe autotune → report → publish a new bank version whose manifest names the index.
+
+On a bank whose index already covers some of its parts, only the new parts are added, as a delta
+(index/delta.py); an index that covers every part is up to date and nothing is published."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ from typing import Any
 
 from bank_builder.config import config_to_dict
 from bank_builder.format import (
-    INDEX_FORMAT, BankMismatchError, BankRef, ConcurrentUpdateError, IndexEntry, Manifest, ObjectEntry, index_layout,
-    publish, read_current, read_manifest, storage,
+    INDEX_FORMAT, BankMismatchError, BankRef, ConcurrentUpdateError, Current, IndexEntry, Manifest, ObjectEntry,
+    index_layout, publish, read_current, read_manifest, storage,
 )
 from bank_builder.format.index_layout import ListLayout
 from bank_builder.index.add import add_parts
 from bank_builder.index.autotune import autotune
+from bank_builder.index.delta import build_delta
 from bank_builder.index.exact import TopK, floors
 from bank_builder.index.objects import build_objects
 from bank_builder.index.params import IndexConfig, IndexParams, choose_params
@@ -34,7 +38,7 @@ class IndexReport:
     """What `build_index` built and published (the full report is the JSON object at `report`)."""
 
     bank: str
-    version: str  # the bank version published with this index
+    version: str | None  # the bank version published with this index (None: up to date, nothing published)
     source_version: str  # the version whose parts were indexed
     index_id: str
     factory: str
@@ -54,6 +58,8 @@ class IndexReport:
     timings_s: dict[str, float]
     curve: list[dict]
     report: str  # URL of report.json
+    mode: str = "full"  # "full" (trained and built), "delta" (new parts added), "up_to_date" (nothing to do)
+    delta: dict | None = None  # the delta's vectors, parts and drift (mode "delta")
 
 
 class _Stages:
@@ -73,15 +79,23 @@ class _Stages:
         return {**self.seconds, "total": round(time.perf_counter() - self.start, 3)}
 
 
+# Options that decide an index's codes: an index built with other values cannot take a delta.
+STRUCTURAL = ("factory", "memory_target_bytes_per_vector", "opq", "flat_below", "train_sample", "max_nlist",
+              "kmeans_iters", "refine", "seed")
+
+
 def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
-                storage_options: dict[str, Any] | None = None, version: str | None = None) -> IndexReport:
+                storage_options: dict[str, Any] | None = None, version: str | None = None,
+                retrain: bool = False) -> IndexReport:
     """Index the visual embeddings of the bank's CURRENT version and publish the next version with it.
 
     The parts stay as they are; the new version's manifest gains an `index` entry (list objects, directory,
-    trained index, tuned nprobe, report) and replaces any earlier index. `version`, when given, must name
-    CURRENT: a guard against indexing a bank that moved on. Raises BankMismatchError when the bank has no
-    version, when `version` is not CURRENT, or (ConcurrentUpdateError) when CURRENT moves while indexing (the
-    new index objects are then left unreferenced under index/<id>/; re-run)."""
+    trained index, tuned nprobe, report). When CURRENT already has an index built with the same options, only
+    the parts it lacks are added, as a delta with the same quantizer; with none lacking, nothing is published
+    (mode "up_to_date"). `retrain` trains and builds from scratch. `version`, when given, must name CURRENT: a
+    guard against indexing a bank that moved on. Raises BankMismatchError when the bank has no version, when
+    `version` is not CURRENT, when the index was built with other options (retrain then), or
+    (ConcurrentUpdateError) when CURRENT moves while indexing (the new objects are left unreferenced; re-run)."""
     ref = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {})
     current = read_current(ref)
     if current.version is None:
@@ -91,6 +105,8 @@ def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
             f"bank {ref}: {version} is not CURRENT ({current.version}); an index is published as the next "
             "version, so only CURRENT can be indexed. Drop the version argument to index CURRENT.")
     source = read_manifest(ref, current.version)
+    if source.index is not None and not retrain:
+        return _refresh(ref, source, current, config)
     n, dim = sum(p.rows for p in source.parts), source.dims["visual"]
     params = choose_params(n, dim, config)
     index_id, stage = index_layout.new_index_id(), _Stages()
@@ -100,11 +116,7 @@ def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
     try:
         entry, report = _build(ref, source, params, config, index_id, stage)
         with stage("publish"):
-            try:
-                published = publish(ref, source.with_(index=entry, created_at=entry.created_at), current)
-            except ConcurrentUpdateError as exc:
-                raise ConcurrentUpdateError(
-                    f"{exc} The new index/{index_id} is left unreferenced: re-run `refbank index`.") from None
+            published = _publish(ref, source, entry, current, f"index/{index_id}")
     finally:
         index_layout.remove_tree(index_layout.index_url(ref, index_id, "staging"), ref.storage_options)
     tune = report["autotune"]
@@ -116,6 +128,53 @@ def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
         train_gpu=report["train"]["gpu"], timings_s=stage.total(), curve=tune["curve"],
         report=index_layout.index_url(ref, index_id, index_layout.REPORT_OBJECT),
     )
+
+
+def _refresh(ref: BankRef, source: Manifest, current: Current, config: IndexConfig) -> IndexReport:
+    """Add the parts CURRENT's index lacks as a delta and publish; nothing when it lacks none."""
+    entry = source.index
+    recorded = entry.config
+    wanted = config_to_dict(config)
+    differing = {k: (recorded.get(k), wanted[k]) for k in STRUCTURAL if recorded.get(k) != wanted[k]}
+    if differing:
+        detail = "; ".join(f"{k}: index has {a!r}, asked for {b!r}" for k, (a, b) in differing.items())
+        raise BankMismatchError(f"bank {ref} version {source.version} has an index built with other options "
+                                f"({detail}); new parts can only be added with the same ones. Re-run with the "
+                                "index's options, or rebuild it with --retrain.")
+    covered = set(entry.parts)
+    new_parts = sorted((p for p in source.parts if p.name not in covered), key=lambda p: p.ordinal)
+    stage = _Stages()
+    report = dict(bank=ref.uri, source_version=source.version, index_id=entry.id, factory=entry.factory,
+                  kind=entry.kind, nlist=entry.nlist, code_size=entry.code_size, bytes={}, nprobe=entry.nprobe,
+                  k=entry.k, recall_at_k=entry.recall_at_k, target_met=entry.target_met,
+                  refine_factor=entry.refine_factor, ms_per_query=0.0, train_gpu=False, curve=[],
+                  report=index_layout.index_url(ref, entry.id, entry.report))
+    if not new_parts:
+        log.info("the index of %s %s holds every part: nothing to do", ref, source.version)
+        return IndexReport(version=None, vectors=entry.vectors, objects=len(entry.lists), timings_s=stage.total(),
+                           mode="up_to_date", **report)
+    log.info("adding %d new parts (%d vectors) to index %s as a delta", len(new_parts),
+             sum(p.rows for p in new_parts), entry.id)
+    init_ray()
+    delta_id = index_layout.new_index_id()
+    folder = index_layout.delta_folder(delta_id)
+    try:
+        updated, delta = build_delta(ref, entry, new_parts, config, bool(source.dims.get("text")), stage, delta_id)
+        with stage("publish"):
+            published = _publish(ref, source, updated, current, f"index/{entry.id}/{folder}")
+    finally:
+        index_layout.remove_tree(index_layout.index_url(ref, entry.id, folder, "staging"), ref.storage_options)
+    return IndexReport(version=published, vectors=updated.vectors, objects=len(updated.lists) + sum(
+        len(d.lists) for d in updated.deltas), timings_s=stage.total(), mode="delta", delta=delta, **report)
+
+
+def _publish(ref: BankRef, source: Manifest, entry: IndexEntry, current: Current, objects: str) -> str:
+    """Publish `source` with index `entry` as the next version; ConcurrentUpdateError naming what is left."""
+    try:
+        return publish(ref, source.with_(index=entry, created_at=entry.created_at), current)
+    except ConcurrentUpdateError as exc:
+        raise ConcurrentUpdateError(f"{exc} The new {objects} is left unreferenced: re-run `refbank index`.") \
+            from None
 
 
 def _build(ref: BankRef, source: Manifest, params: IndexParams, config: IndexConfig, index_id: str,
@@ -155,6 +214,7 @@ def _build(ref: BankRef, source: Manifest, params: IndexParams, config: IndexCon
         target_recall=config.target_recall, target_met=tune["target_met"], text=text_entry,
         labels=len(added.labels), report=index_layout.REPORT_OBJECT, parts=[p.name for p in parts],
         config=config_to_dict(config), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        coarse_score_mean=round(added.coarse_score_mean, 6),
     )
     report = {
         "index_id": index_id, "bank_source_version": source.version, "factory": params.factory,

@@ -58,8 +58,9 @@ def plan_objects(list_bytes: np.ndarray, target: int) -> list[tuple[int, int]]:
 
 
 def build_object(n: int, lo: int, hi: int, staging: list[str], nlist: int, layout: ListLayout, ref: BankRef,
-                 index_id: str) -> ObjectBuilt:
-    """Gather lists [lo, hi) from every part's staging object (2 range reads each), write list object n."""
+                 index_id: str, folder: str = "") -> ObjectBuilt:
+    """Gather lists [lo, hi) from every part's staging object (2 range reads each), write list object n (under
+    `folder` of the index folder when given)."""
     dtype = record_dtype(layout.code_size, layout.dim, layout.refine)
     so = ref.storage_options
     heads = storage.read_ranges(staging, [8 * lo] * len(staging), [8 * (hi + 1)] * len(staging), so)
@@ -89,21 +90,23 @@ def build_object(n: int, lo: int, hi: int, staging: list[str], nlist: int, layou
     del ids, codes, vectors  # peak memory ≈ 2 objects + the bytes being written
     sizes = np.array([len(b) for b in blobs], np.int64)
     checksums = np.stack([index_layout.list_checksum(b) for b in blobs]) if blobs else np.zeros((0, 2), np.uint64)
-    entry = index_layout.write_object(ref, index_id, index_layout.list_object(n), b"".join(blobs))
+    name = index_layout.list_object(n)
+    entry = index_layout.write_object(ref, index_id, f"{folder}/{name}" if folder else name, b"".join(blobs))
     return ObjectBuilt(entry, lo, hi, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
                        np.diff(starts).astype(np.int64), checksums)
 
 
 def build_objects(ref: BankRef, index_id: str, part_names: list[str], list_sizes: np.ndarray, layout: ListLayout,
-                  object_bytes: int) -> tuple[list[ObjectEntry], np.ndarray]:
+                  object_bytes: int, folder: str = "") -> tuple[list[ObjectEntry], np.ndarray]:
     """Plan the list objects from the total list sizes, build them with one Ray task each; returns (their
-    entries in object order, the directory: one DIRECTORY_DTYPE row per list). part_names: in ordinal order."""
+    entries in object order, the directory: one DIRECTORY_DTYPE row per list). part_names: in ordinal order.
+    folder: a delta's folder within the index folder, for its staging and list objects."""
     ranges = plan_objects(list_sizes * layout.row_bytes, object_bytes)
-    staging = [staging_url(ref, index_id, name) for name in part_names]
+    staging = [staging_url(ref, index_id, name, folder) for name in part_names]
     task = ray.remote(num_cpus=1, max_retries=2)(build_object)
     staging_ref = ray.put(staging)
-    built: list[ObjectBuilt] = ray.get([task.remote(n, lo, hi, staging_ref, len(list_sizes), layout, ref, index_id)
-                                        for n, (lo, hi) in enumerate(ranges)])
+    built: list[ObjectBuilt] = ray.get([task.remote(n, lo, hi, staging_ref, len(list_sizes), layout, ref, index_id,
+                                                    folder) for n, (lo, hi) in enumerate(ranges)])
     directory = np.zeros(len(list_sizes), index_layout.DIRECTORY_DTYPE)
     for n, b in enumerate(built):
         rows = directory[b.lo:b.hi]  # a view: the field assignments below write into `directory`

@@ -10,14 +10,20 @@ from bank_builder.format.index_layout import LabelTable
 
 
 def write_label_table(ref: BankRef, index_id: str, labels: dict[str, np.ndarray], visual_sums: dict[str, np.ndarray],
-                      counts: dict[str, int]) -> ObjectEntry | None:
-    """Write text.npz for `labels` (label → float16 text embedding) with prototypes from `visual_sums`; its
-    entry, or None without labels."""
+                      counts: dict[str, int], name: str = index_layout.TEXT_OBJECT) -> ObjectEntry | None:
+    """Write `name` (text.npz) for `labels` (label → float16 text embedding) with their visual sums and counts;
+    its entry, or None without labels."""
     if not labels:
         return None
     names = sorted(labels)
-    sums = np.stack([visual_sums[n] for n in names])
-    prototypes = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-    table = LabelTable(names, np.stack([labels[n] for n in names]).astype(np.float32), prototypes,
+    table = LabelTable(names, np.stack([labels[n] for n in names]).astype(np.float32),
+                       np.stack([visual_sums[n] for n in names]).astype(np.float64),
                        np.array([counts[n] for n in names], np.int64))
-    return index_layout.write_object(ref, index_id, index_layout.TEXT_OBJECT, table.to_bytes())
+    return write_table(ref, index_id, table, name)
+
+
+def write_table(ref: BankRef, index_id: str, table: LabelTable, name: str) -> ObjectEntry | None:
+    """Write a label table as `name` under the index folder; None for an empty table (no object)."""
+    if not table.labels:
+        return None
+    return index_layout.write_object(ref, index_id, name, table.to_bytes())
