@@ -21,7 +21,6 @@ Retry-After. Encoder forwards run one at a time. With a token configured, /v1/* 
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import logging
@@ -31,7 +30,6 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
@@ -42,7 +40,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.staticfiles import StaticFiles
 
-from bank_builder.format import current_version, list_versions
 from query.admission import PoolConfig, WorkPool
 from query.api_models import (
     BankResponse,
@@ -55,11 +52,9 @@ from query.api_models import (
     SegmentResponse,
     parse_options,
 )
+from query.answers import bank_answer, labels_answer, search_answer, segment_answer
 from query.middleware import BodyLimit, Metrics, MetricsMiddleware, SafeJSONResponse, install_error_handlers
-from query.regions import Reference, embed_masks, prompt_mask
-from query.render import SegmentationResult, hex_colour, label_map_png, legend, overlay_png
-from query.segment import ForegroundConfig, OpenSetConfig, ReferenceConfig, VocabularyConfig
-from query.serving import ApiError, ServiceConfig, ServiceState, Snapshot, decode_image, decode_mask
+from query.serving import ApiError, ServiceConfig, ServiceState
 
 __all__ = ["ApiError", "ServiceConfig", "create_app", "serve"]
 
@@ -246,7 +241,7 @@ async def segment(request: Request) -> Response:
             files = await _read_files(form, names)
         finally:
             await form.close()
-        return await run(_run_segment, state, state.live, files, options)
+        return await run(segment_answer, state, state.live, files, options)
 
 
 @api.post("/search", response_model=SearchResponse,
@@ -275,7 +270,7 @@ async def search(request: Request) -> Any:
         raise ApiError(422, "invalid_options", "box applies to an image query; send the image file too")
     _check_k(options.k, state.config)
     async with _pool(request, "query" if image is None else "image").admit() as run:
-        return await run(_run_search, state, state.live, image, options)
+        return await run(search_answer, state, state.live, image, options)
 
 
 @api.get("/bank", response_model=BankResponse)
@@ -283,7 +278,7 @@ async def bank_info(request: Request) -> dict[str, Any]:
     """The live bank version: encoder spec (untrained flag), totals, index parameters, cache statistics."""
     state = _state(request)
     async with _pool(request, "query").admit() as run:
-        return await run(_bank_info, state, state.live, {n: p.stats() for n, p in request.app.state.pools.items()})
+        return await run(bank_answer, state, state.live, {n: p.stats() for n, p in request.app.state.pools.items()})
 
 
 @api.get("/labels", response_model=LabelsResponse)
@@ -294,7 +289,7 @@ async def bank_labels(request: Request,
     """The bank's labels (the names vocabulary mode matches classes to), each with its segment count and overlay
     colour, most frequent first; `total` counts every label matching `prefix`."""
     async with _pool(request, "query").admit() as run:
-        return await run(_labels, _state(request).live, prefix, limit)
+        return await run(labels_answer, _state(request).live, prefix, limit)
 
 
 @admin.post("/reload")
@@ -340,143 +335,3 @@ async def _read_files(form: FormData, names: list[str]) -> dict[str, bytes]:
 def _check_k(k: int | None, config: ServiceConfig) -> None:
     if k is not None and k > config.max_k:
         raise ApiError(422, "limit_exceeded", f"k={k} is above this server's max_k={config.max_k}")
-
-
-# ----------------------------------------------------------------------------------------- the work (threadpool)
-
-
-def _run_segment(state: ServiceState, snapshot: Snapshot, files: dict[str, bytes], options: SegmentOptions
-                 ) -> Response:
-    config, timings, start = state.config, {}, time.perf_counter()
-    images = {"image": decode_image(files["image"], config.max_pixels, "image", config.max_aspect)}
-    references = []
-    if options.mode == "reference":
-        for i, ref in enumerate(options.references):
-            if ref.image not in images:
-                images[ref.image] = decode_image(files[ref.image], config.max_pixels, f"reference {i} image",
-                                                 config.max_aspect)
-            image = images[ref.image]
-            mask = (None if ref.mask is None else
-                    decode_mask(files[ref.mask], image.shape[:2], config.max_pixels, f"reference {i} mask"))
-            references.append(Reference(image, mask=mask, box=ref.box, scribble=ref.scribble, label=ref.label))
-    timings["decode"], start = _ms(start), time.perf_counter()
-    with state.reading(snapshot):
-        result = _dispatch(snapshot.segmenters[options.region], images["image"], references, options)
-    timings["segment"], start = _ms(start), time.perf_counter()
-    unknown = _unknown_names(options, snapshot.table.labels)
-    if isinstance(options.return_, str) and options.return_ != "json":
-        png = (label_map_png(result) if options.return_ == "label_map"
-               else overlay_png(images["image"], result, float(options.alpha)))
-        return Response(png, media_type="image/png", headers={
-            "X-Refbank-Version": snapshot.bank.version, "X-Refbank-Classes": json.dumps(result.classes),
-            "X-Refbank-Unknown-Classes": json.dumps(unknown), "X-Refbank-Untrained": str(result.untrained).lower()})
-    parts = options.parts
-    out: dict[str, Any] = {"version": snapshot.bank.version, "legend": legend(result), "unknown_classes": unknown}
-    if "json" in parts:
-        out["result"] = result.to_dict()
-    if "label_map" in parts:
-        out["label_map_png"] = base64.b64encode(label_map_png(result)).decode("ascii")
-    if "overlay" in parts:
-        out["overlay_png"] = base64.b64encode(overlay_png(images["image"], result, float(options.alpha))).decode()
-    timings["render"] = _ms(start)
-    out["timings_ms"] = timings
-    return SafeJSONResponse(out)
-
-
-def _dispatch(segmenter: Any, image: np.ndarray, references: list[Reference],
-              options: SegmentOptions) -> SegmentationResult:
-    """Run the mode `options` names; a bad option raises ValueError (→ 400) from the segmenter."""
-    mode, o = options.mode, options
-    if mode == "vocabulary":
-        if not o.classes:
-            raise ApiError(422, "invalid_options", 'vocabulary mode needs "classes": a list of class names, '
-                                                   'e.g. ["cat", "grass"]')
-        return segmenter.vocabulary(image, o.classes, VocabularyConfig(**_given(
-            labels_per_class=o.labels_per_class, text_temperature=o.temperature, combine=o.combine,
-            background_threshold=o.background_threshold)))
-    if mode == "open_set":
-        return segmenter.open_set(image, OpenSetConfig(**_given(k=o.k, temperature=o.temperature,
-                                                                min_share=o.min_share)))
-    if mode == "reference":
-        if not references:
-            raise ApiError(422, "invalid_options", 'reference mode needs "references": [{"image": "<form file>", '
-                                                   '"box": [x0, y0, x1, y1], "label": "..."}]')
-        return segmenter.reference(image, references, ReferenceConfig(**_given(fpr=o.fpr, k=o.k,
-                                                                               temperature=o.temperature)))
-    labels = None if o.foreground_labels is None else frozenset(o.foreground_labels)
-    return segmenter.foreground(image, ForegroundConfig(**_given(threshold=o.threshold, foreground_labels=labels,
-                                                                 k=o.k, temperature=o.temperature)))
-
-
-def _run_search(state: ServiceState, snapshot: Snapshot, image: bytes | None, options: SearchOptions
-                ) -> dict[str, Any]:
-    config = state.config
-    if options.vector is not None:
-        vector, query = np.asarray(options.vector, np.float32)[None], {"kind": "vector"}
-    elif options.text is not None:
-        prototypes, matched = snapshot.segmenters["superpixel"].class_prototypes([options.text])
-        vector = prototypes[0][:1]
-        query = {"kind": "text", "text": options.text, "labels": next(iter(matched.values()))}
-    else:
-        pixels = decode_image(image, config.max_pixels, "image", config.max_aspect)
-        box = options.box
-        mask = prompt_mask(pixels.shape[:2], box=box) if box is not None else np.ones(pixels.shape[:2], bool)
-        vector = embed_masks(state.encoder, pixels, [mask])
-        query = {"kind": "image", "size": list(pixels.shape[:2]), "box": None if box is None else list(box)}
-    with state.reading(snapshot):
-        scores, ids = snapshot.searcher.search(vector, options.k, options.nprobe)
-        found = ids[0] >= 0
-        rows = snapshot.reads.metadata(ids[0][found])
-    results = [{"rank": rank, "score": float(score), "segment_id": int(sid),
-                "metadata": {k: v for k, v in row.items() if k != "segment_id"}}
-               for rank, (score, sid, row) in enumerate(zip(scores[0][found], ids[0][found], rows))]
-    return {"version": snapshot.bank.version, "query": query, "k": options.k, "results": results}
-
-
-def _bank_info(state: ServiceState, snapshot: Snapshot, pools: dict[str, dict[str, int]]) -> dict[str, Any]:
-    with state.reading(snapshot):
-        current, versions = current_version(snapshot.bank.ref), list_versions(snapshot.bank.ref)
-    bank, config = snapshot.bank, state.config
-    index = None
-    if bank.index is not None:
-        entry = bank.index
-        index = {k: getattr(entry, k) for k in ("id", "factory", "kind", "metric", "vectors", "nlist", "code_size",
-                                                "nprobe", "refine", "refine_factor", "k", "recall_at_k",
-                                                "target_recall", "target_met", "created_at")}
-        index["list_objects"], index["text_labels"] = len(entry.lists), entry.labels
-    return {"uri": bank.uri, "version": bank.version, "current": current, "versions": versions, "note": snapshot.note,
-            "encoder": bank.manifest.encoder, "untrained": bool(bank.spec.untrained), "dims": bank.dims,
-            "totals": bank.manifest.totals, "index": index, "labels": len(snapshot.table.labels),
-            "cache": snapshot.searcher.stats(), "pools": pools,
-            "limits": {name: getattr(config, name) for name in (
-                "max_upload_bytes", "max_json_bytes", "max_pixels", "max_aspect", "max_k", "max_vocabulary",
-                "max_references", "working_side")},
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.loaded_at))}
-
-
-def _labels(snapshot: Snapshot, prefix: str, limit: int) -> dict[str, Any]:
-    table, start = snapshot.table, prefix.casefold()
-    order = [i for i in np.argsort(-np.asarray(table.counts), kind="stable")
-             if table.labels[i].casefold().startswith(start)]
-    return {"version": snapshot.bank.version, "total": len(order),
-            "labels": [{"label": table.labels[i], "count": int(table.counts[i]), "color": hex_colour(table.labels[i])}
-                       for i in order[:limit]]}
-
-
-def _unknown_names(options: SegmentOptions, bank_labels: list[str]) -> list[str]:
-    """The requested names (vocabulary `classes`, foreground `foreground_labels`) that equal no bank label, case
-    aside: vocabulary mode still maps them to the nearest labels by text, but the caller should know."""
-    names = {"vocabulary": options.classes, "foreground": options.foreground_labels}.get(options.mode)
-    if not names:
-        return []
-    known = {label.casefold() for label in bank_labels}
-    return [name for name in names if name.strip().casefold() not in known]
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    """The keyword arguments that were given (not None): the rest keep the config's defaults."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _ms(start: float) -> float:
-    return round(1000 * (time.perf_counter() - start), 2)
