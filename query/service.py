@@ -251,24 +251,19 @@ async def search(request: Request) -> Any:
     bank pools segments), `text` (matched to bank labels; their visual prototype is searched) or `vector`."""
     state = _state(request)
     image, limit = None, state.config.max_json_bytes
-    if request.headers.get("content-type", "").startswith("application/json"):
-        options = parse_options(await request.body(), SearchOptions, limit)
-    else:
-        form = await _read_form(request, max_files=1)
-        try:
-            options = parse_options(form.get("options") or "{}", SearchOptions, limit)
-            if form.get("image") is not None:
-                image = (await _read_files(form, ["image"]))["image"]
-        finally:
-            await form.close()
-    given = [name for name, value in (("image", image), ("text", options.text), ("vector", options.vector))
-             if value is not None]
-    if len(given) != 1:
-        raise ApiError(422, "invalid_options", f"give exactly one query: an image file, text or vector; got "
-                                               f"{' and '.join(given) or 'none'}")
-    if options.box is not None and image is None:
-        raise ApiError(422, "invalid_options", "box applies to an image query; send the image file too")
-    _check_k(options.k, state.config)
+    if request.headers.get("content-type", "").startswith("application/json"):  # never an image: a query
+        async with _pool(request, "query").admit() as run:
+            options = parse_options(await _read_json(request, limit), SearchOptions, limit)
+            _check_search(options, None, state.config)
+            return await run(search_answer, state, state.live, None, options)
+    form = await _read_form(request, max_files=1)
+    try:
+        options = parse_options(form.get("options") or "{}", SearchOptions, limit)
+        if form.get("image") is not None:
+            image = (await _read_files(form, ["image"]))["image"]
+    finally:
+        await form.close()
+    _check_search(options, image, state.config)
     async with _pool(request, "query" if image is None else "image").admit() as run:
         return await run(search_answer, state, state.live, image, options)
 
@@ -300,7 +295,7 @@ async def reload(request: Request, version: str | None = Query(None, description
     swapped in; requests in flight finish on the old one. 404 for an unknown version (with the available ones),
     409 when its encoder or index cannot be served here, 503 storage_corrupt when a bank object is damaged."""
     state = _state(request)
-    body = await request.body()
+    body = await _read_json(request, state.config.max_json_bytes)
     if body.strip():
         version = parse_options(body, ReloadRequest, state.config.max_json_bytes).version or version
     start = time.perf_counter()
@@ -319,6 +314,20 @@ async def _read_form(request: Request, max_files: int) -> FormData:
     return await request.form(max_files=max_files, max_fields=8, max_part_size=1 << 20)
 
 
+async def _read_json(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, kept only up to `limit` bytes (max_json_bytes): a longer one is read to its end
+    (the upload limit still applies) and dropped, then answered 413, so it never costs more memory than that."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise ApiError(413, "payload_too_large", f"the JSON body is {size} bytes; this server takes at most {limit} "
+                                                 "(max_json_bytes)")
+    return b"".join(chunks)
+
+
 async def _read_files(form: FormData, names: list[str]) -> dict[str, bytes]:
     out = {}
     for name in dict.fromkeys(names):
@@ -330,6 +339,17 @@ async def _read_files(form: FormData, names: list[str]) -> dict[str, bytes]:
             raise ApiError(422, "missing_file", f"form field {name!r} must be a file upload, not a text field")
         out[name] = await value.read()
     return out
+
+
+def _check_search(options: SearchOptions, image: bytes | None, config: ServiceConfig) -> None:
+    given = [name for name, value in (("image", image), ("text", options.text), ("vector", options.vector))
+             if value is not None]
+    if len(given) != 1:
+        raise ApiError(422, "invalid_options", f"give exactly one query: an image file, text or vector; got "
+                                               f"{' and '.join(given) or 'none'}")
+    if options.box is not None and image is None:
+        raise ApiError(422, "invalid_options", "box applies to an image query; send the image file too")
+    _check_k(options.k, config)
 
 
 def _check_k(k: int | None, config: ServiceConfig) -> None:

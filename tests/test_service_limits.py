@@ -28,8 +28,8 @@ SCHEMATHESIS_EXAMPLES = 50  # per API operation, positive and negative cases tog
 @pytest.fixture(scope="module")
 def tight(world):
     """A server on the session bank with one image worker and no queue: a second image request is refused."""
-    config = ServiceConfig(bank=world["bank"], token=TOKEN, max_upload_bytes=MAX_UPLOAD, max_k=64, image_workers=1,
-                           image_queue=0)
+    config = ServiceConfig(bank=world["bank"], token=TOKEN, max_upload_bytes=MAX_UPLOAD, max_json_bytes=64 << 10,
+                           max_k=64, image_workers=1, image_queue=0)
     with serving(config) as running:
         yield running
 
@@ -75,6 +75,7 @@ class Background(threading.Thread):
 # ----------------------------------------------------------------------------------------- working resolution
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_answers_keep_the_request_size_from_a_working_size_map(client, world):
     """A 1000 x 600 request is segmented at the working size and its maps are upsampled: the label map is a
     nearest upsampling of a (h, w) map, and the region RLEs tile the request exactly, each inside one label."""
@@ -174,7 +175,7 @@ def test_a_full_pool_answers_429_with_retry_after_and_keeps_serving(tight, world
 # ----------------------------------------------------------------------------------------- hostile input
 
 
-def test_non_finite_numbers_deep_json_and_wrong_types_get_4xx(server, client, world):
+def test_non_finite_numbers_deep_json_and_wrong_types_get_4xx(server, client, tight, world):
     image = png(world["heldout"][0].image)
     deep = "[" * 100_000
     segment_cases = [  # (options text, status, word of the detail)
@@ -219,6 +220,11 @@ def test_non_finite_numbers_deep_json_and_wrong_types_get_4xx(server, client, wo
     got, _, body = raw(server.url, "/admin/reload", deep.encode(), "application/json")
     assert got == 400 and "nested" in json.loads(body)["detail"]
     assert client.search(text="cat", k=3, nprobe=10**12)["k"] == 3  # a huge nprobe is capped, not an error
+    # Over max_json_bytes (64 KiB there) but under the upload limit: read to its end, dropped, answered 413.
+    padded = json.dumps({"text": "cat", "k": 3, "vector": [0.0] * 20_000}).encode()
+    for path in ("/v1/search", "/admin/reload"):
+        got, _, body = raw(tight[0].url, path, padded, "application/json")
+        assert got == 413 and "max_json_bytes" in json.loads(body)["detail"], path
     assert client.ready()["status"] == "ready"
 
 
