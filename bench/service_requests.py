@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/service_requests.py --bank /path/to/bank      # a built and indexed bank
     PYTHONPATH=. python bench/service_requests.py --out /tmp/refbank-bench  # builds a small bank there first
 
-(from the repository root: the contention run starts its server with the test suite's helper.)
+(from the repository root: the server and the PNG header come from the test suite's helpers.)
 
 Prints one JSON document:
 
@@ -27,12 +27,10 @@ import multiprocessing
 import os
 import resource
 import statistics
-import struct
 import sys
 import threading
 import time
 import urllib.request
-import zlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -120,15 +118,9 @@ def measure_request(bank: str, image: np.ndarray, side: int, repeat: int) -> dic
             "peak_added_mib": round(added, 1), "timings_ms": timings}
 
 
-def png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 def refused_seconds(bank: str) -> dict:
     from query.serving import ApiError, decode_image
+    from tests.service_fixtures import png_header
 
     data = png_header(1, 40_000_000)
     start = time.perf_counter()

@@ -4,8 +4,9 @@ Each kind of work has its own pool, so a heavy request never holds the threads a
 (`/v1/segment`, image `/v1/search`: decode, regions, encoder forward, result at the request's size) and queries
 (text / vector search, `/v1/bank`, `/v1/labels`). A pool runs at most `workers` calls at once and lets at most
 `queue` more wait; a request beyond that is refused at once with 429 and a Retry-After estimated from the pool's
-recent call times, before its body is read. A refused request costs the server nothing, so overload degrades into
-fast refusals instead of a growing backlog that every later request waits behind.
+recent call times. Requests are admitted once their (bounded) body is read, so a slow upload holds a connection,
+never a place. A refused request costs the server no work, so overload degrades into fast refusals instead of a
+growing backlog that every later request waits behind.
 """
 
 from __future__ import annotations

@@ -255,7 +255,7 @@ class StateCollector:
             yield GaugeMetricFamily("refbank_bank_segments", "segments in the version served",
                                     value=bank.manifest.totals.get("segments", 0))
             yield GaugeMetricFamily("refbank_bank_degraded", "1 when requests met damaged objects of the version "
-                                                             "served (see /readyz)", value=int(bool(self.state.live.corrupt)))
+                                    "served (see /readyz)", value=int(bool(self.state.live.corrupt)))
 
     def _pools(self):
         stats = {name: pool.stats() for name, pool in self.pools.items()}

@@ -224,23 +224,24 @@ async def segment(request: Request) -> Response:
     form file holding its image and gives a box, scribble or a mask file), foreground."""
     state = _state(request)
     config = state.config
-    async with _pool(request, "image").admit() as run:  # a full pool refuses before the body is read
-        form = await _read_form(request, max_files=2 + 2 * config.max_references)
-        try:
-            options = parse_options(form.get("options"), SegmentOptions, config.max_json_bytes)
-            if options.classes is not None and len(options.classes) > config.max_vocabulary:
-                raise ApiError(422, "limit_exceeded", f"{len(options.classes)} classes; this server takes at most "
-                                                      f"{config.max_vocabulary} per request")
-            if len(options.references) > config.max_references:
-                raise ApiError(422, "limit_exceeded", f"{len(options.references)} references; at most "
-                                                      f"{config.max_references}")
-            _check_k(options.k, config)
-            names = ["image"]
-            if options.mode == "reference":
-                names += [n for r in options.references for n in (r.image, r.mask) if n is not None]
-            files = await _read_files(form, names)
-        finally:
-            await form.close()
+    form = await _read_form(request, max_files=2 + 2 * config.max_references)
+    try:
+        options = parse_options(form.get("options"), SegmentOptions, config.max_json_bytes)
+        if options.classes is not None and len(options.classes) > config.max_vocabulary:
+            raise ApiError(422, "limit_exceeded", f"{len(options.classes)} classes; this server takes at most "
+                                                  f"{config.max_vocabulary} per request")
+        if len(options.references) > config.max_references:
+            raise ApiError(422, "limit_exceeded", f"{len(options.references)} references; at most "
+                                                  f"{config.max_references}")
+        _check_k(options.k, config)
+        names = ["image"]
+        if options.mode == "reference":
+            names += [n for r in options.references for n in (r.image, r.mask) if n is not None]
+        files = await _read_files(form, names)
+    finally:
+        await form.close()
+    # Admitted once the body is read: a slow upload holds a connection, never a place in the pool.
+    async with _pool(request, "image").admit() as run:
         return await run(segment_answer, state, state.live, files, options)
 
 
@@ -251,18 +252,16 @@ async def search(request: Request) -> Any:
     bank pools segments), `text` (matched to bank labels; their visual prototype is searched) or `vector`."""
     state = _state(request)
     image, limit = None, state.config.max_json_bytes
-    if request.headers.get("content-type", "").startswith("application/json"):  # never an image: a query
-        async with _pool(request, "query").admit() as run:
-            options = parse_options(await _read_json(request, limit), SearchOptions, limit)
-            _check_search(options, None, state.config)
-            return await run(search_answer, state, state.live, None, options)
-    form = await _read_form(request, max_files=1)
-    try:
-        options = parse_options(form.get("options") or "{}", SearchOptions, limit)
-        if form.get("image") is not None:
-            image = (await _read_files(form, ["image"]))["image"]
-    finally:
-        await form.close()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        options = parse_options(await _read_json(request, limit), SearchOptions, limit)
+    else:
+        form = await _read_form(request, max_files=1)
+        try:
+            options = parse_options(form.get("options") or "{}", SearchOptions, limit)
+            if form.get("image") is not None:
+                image = (await _read_files(form, ["image"]))["image"]
+        finally:
+            await form.close()
     _check_search(options, image, state.config)
     async with _pool(request, "query" if image is None else "image").admit() as run:
         return await run(search_answer, state, state.live, image, options)

@@ -127,9 +127,9 @@ class NotReady(ApiError):
 
 @dataclass(frozen=True, eq=False)
 class Snapshot:
-    """One loaded bank version: everything a request needs, never replaced after it is built. note: why this is
-    not the version asked for (CURRENT without an index); corrupt: damaged objects its requests met
-    (object → what was wrong), kept for /readyz until a reload."""
+    """One loaded bank version: everything a request needs; nothing in it changes once built but the `corrupt`
+    record. note: why this is not the version asked for (CURRENT without an index); corrupt: damaged objects its
+    requests met (object → what was wrong), kept for /readyz until a reload."""
 
     bank: Bank
     reads: PartReader
@@ -164,8 +164,10 @@ def servable_version(ref: BankRef, wanted: str | None) -> tuple[str | None, str 
     """(version to serve, note): `wanted` when given; else CURRENT if it has an index, else the newest version
     before CURRENT that has one, with a note saying why (BankMismatchError when none has). (None, None) for a
     bank without CURRENT (open_bank says so)."""
-    current = wanted or current_version(ref)
-    if wanted is not None or current is None or read_manifest(ref, current).index is not None:
+    if wanted is not None:
+        return wanted, None
+    current = current_version(ref)
+    if current is None or read_manifest(ref, current).index is not None:
         return current, None
     for version in sorted((v for v in list_versions(ref) if v < current), reverse=True):
         if read_manifest(ref, version).index is not None:

@@ -114,8 +114,8 @@ def test_huge_and_thin_images_are_refused_from_the_header(server, world):
                                                              {"options": json.dumps(options)}))
             assert (got, json.loads(body)["error"]) == (status, code), (width, height, path)
     reference = {"mode": "reference", "references": [{"image": "ref", "box": [0, 0, 1, 1]}]}
-    got, _, body = raw(server.url, "/v1/segment", *multipart(
-        {"image": png(world["heldout"][0].image), "ref": png_header(1, 10_000_000)}, {"options": json.dumps(reference)}))
+    files = {"image": png(world["heldout"][0].image), "ref": png_header(1, 10_000_000)}
+    got, _, body = raw(server.url, "/v1/segment", *multipart(files, {"options": json.dumps(reference)}))
     assert got == 422 and "reference 0 image" in json.loads(body)["detail"]
 
 

@@ -91,7 +91,8 @@ def test_damaged_objects_answer_503_storage_corrupt_naming_them(world, tmp_path)
             assert "does not name a version" in answer["detail"]
         assert corrupt_counts(client)["CURRENT"] >= 2
         status, answer = error(raw(server.url, "/readyz", token=None))
-        assert status == 503 and answer["version"] == manifest.version and answer["objects"].keys() == {lists, "CURRENT"}
+        assert (status, answer["version"]) == (503, manifest.version)
+        assert answer["objects"].keys() == {lists, "CURRENT"}
     with pytest.raises(BankFormatError, match="CURRENT does not name a version"):
         ServiceState(ServiceConfig(bank=bank)).load()  # `refbank serve` stops with this message
 
