@@ -3,17 +3,87 @@
 Options arrive as one JSON string in a multipart field (`options`), beside the image files, so one request can
 carry an image, reference images and their prompts. Unknown keys are refused (a typo is an error, not a no-op).
 Coordinates are pixels of the image they refer to: boxes XYXY (max exclusive), points (x, y).
+
+Every number is finite and at most 1e9 in magnitude (JSON's NaN, Infinity and 1e400 are refused with 422, not
+carried into arithmetic); a JSON document is at most max_json_bytes long and MAX_JSON_DEPTH deep (`parse_options`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
+from query.serving import ApiError
+
+MAX_MAGNITUDE = 1e9  # of any number in the options: far outside any image, far inside float and int64 range
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a JSON body or options field (the options need 3)
+
+
+def _bounded(value: float) -> float:
+    if not -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:
+        raise ValueError(f"must lie between -{MAX_MAGNITUDE:g} and {MAX_MAGNITUDE:g}")
+    return value
+
+
+# A finite JSON number (int or float, not bool, not a numeric string) of at most MAX_MAGNITUDE, as a float.
+Number = Annotated[float, Strict(), AllowInfNan(False), AfterValidator(_bounded)]
 Mode = Literal["vocabulary", "open_set", "reference", "foreground"]
 Part = Literal["json", "label_map", "overlay"]
-Number = StrictFloat | StrictInt
+
+
+def parse_options(raw: Any, model: type[BaseModel], max_bytes: int) -> Any:
+    """`raw` (JSON text or bytes; None = {}) validated as `model`: 413 over max_bytes, 400 for text that is not
+    JSON or is nested deeper than MAX_JSON_DEPTH, 422 for anything but an object (pydantic: wrong fields)."""
+    if raw is None:
+        raw = "{}"
+    if not isinstance(raw, (str, bytes)):
+        raise ApiError(422, "invalid_options", "options must be a plain form field holding JSON, not a file")
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > max_bytes:
+        raise ApiError(413, "payload_too_large", f"the JSON is {len(data)} bytes; this server takes at most "
+                                                 f"{max_bytes} (max_json_bytes)")
+    try:
+        value = json.loads(data)
+        too_deep = json_depth(value) > MAX_JSON_DEPTH
+    except RecursionError:  # the C parser's own guard, far deeper than MAX_JSON_DEPTH
+        too_deep = True
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_options", f"options is not valid JSON ({exc}); send a JSON object such as "
+                                               '{"mode": "vocabulary", "classes": ["cat"]}') from None
+    if too_deep:
+        raise ApiError(400, "invalid_options", f"the JSON is nested more than {MAX_JSON_DEPTH} arrays / objects "
+                                               "deep; the options need 3")
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_options", f"options must be a JSON object, got {type(value).__name__}")
+    return model.model_validate(value)
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of arrays and objects in a parsed JSON value (a scalar is 0), counted without recursion and
+    given up on past MAX_JSON_DEPTH (that depth + 1 is returned)."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 class _Options(BaseModel):
@@ -27,7 +97,7 @@ class ReferenceOptions(_Options):
     label: StrictStr = Field("target", description="class name; references sharing a label form one class")
     box: tuple[Number, Number, Number, Number] | None = Field(None, description="XYXY pixels, max exclusive")
     scribble: list[tuple[Number, Number]] | None = Field(None, description="polyline of (x, y) pixel points",
-                                                         max_length=10_000)
+                                                         min_length=1, max_length=10_000)
     mask: StrictStr | None = Field(None, description="form field holding a PNG mask at the reference image's "
                                                      "size; non-zero pixels are the object")
 
@@ -54,8 +124,9 @@ class SegmentOptions(_Options):
     fpr: Number | None = Field(None, gt=0, lt=1, description="reference: other-label bank fraction allowed above "
                                                              "the calibrated threshold")
     threshold: Number | None = Field(None, ge=0, le=1, description="foreground: score at or above = foreground")
-    foreground_labels: list[StrictStr] | None = Field(None, description="foreground: bank labels that count as "
-                                                                        "foreground (default: non-stuff labels)")
+    foreground_labels: list[StrictStr] | None = Field(None, max_length=10_000,
+                                                      description="foreground: bank labels that count as "
+                                                                  "foreground (default: non-stuff labels)")
 
     @property
     def parts(self) -> list[str]:
@@ -68,7 +139,7 @@ class SearchOptions(_Options):
 
     text: StrictStr | None = Field(None, description="text query: matched to bank labels by text embedding; "
                                                      "their visual prototype is the query vector")
-    vector: list[Number] | None = Field(None, description="(C,) L2-normalised visual embedding")
+    vector: list[Number] | None = Field(None, description="(C,) L2-normalised visual embedding", max_length=65_536)
     box: tuple[Number, Number, Number, Number] | None = Field(None, description="image query: pool this XYXY box "
                                                                                  "instead of the whole image")
     k: StrictInt = Field(10, ge=1, description="results")
@@ -94,9 +165,13 @@ class ReloadRequest(_Options):
 class ErrorResponse(BaseModel):
     """Every 4xx / 5xx: a short machine-readable code and a message saying what to fix."""
 
-    error: str = Field(description="e.g. invalid_image, payload_too_large, invalid_options, unknown_version")
+    error: str = Field(description="e.g. invalid_image, payload_too_large, invalid_options, unknown_version, "
+                                   "overloaded (429, with Retry-After), storage_corrupt (503)")
     detail: Any = Field(description="human-readable message")
     available: list[str] | None = Field(None, description="unknown_version: the versions the bank has")
+    object: str | None = Field(None, description="storage_corrupt: the damaged object, named inside the bank")
+    objects: dict[str, str] | None = Field(None, description="/readyz storage_corrupt: damaged objects met, "
+                                                             "each with what is wrong")
 
 
 class LegendEntry(BaseModel):
@@ -155,6 +230,7 @@ class BankResponse(BaseModel):
     version: str
     current: str | None
     versions: list[str]
+    note: str | None = Field(None, description="why the version served is not CURRENT (CURRENT has no index yet)")
     encoder: dict[str, Any] = Field(description="the bank's encoder spec (untrained: weights are random)")
     untrained: bool
     dims: dict[str, Any]
@@ -162,5 +238,7 @@ class BankResponse(BaseModel):
     index: dict[str, Any] | None
     labels: int
     cache: dict[str, Any]
+    pools: dict[str, dict[str, int]] = Field(description="per worker pool (image, query): running, queued, refused "
+                                                          "(429), completed calls, workers, queue limit")
     limits: dict[str, Any]
     loaded_at: str

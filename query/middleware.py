@@ -1,9 +1,11 @@
 """HTTP plumbing of the query service: JSON errors, the request-body limit, and Prometheus metrics.
 
 Errors are JSON {"error": code, "detail": message, ...}; `install_error_handlers` maps the service's ApiError,
-pydantic validation errors (422), Starlette HTTP errors, ValueError from the segmenter (400) and anything else
-(500) to that shape. `BodyLimit` answers 413 for an oversized body; `MetricsMiddleware` counts requests and times
-them per endpoint (route template); `StateCollector` exports the list cache and the bank being served.
+pydantic validation errors (422), Starlette HTTP errors, a damaged bank (503 storage_corrupt) or an unreachable
+one (503 storage_unavailable) met outside a request's own guard, ValueError from the segmenter (400) and anything
+else (500) to that shape. `BodyLimit` answers 413 for an oversized body; `MetricsMiddleware` counts requests and
+times them per endpoint (route template); `StateCollector` exports the list cache, the worker pools, damaged
+objects met and the bank being served.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bank_builder.format import BankFormatError
+from query.admission import WorkPool
 from query.lists import BudgetTooSmall
 from query.serving import CACHE_COUNTERS, ApiError, ServiceState
 
@@ -50,8 +54,9 @@ def _finite(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------- errors
 
 
-def error_response(status: int, code: str, detail: Any, **extra: Any) -> SafeJSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def error_response(status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
+                   **extra: Any) -> SafeJSONResponse:
+    headers = {"WWW-Authenticate": "Bearer", **(headers or {})} if status == 401 else headers
     return SafeJSONResponse({"error": code, "detail": detail, **extra}, status_code=status, headers=headers)
 
 
@@ -61,7 +66,10 @@ def validation_detail(errors: list[dict[str, Any]], prefix: str) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.detail, **exc.extra)
+        return error_response(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
+
+    async def storage_failure(request: Request, exc: BankFormatError | OSError) -> Response:
+        return await api_error(request, request.app.state.service.storage_error(exc))
 
     async def invalid_options(request: Request, exc: ValidationError) -> Response:
         return error_response(422, "invalid_options", validation_detail(exc.errors(), "options"))
@@ -85,7 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for kind, handler in ((ApiError, api_error), (ValidationError, invalid_options),
                           (RequestValidationError, invalid_request), (StarletteHTTPException, http_error),
-                          (BudgetTooSmall, budget_too_small), (ValueError, bad_value), (Exception, internal)):
+                          (BudgetTooSmall, budget_too_small), (BankFormatError, storage_failure),
+                          (OSError, storage_failure), (ValueError, bad_value), (Exception, internal)):
         app.add_exception_handler(kind, handler)
 
 
@@ -147,14 +156,14 @@ class BodyLimit:
 class Metrics:
     """Request counters and latency histograms per endpoint (route template), in a registry of the app's own."""
 
-    def __init__(self, registry: CollectorRegistry, state: ServiceState) -> None:
+    def __init__(self, registry: CollectorRegistry, state: ServiceState, pools: dict[str, WorkPool]) -> None:
         self.requests = Counter("refbank_http_requests", "HTTP requests by endpoint, method and status",
                                 ["endpoint", "method", "status"], registry=registry)
         self.latency = Histogram("refbank_http_request_duration_seconds", "HTTP request latency by endpoint",
                                  ["endpoint"], registry=registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.in_flight = Gauge("refbank_http_requests_in_flight", "HTTP requests being served", registry=registry)
-        registry.register(StateCollector(state))
+        registry.register(StateCollector(state, pools))
 
 
 class MetricsMiddleware:
@@ -193,10 +202,11 @@ _CACHE_HELP = {
 
 
 class StateCollector:
-    """List-cache counters (summed over every version served) and gauges, and the bank being served."""
+    """List-cache counters (summed over every version served) and gauges, the worker pools, damaged bank objects
+    met, and the bank being served."""
 
-    def __init__(self, state: ServiceState) -> None:
-        self.state = state
+    def __init__(self, state: ServiceState, pools: dict[str, WorkPool]) -> None:
+        self.state, self.pools = state, pools
 
     def describe(self) -> list:
         return []  # collected fresh at every scrape
@@ -224,11 +234,18 @@ class StateCollector:
                 yield GaugeMetricFamily(f"refbank_list_cache_{key}", doc, value=stats[key])
         yield GaugeMetricFamily("refbank_ready", "1 when the bank and its encoder are loaded",
                                 value=int(self.state.ready))
-        reloads = CounterMetricFamily("refbank_reloads", "version switches by outcome (followed: switches to a new "
-                                      "CURRENT that --follow noticed; they count as ok too)", labels=["outcome"])
-        for outcome in ("ok", "followed", "unknown_version", "refused"):
+        reloads = CounterMetricFamily("refbank_reloads", "version switches by outcome (followed: a new CURRENT that "
+                                      "--follow noticed, also counted as ok; kept: CURRENT has no index and the "
+                                      "newest indexed version is served already)", labels=["outcome"])
+        for outcome in ("ok", "followed", "kept", "unknown_version", "refused"):
             reloads.add_metric([outcome], self.state.reloads[outcome])
         yield reloads
+        corrupt = CounterMetricFamily("refbank_storage_corrupt", "requests that met a damaged bank object, by object",
+                                      labels=["object"])
+        for name, count in self.state.corruptions.copy().items():
+            corrupt.add_metric([name], count)
+        yield corrupt
+        yield from self._pools()
         if self.state.ready:
             bank = self.state.live.bank
             info = GaugeMetricFamily("refbank_bank_info", "the bank version served (value 1)",
@@ -237,3 +254,17 @@ class StateCollector:
             yield info
             yield GaugeMetricFamily("refbank_bank_segments", "segments in the version served",
                                     value=bank.manifest.totals.get("segments", 0))
+            yield GaugeMetricFamily("refbank_bank_degraded", "1 when requests met damaged objects of the version "
+                                    "served (see /readyz)", value=int(bool(self.state.live.corrupt)))
+
+    def _pools(self):
+        stats = {name: pool.stats() for name, pool in self.pools.items()}
+        for key, kind, doc in (("running", GaugeMetricFamily, "calls running in the pool"),
+                               ("queued", GaugeMetricFamily, "admitted calls waiting for a worker"),
+                               ("workers", GaugeMetricFamily, "worker threads of the pool"),
+                               ("refused", CounterMetricFamily, "requests refused with 429 (pool full)"),
+                               ("completed", CounterMetricFamily, "calls completed")):
+            family = kind(f"refbank_pool_{key}", doc, labels=["pool"])
+            for name, values in stats.items():
+                family.add_metric([name], values[key])
+            yield family

@@ -32,35 +32,43 @@ class RegionConfig:
     region per g×g feature cell of the encoder, i.e. per patch token).
     superpixel_max_side: superpixels are computed on a copy whose long side is at most this many pixels and
     upsampled nearest (the builder uses 256; smaller is faster, with fewer, coarser regions).
+    working_side: a larger image is reduced (area average) to this long side, or to the encoder's input size if
+    that is larger, before regions are cut, masked and pooled; results are upsampled nearest to the image's size.
+    The encoder sees an S×S squash and superpixels are cut at ≤ superpixel_max_side anyway, so little is lost,
+    and the masks cost n × working_side² bytes instead of n × H × W.
     """
 
     kind: RegionKind = "superpixel"
     segments: SegmentConfig = field(default_factory=SegmentConfig)
     superpixel_max_side: int = 160
+    working_side: int = 256
 
     def __post_init__(self) -> None:
         if self.kind not in ("superpixel", "grid"):
             raise ValueError(f"RegionConfig.kind={self.kind!r}: use 'superpixel' or 'grid'")
-        if self.superpixel_max_side < 1:
-            raise ValueError(f"RegionConfig.superpixel_max_side must be ≥ 1 pixel, got {self.superpixel_max_side}")
+        for name in ("superpixel_max_side", "working_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RegionConfig.{name} must be ≥ 1 pixel, got {getattr(self, name)}")
 
 
 @dataclass(eq=False)
 class Regions:
-    """Regions of one image. masks: (n, H, W) bool, disjoint, covering the image; embeddings: (n, C)
-    float32 L2-normalised (the builder's float16 values widened, so norms are 1 ± 1e-3); labels: the same
-    regions as an (H, W) int64 map of region numbers 0..n-1 (None: derived from the masks when needed)."""
+    """Regions of one image. masks: (n, h, w) bool, disjoint, covering the image at its working size; embeddings:
+    (n, C) float32 L2-normalised (the builder's float16 values widened, so norms are 1 ± 1e-3); labels: the same
+    regions as an (h, w) int64 map of region numbers 0..n-1 (None: derived from the masks when needed); size:
+    the (H, W) of the image they describe when the masks were made smaller (None: the masks' own size)."""
 
     masks: np.ndarray
     embeddings: np.ndarray
     labels: np.ndarray | None = None
+    size: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
 
     def label_map(self) -> np.ndarray:
-        """(H, W) int64 region number of each pixel (the kept `labels`, else the first mask holding the pixel;
-        0 where none does)."""
+        """(h, w) int64 region number of each pixel at the masks' size (the kept `labels`, else the first mask
+        holding the pixel; 0 where none does)."""
         if self.labels is not None:
             return self.labels
         if not len(self.masks):
@@ -141,11 +149,26 @@ def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray]
     return out.visual.astype(np.float32)
 
 
+def working_image(image: np.ndarray, side: int) -> np.ndarray:
+    """The (H, W, 3) uint8 image reduced by area averaging so that its long side is at most `side` pixels (the
+    aspect ratio kept, each side ≥ 1); the image itself when it is no larger."""
+    height, width = image.shape[:2]
+    scale = side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
 def image_regions(encoder: Encoder, image: np.ndarray, config: RegionConfig = RegionConfig()) -> Regions:
-    """Regions of an (H, W, 3) uint8 image with their embeddings (one encoder call)."""
-    labels = region_labels(image, config, encoder.spec.grid)
+    """Regions of an (H, W, 3) uint8 image with their embeddings (one encoder call), made on its working-size
+    copy (RegionConfig.working_side); `size` records (H, W) so results come back at the image's size."""
+    height, width = check_image(image).shape[:2]
+    work = working_image(image, max(config.working_side, encoder.spec.image_size))
+    labels = region_labels(work, config, encoder.spec.grid)
     masks = masks_from_labels(labels)
-    return Regions(masks=masks, embeddings=embed_masks(encoder, image, masks), labels=labels)
+    return Regions(masks=masks, embeddings=embed_masks(encoder, work, masks), labels=labels,
+                   size=(height, width) if work is not image else None)
 
 
 # ----------------------------------------------------------------------------------------- prompts

@@ -74,42 +74,79 @@ class SegmentationResult:
 
 def assemble_result(mode: Mode, masks: np.ndarray, assigned: np.ndarray, scores: np.ndarray, classes: list[str],
                     spec: EncoderSpec, exists: bool | None = None, details: dict[str, Any] | None = None,
-                    labels: np.ndarray | None = None) -> SegmentationResult:
-    """A result from (n, H, W) bool disjoint region masks, (n,) class numbers (0 = background, i = classes[i - 1])
+                    labels: np.ndarray | None = None, size: tuple[int, int] | None = None) -> SegmentationResult:
+    """A result from (n, h, w) bool disjoint region masks, (n,) class numbers (0 = background, i = classes[i - 1])
     and (n,) scores; pixels outside every region are 0 with score 0. `spec` names the encoder (and says untrained).
-    labels: the same regions as an (H, W) int map of region numbers (-1 = no region), when the caller has it;
-    it replaces a pass over the whole mask stack."""
+    labels: the same regions as an (h, w) int map of region numbers (-1 = no region), when the caller has it;
+    it replaces a pass over the whole mask stack. size: the (H, W) of the image the regions stand for when the
+    masks were made at a smaller working size: the region map is upsampled nearest to it (as superpixels are), so
+    the label map, score map and region RLEs are at the image's size; no (n, H, W) stack is ever made."""
     if masks.ndim != 3 or len(assigned) != len(masks) or len(scores) != len(masks):
         raise ValueError(f"{len(assigned)} classes and {len(scores)} scores for masks of shape {masks.shape}")
-    height, width = masks.shape[1:]
-    assigned = np.asarray(assigned, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float32)
+    n, shape = len(masks), masks.shape[1:]
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.shape != (height, width) or labels.dtype.kind not in "ui" or (
-                labels.size and int(labels.max()) >= len(masks)):
+        if labels.shape != shape or labels.dtype.kind not in "ui" or (labels.size and int(labels.max()) >= n):
             raise ValueError(f"region label map {labels.shape} {labels.dtype} does not match masks {masks.shape}")
-        covered = labels >= 0
-        owner = np.where(covered, labels, 0)
-        areas = np.bincount(labels[covered].astype(np.int64), minlength=len(masks))
+        region = labels.astype(np.int32) + 1
+    elif n:
+        region = np.where(masks.any(axis=0), masks.argmax(axis=0) + 1, 0).astype(np.int32)
     else:
-        owner = masks.argmax(axis=0) if len(masks) else np.zeros((height, width), np.int64)
-        covered = masks.any(axis=0)
-        areas = masks.reshape(len(masks), -1).sum(axis=1)
-    label_map = np.where(covered, assigned[owner] if len(masks) else 0, 0).astype(np.uint16)
-    score_map = np.where(covered, scores[owner] if len(masks) else 0, 0).astype(np.float32)
-    entries = []
-    if len(masks):
-        encoded = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-        boxes = mask_utils.toBbox(encoded)  # XYWH
-        for i, rle in enumerate(encoded):
-            x, y, w, h = (int(v) for v in boxes[i])
-            entries.append(RegionResult(
-                rle={"size": [height, width], "counts": rle["counts"].decode("ascii")}, bbox=(x, y, x + w, y + h),
-                area=int(areas[i]), label=classes[assigned[i] - 1] if assigned[i] else None, score=float(scores[i])))
+        region = np.zeros(shape, np.int32)
+    size = size or shape
+    entries = [RegionResult(rle=rle, bbox=bbox, area=area, label=classes[assigned[i] - 1] if assigned[i] else None,
+                            score=float(scores[i])) for i, (rle, bbox, area) in enumerate(region_rles(region, n, size))]
+    region = upsample_nearest(region, size)  # 0 = no region, i + 1 = region i
+    assigned = np.asarray(assigned, dtype=np.int64)
+    label_map = np.concatenate([[0], assigned]).astype(np.uint16)[region]
+    score_map = np.concatenate([[0], np.asarray(scores, dtype=np.float32)]).astype(np.float32)[region]
     return SegmentationResult(mode=mode, classes=list(classes), label_map=label_map, score_map=score_map,
                               regions=entries, encoder=spec.name, untrained=spec.untrained, exists=exists,
                               details=details or {})
+
+
+def upsample_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (h, w) map resized nearest to size (H, W): pixel (r, c) takes (r·h // H, c·w // W), the rule
+    superpixel_labels upsamples by (the map itself when the size is its own; always C-contiguous)."""
+    height, width = size
+    if (height, width) == labels.shape:
+        return np.ascontiguousarray(labels)
+    rows = np.arange(height) * labels.shape[0] // height
+    cols = np.arange(width) * labels.shape[1] // width
+    return labels[rows[:, None], cols[None, :]]
+
+
+def region_rles(region: np.ndarray, n: int, size: tuple[int, int] | None = None
+                ) -> list[tuple[dict[str, Any], tuple[int, int, int, int], int]]:
+    """(COCO RLE {"size": [H, W], "counts": str}, bbox XYXY, area) of regions 0..n-1 of an (h, w) map holding
+    i + 1 for region i (0 = none), upsampled nearest to size (H, W) (default: its own): runs read off the map in
+    COCO's column-major order, so the cost is one pass over the H × W pixels whatever n (no (n, H, W) mask
+    stack); equal to pycocotools' encode of each region's mask."""
+    if not n:
+        return []
+    height, width = size or region.shape
+    # The transposed map upsampled is the column-major pixel order, contiguous: no transpose of the big map.
+    flat = upsample_nearest(np.ascontiguousarray(region.T), (width, height)).ravel()
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    ends = np.append(starts[1:], flat.size)
+    values = flat[starts]
+    order = np.argsort(values, kind="stable")  # runs grouped by region, in pixel order inside each
+    bounds = np.searchsorted(values[order], np.arange(1, n + 2))
+    encoded, areas = [], []
+    for i in range(n):
+        runs = order[bounds[i]:bounds[i + 1]]
+        begin, end = starts[runs], ends[runs]
+        counts = np.empty(2 * len(runs) + 1, np.int64)
+        counts[0::2] = np.append(begin, flat.size) - np.append(0, end)  # the gaps before, between and after
+        counts[1::2] = end - begin
+        if len(counts) > 1 and counts[-1] == 0:
+            counts = counts[:-1]  # pycocotools leaves out a trailing empty gap
+        encoded.append(mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width))
+        areas.append(int((end - begin).sum()))
+    boxes = mask_utils.toBbox(encoded)  # XYWH
+    return [({"size": [height, width], "counts": rle["counts"].decode("ascii")},
+             (int(x), int(y), int(x + w), int(y + h)), area)
+            for rle, (x, y, w, h), area in zip(encoded, boxes.tolist(), areas)]
 
 
 # ----------------------------------------------------------------------------------------- renderers
@@ -175,6 +212,9 @@ def outline(labels: np.ndarray) -> np.ndarray:
     return edge & (labels > 0)
 
 
+_BAND_ROWS = 256  # overlay rows blended at a time: a 4096-px-wide band's float32 temporaries are ~12 MB each
+
+
 def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
             outlines: bool = True) -> np.ndarray:
     """(H, W, 3) uint8: the (H, W, 3) uint8 image blended with its (H, W) label map (i = classes[i - 1]): labelled
@@ -188,12 +228,17 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], alpha
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if labels.size and int(labels.max()) > len(classes):
         raise ValueError(f"label map value {int(labels.max())} has no class: {len(classes)} classes given")
-    colours = class_colours(classes).astype(np.float32)[labels]
-    blended = np.rint((1 - alpha) * image.astype(np.float32) + alpha * colours)
-    if outlines:
-        edge = outline(labels)
-        blended[edge] = colours[edge]
-    return np.where((labels > 0)[:, :, None], blended, image).astype(np.uint8)
+    palette = class_colours(classes).astype(np.float32)
+    edge = outline(labels) if outlines else None
+    out = image.copy()
+    for top in range(0, labels.shape[0], _BAND_ROWS):  # float32 temporaries of one band, not of the whole image
+        rows = slice(top, top + _BAND_ROWS)
+        band, colours = labels[rows], palette[labels[rows]]
+        blended = np.rint((1 - alpha) * image[rows].astype(np.float32) + alpha * colours)
+        if edge is not None:
+            blended[edge[rows]] = colours[edge[rows]]
+        out[rows] = np.where((band > 0)[:, :, None], blended, image[rows])
+    return out
 
 
 def overlay_png(image: np.ndarray, result: SegmentationResult, alpha: float = 0.5, outlines: bool = True) -> bytes:

@@ -10,6 +10,7 @@ inner products of L2-normalised vectors (cosines). Every mode returns a `Segment
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
@@ -218,6 +219,7 @@ class Segmenter:
         self.encoder, self.searcher, self.metadata, self.table = encoder, searcher, metadata, table
         self.region_config, self.foreground_scorer = regions, foreground
         self._text: dict[str, np.ndarray] = {}  # class name → (D,) float32 text embedding
+        self._text_lock = threading.Lock()
 
     def regions(self, image: np.ndarray | Regions) -> Regions:
         """Regions of an (H, W, 3) uint8 image with embeddings pooled exactly as the builder pools segments;
@@ -226,20 +228,28 @@ class Segmenter:
             if image.embeddings.shape != (len(image.masks), self.encoder.spec.visual_dim) or image.masks.ndim != 3:
                 raise ValueError(f"regions must be (n, H, W) masks with (n, {self.encoder.spec.visual_dim}) embeddings")
             if image.labels is not None and np.shape(image.labels) != image.masks.shape[1:]:
-                raise ValueError(f"regions labels must be an (H, W) map like the masks {image.masks.shape[1:]}, "
+                raise ValueError(f"regions labels must be an (h, w) map like the masks {image.masks.shape[1:]}, "
                                  f"got {np.shape(image.labels)}")
+            if image.size is not None and not all(s >= m for s, m in zip(image.size, image.masks.shape[1:])):
+                raise ValueError(f"regions size {image.size} must be at least the masks' {image.masks.shape[1:]}")
             return image
         return image_regions(self.encoder, image, self.region_config)
 
     def text_embeddings(self, names: list[str]) -> np.ndarray:
         """(K, D) float32 L2-normalised embeddings of TEXT_TEMPLATE.format(name), one encoder call per new name
         (as the builder embeds labels, so a class's vector never depends on the other names), cached."""
+        vectors = []
         for name in names:
-            if name not in self._text:
-                if len(self._text) >= _TEXT_CACHE_SIZE:
-                    self._text.pop(next(iter(self._text)))
-                self._text[name] = self.encoder.encode_text([TEXT_TEMPLATE.format(name)])[0]
-        return np.stack([self._text[name] for name in names]).astype(np.float32)
+            with self._text_lock:  # requests share a Segmenter: the cache is read and trimmed under one lock
+                vector = self._text.get(name)
+            if vector is None:
+                vector = self.encoder.encode_text([TEXT_TEMPLATE.format(name)])[0]
+                with self._text_lock:
+                    if len(self._text) >= _TEXT_CACHE_SIZE:
+                        self._text.pop(next(iter(self._text)))
+                    self._text[name] = vector
+            vectors.append(vector)
+        return np.stack(vectors).astype(np.float32)
 
     # ------------------------------------------------------------------------------------- vocabulary
 
@@ -410,7 +420,7 @@ class Segmenter:
     def _result(self, mode: Mode, regions: Regions, assigned: np.ndarray, scores: np.ndarray, classes: list[str],
                 **extra) -> SegmentationResult:
         return assemble_result(mode, regions.masks, assigned, scores, classes, self.encoder.spec,
-                               labels=regions.labels, **extra)
+                               labels=regions.labels, size=regions.size, **extra)
 
 
 def _check_classes(classes: Sequence[str]) -> list[str]:

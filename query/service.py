@@ -11,14 +11,16 @@
     GET  /             a page to try it in a browser;  /docs (Swagger UI), /redoc, /openapi.json  the API
                        description; /static/…  the page's files and the vendored docs front ends (no CDN)
 
-Every error is JSON {"error": code, "detail": message} with a 4xx status for anything the client can fix.
-Encoder forwards and searches run in the threadpool, one encoder forward at a time. With a token configured,
-/v1/* and /admin/* need `Authorization: Bearer <token>`.
+Every error is JSON {"error": code, "detail": message} with a 4xx status for anything the client can fix, 503 for
+what the server or its bank cannot do now (not_ready, storage_corrupt naming the damaged object,
+storage_unavailable, budget_too_small). Work runs in two bounded pools (query.admission): image requests
+(segment, image search) and queries (text / vector search, bank, labels); a full pool answers 429 with
+Retry-After. Encoder forwards run one at a time. With a token configured, /v1/* and /admin/* need
+`Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import logging
@@ -28,7 +30,6 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
@@ -39,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.staticfiles import StaticFiles
 
-from bank_builder.format import current_version, list_versions
+from query.admission import PoolConfig, WorkPool
 from query.api_models import (
     BankResponse,
     ErrorResponse,
@@ -49,12 +50,11 @@ from query.api_models import (
     SearchResponse,
     SegmentOptions,
     SegmentResponse,
+    parse_options,
 )
+from query.answers import bank_answer, labels_answer, search_answer, segment_answer
 from query.middleware import BodyLimit, Metrics, MetricsMiddleware, SafeJSONResponse, install_error_handlers
-from query.regions import Reference, embed_masks, prompt_mask
-from query.render import SegmentationResult, hex_colour, label_map_png, legend, overlay_png
-from query.segment import ForegroundConfig, OpenSetConfig, ReferenceConfig, VocabularyConfig
-from query.serving import ApiError, ServiceConfig, ServiceState, Snapshot, decode_image, decode_mask
+from query.serving import ApiError, ServiceConfig, ServiceState
 
 __all__ = ["ApiError", "ServiceConfig", "create_app", "serve"]
 
@@ -65,7 +65,7 @@ STATIC = "/static"  # where query/static/ is served: the page's files, the vendo
 # its sidebar logo from cdn.redoc.ly (it hides the image when that fails).
 LOCAL_ONLY = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' "
                                          "'unsafe-inline'; script-src 'self' 'unsafe-inline'; worker-src 'self' blob:"}
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 
 
 # ----------------------------------------------------------------------------------------- the app
@@ -77,6 +77,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     first to load before serving (as `serve` does)."""
     state = ServiceState(config)
     registry = CollectorRegistry()
+    pools = {"image": WorkPool("image", PoolConfig(config.image_workers, config.image_queue)),
+             "query": WorkPool("query", PoolConfig(config.query_workers, config.query_queue))}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,11 +88,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
             state.follow(config.follow_seconds)
         yield
         state.close()
+        for pool in pools.values():
+            pool.shutdown()
 
     app = FastAPI(title="refbank", version="1", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="Retrieval segmentation over a reference bank. Errors: {error, detail}.",
                   docs_url=None, redoc_url=None)  # served by `pages` from the installed static files
-    app.state.service, app.state.registry = state, registry
+    app.state.service, app.state.registry, app.state.pools = state, registry, pools
     static = resources.files("query").joinpath("static")
     app.state.page = static.joinpath("index.html").read_text(encoding="utf-8")
     for router in (pages, probes, api, admin):
@@ -100,7 +104,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     paths = {route.path for router in (pages, probes, api, admin) for route in router.routes}
     paths |= {app.openapi_url}
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=Metrics(registry, state), paths=paths)  # outermost
+    app.add_middleware(MetricsMiddleware, metrics=Metrics(registry, state, pools), paths=paths)  # outermost
     return app
 
 
@@ -122,6 +126,10 @@ def _load_logged(state: ServiceState) -> None:
 
 def _state(request: Request) -> ServiceState:
     return request.app.state.service
+
+
+def _pool(request: Request, name: str) -> WorkPool:
+    return request.app.state.pools[name]
 
 
 _bearer = HTTPBearer(auto_error=False, description="needed when the server runs with a token")
@@ -178,10 +186,18 @@ async def healthz() -> dict[str, str]:
 
 @probes.get("/readyz", responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> dict[str, Any]:
-    """200 once the bank and its encoder are loaded; 503 while loading or after a failed load (with the reason)."""
+    """200 once the bank and its encoder are loaded (`note`: why the version served is not CURRENT); 503 while
+    loading or after a failed load (not_ready, with the reason), or once requests met damaged bank objects
+    (storage_corrupt, `objects`: name → what is wrong) until a reload."""
     snapshot = _state(request).live
+    if snapshot.corrupt:
+        damaged = dict(snapshot.corrupt)
+        raise ApiError(503, "storage_corrupt", f"version {snapshot.bank.version} is served, but {len(damaged)} "
+                                               f"damaged bank object(s) were met: {', '.join(damaged)}. Restore "
+                                               "them (or rebuild), then POST /admin/reload",
+                       objects=damaged, version=snapshot.bank.version)
     return {"status": "ready", "version": snapshot.bank.version, "encoder": snapshot.bank.spec.name,
-            "untrained": snapshot.bank.spec.untrained}
+            "untrained": snapshot.bank.spec.untrained, "note": snapshot.note}
 
 
 @probes.get("/metrics", response_class=Response)
@@ -213,7 +229,7 @@ async def segment(request: Request) -> Response:
     config = state.config
     form = await _read_form(request, max_files=2 + 2 * config.max_references)
     try:
-        options = _parse_options(form.get("options"), SegmentOptions)
+        options = parse_options(form.get("options"), SegmentOptions, config.max_json_bytes)
         if options.classes is not None and len(options.classes) > config.max_vocabulary:
             raise ApiError(422, "limit_exceeded", f"{len(options.classes)} classes; this server takes at most "
                                                   f"{config.max_vocabulary} per request")
@@ -227,7 +243,9 @@ async def segment(request: Request) -> Response:
         files = await _read_files(form, names)
     finally:
         await form.close()
-    return await run_in_threadpool(_run_segment, state, state.live, files, options)
+    # Admitted once the body is read: a slow upload holds a connection, never a place in the pool.
+    async with _pool(request, "image").admit() as run:
+        return await run(segment_answer, state, state.live, files, options)
 
 
 @api.post("/search", response_model=SearchResponse,
@@ -236,33 +254,28 @@ async def search(request: Request) -> Any:
     """Top-k bank segments nearest to one query: an `image` file (the whole image, or `box`, mean-pooled as the
     bank pools segments), `text` (matched to bank labels; their visual prototype is searched) or `vector`."""
     state = _state(request)
-    image = None
+    image, limit = None, state.config.max_json_bytes
     if request.headers.get("content-type", "").startswith("application/json"):
-        options = _parse_options(await request.body(), SearchOptions)
+        options = parse_options(await _read_json(request, limit), SearchOptions, limit)
     else:
         form = await _read_form(request, max_files=1)
         try:
-            options = _parse_options(form.get("options") or "{}", SearchOptions)
+            options = parse_options(form.get("options") or "{}", SearchOptions, limit)
             if form.get("image") is not None:
                 image = (await _read_files(form, ["image"]))["image"]
         finally:
             await form.close()
-    given = [name for name, value in (("image", image), ("text", options.text), ("vector", options.vector))
-             if value is not None]
-    if len(given) != 1:
-        raise ApiError(422, "invalid_options", f"give exactly one query: an image file, text or vector; got "
-                                               f"{' and '.join(given) or 'none'}")
-    if options.box is not None and image is None:
-        raise ApiError(422, "invalid_options", "box applies to an image query; send the image file too")
-    _check_k(options.k, state.config)
-    return await run_in_threadpool(_run_search, state, state.live, image, options)
+    _check_search(options, image, state.config)
+    async with _pool(request, "query" if image is None else "image").admit() as run:
+        return await run(search_answer, state, state.live, image, options)
 
 
 @api.get("/bank", response_model=BankResponse)
 async def bank_info(request: Request) -> dict[str, Any]:
     """The live bank version: encoder spec (untrained flag), totals, index parameters, cache statistics."""
     state = _state(request)
-    return await run_in_threadpool(_bank_info, state, state.live)
+    async with _pool(request, "query").admit() as run:
+        return await run(bank_answer, state, state.live, {n: p.stats() for n, p in request.app.state.pools.items()})
 
 
 @api.get("/labels", response_model=LabelsResponse)
@@ -272,22 +285,25 @@ async def bank_labels(request: Request,
                       ) -> dict[str, Any]:
     """The bank's labels (the names vocabulary mode matches classes to), each with its segment count and overlay
     colour, most frequent first; `total` counts every label matching `prefix`."""
-    return await run_in_threadpool(_labels, _state(request).live, prefix, limit)
+    async with _pool(request, "query").admit() as run:
+        return await run(labels_answer, _state(request).live, prefix, limit)
 
 
 @admin.post("/reload")
 async def reload(request: Request, version: str | None = Query(None, description="default: the bank's CURRENT")
                  ) -> dict[str, Any]:
-    """Serve another bank version (body {"version": ...} or ?version=; default CURRENT). The new version is
-    loaded off to the side and swapped in; requests in flight finish on the old one. 404 for an unknown
-    version (with the available ones), 409 when its encoder or index cannot be served here."""
+    """Serve another bank version (body {"version": ...} or ?version=; default CURRENT, or while CURRENT has no
+    index the newest version that has one, `note` saying so). The new version is loaded off to the side and
+    swapped in; requests in flight finish on the old one. 404 for an unknown version (with the available ones),
+    409 when its encoder or index cannot be served here, 503 storage_corrupt when a bank object is damaged."""
     state = _state(request)
-    body = await request.body()
+    body = await _read_json(request, state.config.max_json_bytes)
     if body.strip():
-        version = _parse_options(body, ReloadRequest).version or version
+        version = parse_options(body, ReloadRequest, state.config.max_json_bytes).version or version
     start = time.perf_counter()
-    previous, current = await run_in_threadpool(state.reload, version)
-    return {"previous": previous, "version": current, "seconds": round(time.perf_counter() - start, 3)}
+    previous, current, note = await run_in_threadpool(state.reload, version)
+    return {"previous": previous, "version": current, "seconds": round(time.perf_counter() - start, 3),
+            "note": note}
 
 
 # ----------------------------------------------------------------------------------------- request parsing
@@ -300,20 +316,18 @@ async def _read_form(request: Request, max_files: int) -> FormData:
     return await request.form(max_files=max_files, max_fields=8, max_part_size=1 << 20)
 
 
-def _parse_options(raw: Any, model: type[BaseModel]) -> Any:
-    """`raw` (JSON text or bytes; None = {}) validated as `model`: 400 for bad JSON, 422 for wrong fields."""
-    if raw is None:
-        raw = "{}"
-    if isinstance(raw, UploadFile):
-        raise ApiError(422, "invalid_options", "options must be a plain form field holding JSON, not a file")
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_options", f"options is not valid JSON ({exc}); send a JSON object such as "
-                                               '{"mode": "vocabulary", "classes": ["cat"]}') from None
-    if not isinstance(value, dict):
-        raise ApiError(422, "invalid_options", f"options must be a JSON object, got {type(value).__name__}")
-    return model.model_validate(value)
+async def _read_json(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, kept only up to `limit` bytes (max_json_bytes): a longer one is read to its end
+    (the upload limit still applies) and dropped, then answered 413, so it never costs more memory than that."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise ApiError(413, "payload_too_large", f"the JSON body is {size} bytes; this server takes at most {limit} "
+                                                 "(max_json_bytes)")
+    return b"".join(chunks)
 
 
 async def _read_files(form: FormData, names: list[str]) -> dict[str, bytes]:
@@ -329,143 +343,17 @@ async def _read_files(form: FormData, names: list[str]) -> dict[str, bytes]:
     return out
 
 
+def _check_search(options: SearchOptions, image: bytes | None, config: ServiceConfig) -> None:
+    given = [name for name, value in (("image", image), ("text", options.text), ("vector", options.vector))
+             if value is not None]
+    if len(given) != 1:
+        raise ApiError(422, "invalid_options", f"give exactly one query: an image file, text or vector; got "
+                                               f"{' and '.join(given) or 'none'}")
+    if options.box is not None and image is None:
+        raise ApiError(422, "invalid_options", "box applies to an image query; send the image file too")
+    _check_k(options.k, config)
+
+
 def _check_k(k: int | None, config: ServiceConfig) -> None:
     if k is not None and k > config.max_k:
         raise ApiError(422, "limit_exceeded", f"k={k} is above this server's max_k={config.max_k}")
-
-
-# ----------------------------------------------------------------------------------------- the work (threadpool)
-
-
-def _run_segment(state: ServiceState, snapshot: Snapshot, files: dict[str, bytes], options: SegmentOptions
-                 ) -> Response:
-    config, timings, start = state.config, {}, time.perf_counter()
-    images = {"image": decode_image(files["image"], config.max_pixels, "image")}
-    references = []
-    if options.mode == "reference":
-        for i, ref in enumerate(options.references):
-            if ref.image not in images:
-                images[ref.image] = decode_image(files[ref.image], config.max_pixels, f"reference {i} image")
-            image = images[ref.image]
-            mask = (None if ref.mask is None else
-                    decode_mask(files[ref.mask], image.shape[:2], config.max_pixels, f"reference {i} mask"))
-            references.append(Reference(image, mask=mask, box=ref.box, scribble=ref.scribble, label=ref.label))
-    timings["decode"], start = _ms(start), time.perf_counter()
-    with state.encoder_lock:
-        result = _dispatch(snapshot.segmenters[options.region], images["image"], references, options)
-    timings["segment"], start = _ms(start), time.perf_counter()
-    unknown = _unknown_names(options, snapshot.table.labels)
-    if isinstance(options.return_, str) and options.return_ != "json":
-        png = (label_map_png(result) if options.return_ == "label_map"
-               else overlay_png(images["image"], result, float(options.alpha)))
-        return Response(png, media_type="image/png", headers={
-            "X-Refbank-Version": snapshot.bank.version, "X-Refbank-Classes": json.dumps(result.classes),
-            "X-Refbank-Unknown-Classes": json.dumps(unknown), "X-Refbank-Untrained": str(result.untrained).lower()})
-    parts = options.parts
-    out: dict[str, Any] = {"version": snapshot.bank.version, "legend": legend(result), "unknown_classes": unknown}
-    if "json" in parts:
-        out["result"] = result.to_dict()
-    if "label_map" in parts:
-        out["label_map_png"] = base64.b64encode(label_map_png(result)).decode("ascii")
-    if "overlay" in parts:
-        out["overlay_png"] = base64.b64encode(overlay_png(images["image"], result, float(options.alpha))).decode()
-    timings["render"] = _ms(start)
-    out["timings_ms"] = timings
-    return SafeJSONResponse(out)
-
-
-def _dispatch(segmenter: Any, image: np.ndarray, references: list[Reference],
-              options: SegmentOptions) -> SegmentationResult:
-    """Run the mode `options` names; a bad option raises ValueError (→ 400) from the segmenter."""
-    mode, o = options.mode, options
-    if mode == "vocabulary":
-        if not o.classes:
-            raise ApiError(422, "invalid_options", 'vocabulary mode needs "classes": a list of class names, '
-                                                   'e.g. ["cat", "grass"]')
-        return segmenter.vocabulary(image, o.classes, VocabularyConfig(**_given(
-            labels_per_class=o.labels_per_class, text_temperature=o.temperature, combine=o.combine,
-            background_threshold=o.background_threshold)))
-    if mode == "open_set":
-        return segmenter.open_set(image, OpenSetConfig(**_given(k=o.k, temperature=o.temperature,
-                                                                min_share=o.min_share)))
-    if mode == "reference":
-        if not references:
-            raise ApiError(422, "invalid_options", 'reference mode needs "references": [{"image": "<form file>", '
-                                                   '"box": [x0, y0, x1, y1], "label": "..."}]')
-        return segmenter.reference(image, references, ReferenceConfig(**_given(fpr=o.fpr, k=o.k,
-                                                                               temperature=o.temperature)))
-    labels = None if o.foreground_labels is None else frozenset(o.foreground_labels)
-    return segmenter.foreground(image, ForegroundConfig(**_given(threshold=o.threshold, foreground_labels=labels,
-                                                                 k=o.k, temperature=o.temperature)))
-
-
-def _run_search(state: ServiceState, snapshot: Snapshot, image: bytes | None, options: SearchOptions
-                ) -> dict[str, Any]:
-    if options.vector is not None:
-        vector, query = np.asarray(options.vector, np.float32)[None], {"kind": "vector"}
-    elif options.text is not None:
-        with state.encoder_lock:
-            prototypes, matched = snapshot.segmenters["superpixel"].class_prototypes([options.text])
-        vector = prototypes[0][:1]
-        query = {"kind": "text", "text": options.text, "labels": next(iter(matched.values()))}
-    else:
-        pixels = decode_image(image, state.config.max_pixels, "image")
-        box = options.box
-        mask = prompt_mask(pixels.shape[:2], box=box) if box is not None else np.ones(pixels.shape[:2], bool)
-        with state.encoder_lock:
-            vector = embed_masks(state.encoder, pixels, [mask])
-        query = {"kind": "image", "size": list(pixels.shape[:2]), "box": None if box is None else list(box)}
-    scores, ids = snapshot.searcher.search(vector, options.k, options.nprobe)
-    found = ids[0] >= 0
-    rows = snapshot.bank.metadata(ids[0][found])
-    results = [{"rank": rank, "score": float(score), "segment_id": int(sid),
-                "metadata": {k: v for k, v in row.items() if k != "segment_id"}}
-               for rank, (score, sid, row) in enumerate(zip(scores[0][found], ids[0][found], rows))]
-    return {"version": snapshot.bank.version, "query": query, "k": options.k, "results": results}
-
-
-def _bank_info(state: ServiceState, snapshot: Snapshot) -> dict[str, Any]:
-    bank, config = snapshot.bank, state.config
-    index = None
-    if bank.index is not None:
-        entry = bank.index
-        index = {k: getattr(entry, k) for k in ("id", "factory", "kind", "metric", "vectors", "nlist", "code_size",
-                                                "nprobe", "refine", "refine_factor", "k", "recall_at_k",
-                                                "target_recall", "target_met", "created_at")}
-        index["list_objects"], index["text_labels"] = len(entry.lists), entry.labels
-    return {"uri": bank.uri, "version": bank.version, "current": current_version(bank.ref),
-            "versions": list_versions(bank.ref), "encoder": bank.manifest.encoder,
-            "untrained": bool(bank.spec.untrained), "dims": bank.dims, "totals": bank.manifest.totals,
-            "index": index, "labels": len(snapshot.table.labels), "cache": snapshot.searcher.stats(),
-            "limits": {"max_upload_bytes": config.max_upload_bytes, "max_pixels": config.max_pixels,
-                       "max_k": config.max_k, "max_vocabulary": config.max_vocabulary,
-                       "max_references": config.max_references},
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.loaded_at))}
-
-
-def _labels(snapshot: Snapshot, prefix: str, limit: int) -> dict[str, Any]:
-    table, start = snapshot.table, prefix.casefold()
-    order = [i for i in np.argsort(-np.asarray(table.counts), kind="stable")
-             if table.labels[i].casefold().startswith(start)]
-    return {"version": snapshot.bank.version, "total": len(order),
-            "labels": [{"label": table.labels[i], "count": int(table.counts[i]), "color": hex_colour(table.labels[i])}
-                       for i in order[:limit]]}
-
-
-def _unknown_names(options: SegmentOptions, bank_labels: list[str]) -> list[str]:
-    """The requested names (vocabulary `classes`, foreground `foreground_labels`) that equal no bank label, case
-    aside: vocabulary mode still maps them to the nearest labels by text, but the caller should know."""
-    names = {"vocabulary": options.classes, "foreground": options.foreground_labels}.get(options.mode)
-    if not names:
-        return []
-    known = {label.casefold() for label in bank_labels}
-    return [name for name in names if name.strip().casefold() not in known]
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    """The keyword arguments that were given (not None): the rest keep the config's defaults."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _ms(start: float) -> float:
-    return round(1000 * (time.perf_counter() - start), 2)

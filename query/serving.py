@@ -1,10 +1,15 @@
 """What the query service holds: the bank's encoder, loaded once, and the live bank version (bank, list cache +
 searcher, segmenters) as one immutable `Snapshot` that a reload replaces atomically; plus decoding of uploaded
-images under the service's limits.
+images under the service's limits, and storage errors turned into answers.
 
 A request reads `state.live` once and works on that snapshot to the end, so a reload never changes a bank under
 a running request: the new version is opened, its index loaded and its label table built off to the side, and
 only then is the reference swapped; the old snapshot is freed when its last request finishes.
+
+Which version: the configured one, else CURRENT; while CURRENT has no index yet (a build published it and
+`refbank index` has not run), the newest indexed version before it, with a note saying so (`Snapshot.note`).
+A damaged bank object met by a request (checksum mismatch, undecodable part, CURRENT naming no version) answers
+503 `storage_corrupt` naming the object, is counted, and is kept on the snapshot for /readyz.
 """
 
 from __future__ import annotations
@@ -14,18 +19,29 @@ import logging
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bank_builder.config import EncoderConfig
 from bank_builder.encoders import Encoder, load_encoder, resolve_spec
-from bank_builder.format import BankError, BankMismatchError, BankRef, current_version, list_versions
+from bank_builder.format import (
+    BankError,
+    BankFormatError,
+    BankMismatchError,
+    BankRef,
+    current_version,
+    list_versions,
+    read_manifest,
+)
 from query.bank import Bank, open_bank
+from query.corruption import PartReader, damaged_object
 from query.disk_cache import DiskCache
 from query.lists import DEFAULT_MEMORY_BYTES, CacheConfig
 from query.prefetch import Prefetcher
@@ -51,10 +67,14 @@ class ServiceConfig:
     CURRENT this often and switch to each newly published version (as /admin/reload does).
     weights: a local checkpoint path for the bank's encoder when its spec names
     pretrained weights (untrained banks always load seeded random weights, as built); device: "auto" / "cpu" /
-    "cuda". Limits: max_upload_bytes (whole request body), max_pixels (width × height, checked from the image
-    header before decoding), max_k (search results, ≤ query.search.MAX_K), max_vocabulary (classes per request),
-    max_references (reference prompts per request). token: when set, /v1/* and /admin/* need
-    `Authorization: Bearer <token>`.
+    "cuda". Limits: max_upload_bytes (whole request body), max_json_bytes (a JSON body or `options` field),
+    max_pixels (width × height) and max_aspect (long side / short side), both checked from the image header
+    before decoding, max_k (search results, ≤ query.search.MAX_K), max_vocabulary (classes per request),
+    max_references (reference prompts per request). working_side: query images are reduced to this long side
+    before regions are made (RegionConfig.working_side). image_workers / image_queue: image requests (segment,
+    image search) run at once / may wait; query_workers / query_queue: the same for text and vector searches and
+    bank descriptions; a request beyond running + waiting is answered 429 with Retry-After (query.admission).
+    token: when set, /v1/* and /admin/* need `Authorization: Bearer <token>`.
     """
 
     bank: str
@@ -69,28 +89,41 @@ class ServiceConfig:
     weights: str | None = None
     device: str = "auto"
     max_upload_bytes: int = 16 << 20
-    max_pixels: int = 40_000_000
+    max_json_bytes: int = 1 << 20
+    max_pixels: int = 4096 * 4096
+    max_aspect: float = 20.0
     max_k: int = 256
     max_vocabulary: int = 64
     max_references: int = 8
+    working_side: int = 256
+    image_workers: int = 1
+    image_queue: int = 4
+    query_workers: int = 2
+    query_queue: int = 32
     token: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_k <= MAX_K:
             raise ValueError(f"max_k must be between 1 and {MAX_K} (query.search.MAX_K), got {self.max_k}")
-        for name in ("max_upload_bytes", "max_pixels", "max_vocabulary", "max_references"):
+        for name in ("max_upload_bytes", "max_json_bytes", "max_pixels", "max_vocabulary", "max_references",
+                     "working_side", "image_workers", "query_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_queue < 0 or self.query_queue < 0:
+            raise ValueError("image_queue and query_queue must be >= 0")
+        if not self.max_aspect >= 1:  # NaN fails too
+            raise ValueError(f"max_aspect must be >= 1 (long side / short side), got {self.max_aspect}")
         if self.token is not None and not self.token.strip():
             raise ValueError("token must not be blank; leave it None to serve without authentication")
 
 
 class ApiError(Exception):
-    """An error answered as JSON {"error": code, "detail": detail, **extra} with an HTTP status."""
+    """An error answered as JSON {"error": code, "detail": detail, **extra} with an HTTP status (and headers)."""
 
-    def __init__(self, status: int, code: str, detail: Any, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(f"{code}: {detail}")
-        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+        self.status, self.code, self.detail, self.extra, self.headers = status, code, detail, extra, headers
 
 
 class NotReady(ApiError):
@@ -100,14 +133,55 @@ class NotReady(ApiError):
 
 @dataclass(frozen=True, eq=False)
 class Snapshot:
-    """One loaded bank version: everything a request needs, never mutated after it is built."""
+    """One loaded bank version: everything a request needs; nothing in it changes once built but the `corrupt`
+    record. note: why this is not the version asked for (CURRENT without an index); corrupt: damaged objects its
+    requests met (object → what was wrong), kept for /readyz until a reload."""
 
     bank: Bank
+    reads: PartReader
     searcher: BankSearcher
     table: LabelTable
     segmenters: dict[str, Segmenter]  # region kind → Segmenter
     loaded_at: float
+    note: str | None = None
+    corrupt: dict[str, str] = field(default_factory=dict)
     prefetcher: Prefetcher | None = None  # warms the list cache; keeps access counts beside the disk cache
+
+
+class SerialEncoder(Encoder):
+    """The service's encoder, shared by concurrent requests: forward passes run one at a time (each uses every
+    core already), while regions, pooling, search and rendering run in parallel outside the lock."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner, self.spec, self.device = inner, inner.spec, inner.device
+        self._lock = threading.Lock()
+
+    def encode_dense(self, images: np.ndarray) -> torch.Tensor:
+        """The inner encoder's encode_dense, under the lock."""
+        with self._lock:
+            return self.inner.encode_dense(images)
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """The inner encoder's encode_text, under the lock."""
+        with self._lock:
+            return self.inner.encode_text(texts)
+
+
+def servable_version(ref: BankRef, wanted: str | None) -> tuple[str | None, str | None]:
+    """(version to serve, note): `wanted` when given; else CURRENT if it has an index, else the newest version
+    before CURRENT that has one, with a note saying why (BankMismatchError when none has). (None, None) for a
+    bank without CURRENT (open_bank says so)."""
+    if wanted is not None:
+        return wanted, None
+    current = current_version(ref)
+    if current is None or read_manifest(ref, current).index is not None:
+        return current, None
+    for version in sorted((v for v in list_versions(ref) if v < current), reverse=True):
+        if read_manifest(ref, version).index is not None:
+            return version, (f"CURRENT is {current}, which has no index yet (run `refbank index {ref}`); serving "
+                             f"{version}, the newest version with an index")
+    raise BankMismatchError(f"bank {ref}: CURRENT {current} has no index and no earlier version has one; run "
+                            f"`refbank index {ref}` first")
 
 
 def label_table(bank: Bank) -> LabelTable:
@@ -144,8 +218,7 @@ class ServiceState:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.encoder: Encoder | None = None
-        self.encoder_lock = threading.Lock()  # one encoder forward at a time (CPU cores; text caches)
+        self.encoder: SerialEncoder | None = None
         self.error: str | None = None  # why the first load failed
         self._live: Snapshot | None = None
         self._reload_lock = threading.Lock()
@@ -153,6 +226,7 @@ class ServiceState:
         self.disk = DiskCache(config.cache_dir, config.disk_bytes) if config.cache_dir else None
         self._stop_following = threading.Event()
         self.reloads: Counter[str] = Counter()
+        self.corruptions: Counter[str] = Counter()  # damaged objects met, by name ("unknown": not named)
 
     @property
     def live(self) -> Snapshot:
@@ -173,47 +247,80 @@ class ServiceState:
                 return self._live
             try:
                 start = time.perf_counter()
-                recorded = open_bank(self.ref, self.config.version)
-                self.encoder = load_encoder(encoder_config(recorded.manifest.encoder, self.config.weights,
-                                                           self.config.device))
-                self._live = self._open(recorded.version)
-                log.info("serving %s %s (%d segments) with encoder %s%s in %.1f s", self.config.bank,
+                version, note = servable_version(self.ref, self.config.version)
+                recorded = open_bank(self.ref, version)
+                self.encoder = SerialEncoder(load_encoder(encoder_config(recorded.manifest.encoder,
+                                                                         self.config.weights, self.config.device)))
+                self._live = self._open(recorded.version, note)
+                log.info("serving %s %s (%d segments) with encoder %s%s in %.1f s%s", self.config.bank,
                          self._live.bank.version, self._live.bank.manifest.totals["segments"],
                          self.encoder.spec.name, " (UNTRAINED weights)" if self.encoder.spec.untrained else "",
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, f"; {note}" if note else "")
                 self.error = None
                 return self._live
             except Exception as exc:
                 self.error = f"{type(exc).__name__}: {exc}"
                 raise
 
-    def reload(self, version: str | None = None) -> tuple[str, str]:
-        """Serve `version` (None = the bank's CURRENT now): built off to the side, then swapped in one assignment;
-        requests already running finish on the old version. Returns (previous version, new version). ApiError 404
-        for a version the bank does not have, 409 when it cannot be served with this encoder."""
+    def reload(self, version: str | None = None) -> tuple[str, str, str | None]:
+        """Serve `version` (None = the bank's CURRENT now, or while CURRENT has no index the newest version that
+        has one): built off to the side, then swapped in one assignment; requests already running finish on the
+        old version. Returns (previous version, new version, note: why the new one is not CURRENT). When CURRENT
+        has no index and the newest indexed version is the one served, it is kept as it is (no reopening).
+        ApiError 404 for a version the bank does not have, 409 when it cannot be served with this encoder, 503
+        storage_corrupt when a bank object it needs is damaged."""
         if not self.ready:
             raise NotReady("the bank is not loaded yet, so there is no version to switch from")
         ref = self.ref
-        with self._reload_lock:
+        with self._reload_lock, self.reading(None):
             available = list_versions(ref)
-            version = version or current_version(ref)
-            if version not in available:
+            if version is not None and version not in available:
                 self.reloads["unknown_version"] += 1
                 raise ApiError(404, "unknown_version", f"bank {self.config.bank} has no version {version!r}",
                                available=available)
+            old = self._live
             try:
-                fresh = self._open(version)
+                version, note = servable_version(ref, version)
+                if note and version == old.bank.version:
+                    self.reloads["kept"] += 1
+                    log.info("kept %s: %s", version, note)
+                    return version, version, note
+                fresh = self._open(version, note)
+            except BankFormatError:
+                raise  # a damaged object: 503 storage_corrupt (self.reading), not the caller's fault
             except (BankError, ValueError) as exc:
                 self.reloads["refused"] += 1
                 raise ApiError(409, "bank_mismatch", str(exc)) from None
-            old = self._live
             self._retired.update({k: v for k, v in old.searcher.stats().items() if k in CACHE_COUNTERS})
             self._live = fresh  # the swap: one reference assignment
             if old.prefetcher is not None:
                 old.prefetcher.stop()
             self.reloads["ok"] += 1
-        log.info("switched from %s to %s", old.bank.version, fresh.bank.version)
-        return old.bank.version, fresh.bank.version
+        log.info("switched from %s to %s%s", old.bank.version, fresh.bank.version, f" ({note})" if note else "")
+        return old.bank.version, fresh.bank.version, note
+
+    @contextmanager
+    def reading(self, snapshot: Snapshot | None) -> Iterator[None]:
+        """Storage failures of the work inside as answers (`storage_error`), damage kept on `snapshot`."""
+        try:
+            yield
+        except (BankFormatError, OSError) as exc:
+            raise self.storage_error(exc, snapshot) from None
+
+    def storage_error(self, exc: BankFormatError | OSError, snapshot: Snapshot | None = None) -> ApiError:
+        """The answer to a storage failure: a damaged object (BankFormatError) → 503 storage_corrupt naming it,
+        counted, and kept on `snapshot` for /readyz; a store that cannot be reached (OSError) → 503
+        storage_unavailable with Retry-After."""
+        if isinstance(exc, BankFormatError):
+            name = damaged_object(exc, self.ref, snapshot.bank.index if snapshot else None)
+            self.corruptions[name or "unknown"] += 1
+            if snapshot is not None:
+                snapshot.corrupt[name or "unknown"] = str(exc)
+            log.error("storage_corrupt: %s", exc)
+            return ApiError(503, "storage_corrupt", str(exc), object=name)
+        log.error("storage_unavailable: %s: %s", type(exc).__name__, exc)
+        return ApiError(503, "storage_unavailable", f"reading bank {self.config.bank} failed ({type(exc).__name__}: "
+                                                    f"{exc}); retry", headers={"Retry-After": "1"})
 
     @property
     def ref(self) -> BankRef:
@@ -230,15 +337,17 @@ class ServiceState:
                 stats[key] = stats.get(key, 0) + value if key in CACHE_COUNTERS else value
         return stats
 
-    def _open(self, version: str) -> Snapshot:
+    def _open(self, version: str, note: str | None = None) -> Snapshot:
         """Open `version` checked against the loaded encoder, with its own list cache and searcher."""
         assert self.encoder is not None
         config = self.config
         bank = open_bank(self.ref, version, expected_encoder=self.encoder.spec)
+        reads = PartReader(bank)
         searcher = BankSearcher(bank, CacheConfig(memory_bytes=config.memory_bytes, policy=config.eviction),
                                 disk=self.disk)
         table = label_table(bank)
-        segmenters = {kind: Segmenter(self.encoder, searcher, bank, table, RegionConfig(kind=kind))
+        segmenters = {kind: Segmenter(self.encoder, searcher, reads, table,
+                                      RegionConfig(kind=kind, working_side=config.working_side))
                       for kind in ("superpixel", "grid")}
         prefetcher = None
         if config.prefetch or config.cache_dir:
@@ -246,7 +355,7 @@ class ServiceState:
             prefetcher = Prefetcher(searcher.cache, heat)
             if config.prefetch:
                 prefetcher.start()
-        return Snapshot(bank, searcher, table, segmenters, time.time(), prefetcher)
+        return Snapshot(bank, reads, searcher, table, segmenters, time.time(), note, prefetcher=prefetcher)
 
     def close(self) -> None:
         """Stop following CURRENT and prefetching; keep the list access counts (at shutdown)."""
@@ -256,23 +365,25 @@ class ServiceState:
             snapshot.prefetcher.stop()
 
     def follow(self, poll_s: float) -> threading.Thread:
-        """Read CURRENT every `poll_s` seconds and switch to each new version, off to the side (requests keep
-        being served by the old one until the swap); a version that cannot be served is logged and skipped."""
+        """Read CURRENT every `poll_s` seconds and switch to each newly servable version (CURRENT once it has an
+        index), off to the side: requests keep being served by the old one until the swap. A version that cannot
+        be served is logged and skipped until CURRENT moves again."""
 
         def watch() -> None:
-            seen = None
+            skipped = None
             while not self._stop_following.wait(poll_s):
+                target = None
                 try:
-                    now = current_version(self.ref)
+                    target, _ = servable_version(self.ref, None)
                     live = self._live
-                    if live is None or now in (None, seen, live.bank.version):
+                    if live is None or target in (None, skipped, live.bank.version):
                         continue
-                    seen = now
-                    previous, version = self.reload(now)
+                    previous, version, _ = self.reload(target)
                     self.reloads["followed"] += 1
                     log.info("followed CURRENT from %s to %s", previous, version)
                 except Exception as exc:  # a bad version must not stop the watch: the next publish may be fine
-                    log.warning("cannot switch to the bank's CURRENT %s: %s", seen, exc)
+                    skipped = target
+                    log.warning("cannot switch to the bank's servable version %s: %s", skipped, exc)
 
         thread = threading.Thread(target=watch, name="refbank-follow", daemon=True)
         thread.start()
@@ -282,15 +393,20 @@ class ServiceState:
 # ----------------------------------------------------------------------------------------- uploads
 
 
-def decode_image(data: bytes, max_pixels: int, what: str = "image") -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int, what: str = "image", max_aspect: float = 20.0) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an uploaded image file (EXIF orientation applied). ApiError 400 when it is not an
-    image or cannot be decoded (truncated, corrupt); 413 when its header claims more than max_pixels pixels —
-    checked before any pixel is decoded, so a small file cannot make the server allocate a huge image."""
+    image or cannot be decoded (truncated, corrupt); 413 when its header claims more than max_pixels pixels, 422
+    when its long side is more than max_aspect times its short side — both checked before any pixel is decoded,
+    so a small file cannot make the server allocate a huge image or cut a 1-pixel-wide strip into regions."""
     image = _open_image(data, what)
     width, height = image.size
     if width * height > max_pixels:
         raise ApiError(413, "image_too_large", f"{what} is {width}x{height} = {width * height} pixels; this server "
                                                f"takes at most {max_pixels}. Downscale it first.")
+    if max(width, height) > max_aspect * max(1, min(width, height)):
+        raise ApiError(422, "invalid_image_shape", f"{what} is {width}x{height} (W x H); this server takes images "
+                                                   f"whose long side is at most {max_aspect:g} times the short side. "
+                                                   "Crop it first.")
     try:
         image.load()
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))

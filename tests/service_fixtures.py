@@ -1,14 +1,21 @@
 """The query service's test world, shared by every module that talks to a running server (a pytest plugin, loaded
 by conftest.py): one bank built and indexed once per session, one real uvicorn server on 127.0.0.1 serving it with
-a bearer token, and the helpers to start more servers on it."""
+a bearer token, the helpers to start more servers on it (or on a copy of it), and raw HTTP helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import socket
+import struct
 import threading
 import time
+import urllib.error
+import urllib.request
+import zlib
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -90,6 +97,57 @@ def wait_ready(client: RefbankClient, seconds: float = 90) -> None:
 @pytest.fixture
 def client(server):
     return RefbankClient(server.url, token=TOKEN, timeout=60)
+
+
+@contextlib.contextmanager
+def serving(config: ServiceConfig) -> Iterator[tuple[Server, RefbankClient]]:
+    """Another real server (loaded, ready) with its client, stopped on exit."""
+    running = Server(create_app(config))
+    try:
+        client = RefbankClient(running.url, token=config.token, timeout=60)
+        wait_ready(client)
+        yield running, client
+    finally:
+        running.stop()
+
+
+def copy_bank(world: dict, target) -> str:
+    """A copy of the session bank (every version, part and index object) to damage or republish, at `target`."""
+    shutil.copytree(world["bank"], target)
+    return str(target)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width × height RGB pixels (the data is a few zero bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b"")
+
+
+def multipart(files: dict[str, bytes], fields: dict[str, str]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data request with these file parts and text fields."""
+    boundary = "refbank-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.bin"\r\n\r\n'.encode()
+             + v + b"\r\n" for k, v in files.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+              for k, v in fields.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def raw(url: str, path: str, body: bytes | None = None, content_type: str | None = None, token: str | None = TOKEN,
+        method: str | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one plain urllib request; an HTTP error status is returned, not raised."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
 
 
 def png(array: np.ndarray) -> bytes:

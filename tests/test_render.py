@@ -5,16 +5,20 @@ from __future__ import annotations
 import io
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from skimage.color import deltaE_ciede2000, rgb2lab
 
 from bank_builder.synthetic import class_names
+from query.regions import masks_from_labels
 from query.render import (
     LEGEND_KEY,
     SegmentationResult,
+    assemble_result,
     class_colours,
     hex_colour,
     label_colour,
@@ -23,6 +27,8 @@ from query.render import (
     outline,
     overlay,
     overlay_png,
+    region_rles,
+    upsample_nearest,
 )
 
 
@@ -102,3 +108,35 @@ def test_legend_entries_and_the_legend_panel():
     panel = {tuple(p) for p in pixels[40:].reshape(-1, 3)}
     assert label_colour("brick") in panel and label_colour("motorcycle") in panel
     assert label_colour("coffee") not in panel
+
+
+def test_region_rles_read_off_a_label_map_equal_pycocotools():
+    """Runs read off a (working-size) region map, upsampled to the request's size, give pycocotools' own RLE,
+    box and area of each region's mask, without an (n, H, W) mask stack."""
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        n = int(rng.integers(1, 6))
+        small = rng.integers(0, n + 1, tuple(rng.integers(1, 12, 2))).astype(np.int32)  # 0 = no region
+        size = tuple(int(s * f) for s, f in zip(small.shape, rng.integers(1, 4, 2)))
+        full = upsample_nearest(small, size)
+        for i, (rle, bbox, area) in enumerate(region_rles(small, n, size)):
+            expected = mask_utils.encode(np.asfortranarray((full == i + 1).astype(np.uint8)))
+            x, y, w, h = mask_utils.toBbox(expected)
+            assert rle == {"size": list(size), "counts": expected["counts"].decode()}
+            assert bbox == (int(x), int(y), int(x + w), int(y + h)) and area == int((full == i + 1).sum())
+
+
+def test_a_result_at_a_working_size_is_the_result_of_its_upsampled_masks():
+    rng = np.random.default_rng(4)
+    spec = SimpleNamespace(name="none", untrained=True)
+    small = rng.integers(0, 7, (24, 40))
+    size = (75, 130)  # not a multiple of the working size
+    assigned, scores = rng.integers(0, 3, 7), rng.random(7).astype(np.float32)
+    reduced = assemble_result("vocabulary", masks_from_labels(small), assigned, scores, ["a", "b"], spec,
+                              labels=small, size=size)
+    full = upsample_nearest(small, size)
+    direct = assemble_result("vocabulary", masks_from_labels(full), assigned, scores, ["a", "b"], spec)
+    assert reduced.label_map.shape == size and reduced.label_map.dtype == np.uint16
+    np.testing.assert_array_equal(reduced.label_map, direct.label_map)
+    np.testing.assert_array_equal(reduced.score_map, direct.score_map)
+    assert reduced.to_dict() == direct.to_dict()

@@ -6,12 +6,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import struct
 import threading
 import time
-import urllib.error
-import urllib.request
-import zlib
 
 import numpy as np
 import pytest
@@ -25,45 +21,24 @@ from query.client import RefbankClient, RefbankConnectionError, RefbankError
 from query.search import MAX_K
 from query.service import ServiceConfig, create_app, serve
 from tests.build_helpers import read_bank
-from tests.service_fixtures import INDEX, MAX_UPLOAD, NAMES, TOKEN, Server, png, wait_ready
+from tests.service_fixtures import (
+    INDEX,
+    MAX_UPLOAD,
+    NAMES,
+    TOKEN,
+    Server,
+    multipart,
+    png,
+    png_header,
+    raw,
+    wait_ready,
+)
 
 
 def jpeg(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width × height RGB pixels (the data is a few zero bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-        b"IEND", b"")
-
-
-def multipart(files: dict[str, bytes], fields: dict[str, str]) -> tuple[bytes, str]:
-    boundary = "refbank-test-boundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.bin"\r\n\r\n'.encode()
-             + v + b"\r\n" for k, v in files.items()]
-    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-              for k, v in fields.items()]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def raw(url: str, path: str, body: bytes | None = None, content_type: str | None = None, token: str | None = TOKEN,
-        method: str | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of one plain urllib request; an HTTP error status is returned, not raised."""
-    headers = {"Content-Type": content_type} if content_type else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url + path, data=body, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
 
 
 # ----------------------------------------------------------------------------------------- the API
