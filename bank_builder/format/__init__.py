@@ -8,6 +8,7 @@ The builder writes through it and the query service reads only through it.
   versions.py      CURRENT, published versions, compare-and-swap publish
   parts.py         Parquet parts: schema, segment ids, names, commit markers, rejects, row-group reads
   index_layout.py  index objects: trained quantizer, list directory, list objects, label table
+  retries.py       the retry policy of storage calls and their counters
   errors.py        BankError and its kinds
 
 Layout of a bank (docs/ARCHITECTURE.md has the details):
@@ -21,6 +22,7 @@ from bank_builder.format.errors import (
     BankMismatchError,
     ConcurrentUpdateError,
     IndexCorruptError,
+    StorageError,
     UnsafeNameError,
 )
 from bank_builder.format.manifest import (
@@ -47,6 +49,6 @@ from bank_builder.format.versions import (
 __all__ = [
     "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
     "ConcurrentUpdateError", "Current", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry",
-    "UnsafeNameError", "check_name", "current_version", "list_versions", "make_manifest", "publish",
+    "StorageError", "UnsafeNameError", "check_name", "current_version", "list_versions", "make_manifest", "publish",
     "published_record", "read_current", "read_manifest", "totals",
 ]

@@ -259,6 +259,4 @@ def read_label_table(ref: BankRef, entry: IndexEntry, verify: bool = True) -> La
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None) -> None:
     """Delete a folder and everything under it (no error when it is already gone)."""
-    fs, path = storage.url_to_fs(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    storage.remove_tree(url, storage_options)
