@@ -348,8 +348,10 @@ def read_footer(ref: BankRef, part: str | PartEntry, size: int | None = None) ->
     name, entry = _name_entry(part)
     url = part_url(ref, name)
     size = size if size is not None else _size(ref, url, entry)
-    tail = storage.read_range(url, max(0, size - FOOTER_READ), size, ref.storage_options)
     with _damage_named(url):
+        tail = storage.read_range(url, max(0, size - FOOTER_READ), size, ref.storage_options)
+        if len(tail) != min(size, FOOTER_READ):
+            raise IndexCorruptError(f"{url} holds fewer than the {size} bytes its manifest records (truncated)")
         if len(tail) < 12 or tail[-4:] != b"PAR1":
             raise IndexCorruptError(f"{url} does not end like a Parquet file")
         need = int.from_bytes(tail[-8:-4], "little") + 8
