@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +28,15 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 HERE = Path(__file__).resolve().parents[1]
-# Not this folder (bench/query.py would shadow the query package); the checkout last, so that PYTHONPATH (the
-# code under test) comes first.
-sys.path = [p for p in sys.path[1:]] + [str(HERE)]
 
 
-def _load_proxy():
-    """The fault proxy of this checkout, loaded by path (another checkout under test may lack it)."""
+def load_fault_proxy():
+    """tests/fault_proxy.py of this checkout, loaded by path (another checkout under test may lack it)."""
     spec = importlib.util.spec_from_file_location("fault_proxy", HERE / "tests" / "fault_proxy.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["fault_proxy"] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
-    return module.FaultProxy
+    return module
 
 
 def main() -> None:
@@ -53,22 +49,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
-    from moto.server import ThreadedMotoServer
-    import s3fs
+    # Not bench/ (bench/query.py would shadow the query package); this checkout last, so that PYTHONPATH (the
+    # code under test) comes first.
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE / "bench"] + [str(HERE)]
 
     from bank_builder.index import IndexConfig, build_index
     from query.bank import open_bank
     from query.search import BankSearcher
     from tests.index_helpers import make_bank
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    proxy = _load_proxy()(f"http://{host}:{port}")
+    fault_proxy = load_fault_proxy()
+    server, endpoint, bucket = fault_proxy.moto_with_bucket()
+    proxy = fault_proxy.FaultProxy(endpoint)
     options = {"key": "testing", "secret": "testing", "endpoint_url": proxy.url}
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem(**options).mkdir(bucket)
     url = f"s3://{bucket}/bank"
     bank_data = make_bank(url, part_rows=(args.rows,) * args.parts, dim=64, text_dim=16, n_clusters=64,
                           seed=args.seed, storage_options=options)

@@ -243,3 +243,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.close()
         sock.close()
         self.wfile = io.BytesIO()  # the server flushes it after the handler returns
+
+
+def moto_with_bucket() -> tuple[object, str, str]:
+    """(a started moto S3 server on 127.0.0.1, its endpoint URL, a fresh bucket on it): for scripts such as the
+    benchmarks; tests use conftest's fixtures. Stop the server with `.stop()`."""
+    import uuid
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint, bucket = f"http://{host}:{port}", f"bench-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint).mkdir(bucket)
+    return server, endpoint, bucket

@@ -2,9 +2,9 @@
 
 Every function here runs its storage call under `retries.RETRY` (transient failures — throttling, 5xx, resets
 — are tried again with backoff; then StorageError names the operation and the object) and counts its tries
-(`counters()`). s3fs and botocore have retry loops of their own; for the clients made here both are set to a
-single try, so the policy in retries.py is the only one and every request is counted. Nothing outside this
-module calls a filesystem method directly.
+(`counters()`). s3fs and botocore have retry loops of their own; for the clients this module makes both are set
+to a single try, so the policy in retries.py is the only one and every try is counted. Code that reads or
+writes a bank goes through these functions, not through a filesystem of its own.
 """
 
 from __future__ import annotations
@@ -42,14 +42,20 @@ _ONE_TRY = {"total_max_attempts": 1}  # botocore's retry loop off: retries.RETRY
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and in-filesystem path of a local path, file:// or s3:// (any fsspec) URL.
 
-    S3 clients made here try each request once (botocore and s3fs retries off); the functions of this module
-    retry. Use the filesystem only through them."""
+    A plain fsspec filesystem, with the retries s3fs and botocore do on their own (uncounted): code that reads
+    or writes a bank should call the functions of this module instead, which retry by `retries.RETRY`."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`url_to_fs` for this module's calls: on S3 a client that tries each request once (botocore's and s3fs's
+    retry loops off), so that `retries.RETRY` is the only policy and every try is counted."""
     options = dict(storage_options or {})
     if fsspec.core.split_protocol(url)[0] in ("s3", "s3a"):
         options["config_kwargs"] = {**(options.get("config_kwargs") or {}), "retries": _ONE_TRY}
     fs, path = fsspec.core.url_to_fs(url, **options)
     if _is_s3(fs):
-        fs.retries = 1  # s3fs's own loop around each call (5 tries by default)
+        fs.retries = 1  # s3fs's own loop around each call (5 tries by default); this client is ours alone
     return fs, path
 
 
@@ -60,7 +66,7 @@ def join(url: str, *parts: str) -> str:
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write `data` to `url` atomically: readers see the old object or the new one, never a part of it."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         # A local write is not atomic: write a sibling temp file, then rename over the target.
         retrying("write", url, lambda: os.replace(_local_temp(path, data), path))
@@ -74,7 +80,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The whole object at `url`; FileNotFoundError when there is none."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     # s3fs asks for the size first (HEAD) to split a big object into concurrent ranges: one GET instead.
     single = {"max_concurrency": 1} if _is_s3(fs) else {}
     return retrying("read", url, lambda: fs.cat_file(path, **single))
@@ -82,20 +88,20 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 
 def read_range(url: str, start: int, end: int, storage_options: dict[str, Any] | None = None) -> bytes:
     """Bytes [start, end) of the object at `url` (fewer when it ends before `end`): one ranged request."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     return retrying("read", url, lambda: fs.cat_file(path, start=start, end=end))
 
 
 def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """The object's size in bytes; FileNotFoundError when there is none."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     fs.invalidate_cache(path)
     return retrying("stat", url, lambda: int(fs.info(path)["size"]))
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether an object exists at `url` (no listing cache: another process may have just written it)."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     fs.invalidate_cache(path)
 
     def check() -> bool:
@@ -110,7 +116,7 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 def list_names(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names of the objects and folders directly under `url` (the last path component); [] when there are none."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     fs.invalidate_cache(path)
 
     def names() -> list[str]:
@@ -124,14 +130,14 @@ def list_names(url: str, storage_options: dict[str, Any] | None = None) -> list[
 
 def glob(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """In-filesystem paths matching the pattern `url` ('*' within a component), e.g. versions/*/published.json."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     fs.invalidate_cache()  # the pattern spans folders: another process may have written in any of them
     return retrying("list", url, lambda: list(fs.glob(path)))
 
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Delete the object or folder at `url` and everything under it (nothing to do when it is gone)."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
 
     def remove() -> None:
         fs.invalidate_cache(path)
@@ -159,8 +165,8 @@ def read_ranges(urls: list[str], starts: list[int], ends: list[int],
     that fails transiently is fetched again on its own; one request per range."""
     if not urls:
         return []
-    fs, _ = url_to_fs(urls[0], storage_options)
-    paths = [url_to_fs(url, storage_options)[1] for url in urls]
+    fs, _ = _fs(urls[0], storage_options)
+    paths = [_fs(url, storage_options)[1] for url in urls]
 
     def fetch(indices: list[int]) -> list[Any]:
         return list(fs.cat_ranges([paths[i] for i in indices], [starts[i] for i in indices],
@@ -175,7 +181,7 @@ def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | Non
     Local: the whole file is written under a temp name, then hard-linked to `url` (link fails if it exists).
     S3: a PUT with If-None-Match: * (conditional writes; see `_s3_conditional_put` for a lost answer). Other
     stores: ConditionalWritesUnsupported."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         def create() -> None:
             tmp = _local_temp(path, data)
@@ -196,7 +202,7 @@ def read_tagged(url: str, storage_options: dict[str, Any] | None = None) -> tupl
 
     Local: the tag is the content itself (names written through `replace_if` never repeat a value). S3: the ETag
     returned with the same GET, so bytes and tag always belong together."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return retrying("read", url, lambda: _local_tagged(path))
     if _is_s3(fs):
@@ -220,7 +226,7 @@ def replace_if(url: str, data: bytes, expected_tag: str | None,
 
     Local: compare and rename under an exclusive lock on the folder (flock), so two writers on one machine
     cannot interleave. S3: a PUT with If-Match: <ETag> (or If-None-Match: *)."""
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = _fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         def swap() -> None:
             with _folder_lock(os.path.dirname(path)):

@@ -54,6 +54,7 @@ class IndexReport:
     timings_s: dict[str, float]
     curve: list[dict]
     report: str  # URL of report.json
+    storage: dict[str, int]  # this process's storage calls: tries, retries by cause, failed (format.retries)
 
 
 class _Stages:
@@ -82,7 +83,7 @@ def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
     CURRENT: a guard against indexing a bank that moved on. Raises BankMismatchError when the bank has no
     version, when `version` is not CURRENT, or (ConcurrentUpdateError) when CURRENT moves while indexing (the
     new index objects are then left unreferenced under index/<id>/; re-run)."""
-    ref = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {})
+    ref, calls = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {}), storage.counters()
     current = read_current(ref)
     if current.version is None:
         raise BankMismatchError(f"{ref} has no published version; build it first (`refbank build`)")
@@ -115,6 +116,7 @@ def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
         target_met=tune["target_met"], refine_factor=entry.refine_factor, ms_per_query=tune["ms_per_query"],
         train_gpu=report["train"]["gpu"], timings_s=stage.total(), curve=tune["curve"],
         report=index_layout.index_url(ref, index_id, index_layout.REPORT_OBJECT),
+        storage=(storage.counters() - calls).to_dict(),
     )
 
 
