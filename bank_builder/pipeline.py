@@ -15,7 +15,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from bank_builder.format import BankMismatchError, BankRef, ConcurrentUpdateError, Current, Manifest, PartEntry
-from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, storage, totals
+from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, totals
+from bank_builder.format import storage
 from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields
 from bank_builder.encoder_pool import EncoderPool
 from bank_builder.encoders import EncoderSpec, resolve_spec
@@ -319,7 +320,8 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         samples=counts["samples"], rejects=counts["rejects"], reject_reasons=counts["reject_reasons"],
         failed=failed, seconds=progress.elapsed_s, startup_s=progress.startup_s, images_per_s=progress.images_per_s,
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
-        shard_retries=progress.shard_retries, encoder=spec.to_dict(), storage=(storage.counters() - calls).to_dict(),
+        shard_retries=progress.shard_retries, encoder=spec.to_dict(),
+        storage=(storage.counters() - calls).to_dict(),
     )
 
 

@@ -8,7 +8,8 @@ names, COCO-RLE masks of 40-300 characters), 4096-row row groups, zstd: what a s
 lives on a moto S3 server on 127.0.0.1. Measured, best of --repeat:
   query miss   what a metadata lookup reads: one row group's metadata columns (one ranged GET), decoded
                — per row group: verified as decoded; per object: the whole object fetched and hashed first
-  index scan   what `refbank index` reads: visual + label columns of every row group
+  index scan   what `refbank index` reads: visual + label columns of every row group (unverified, pages
+               verified, or the whole object fetched and hashed first)
   write        serialising the part with and without page CRCs (size and time)
   detection    --flips seeded single-bit flips over a --detect-rows part, anywhere and in the footer alone; for
                each scheme, how many a full read refuses, how many change no decoded value (bytes no reader
@@ -66,14 +67,15 @@ def realistic_table(rows: int, seed: int = 0) -> pa.Table:
                             list(text), 512)
 
 
-def best(fn, repeat: int) -> float:
-    """Fastest of `repeat` runs, seconds."""
-    times = []
+def best(variants: dict, repeat: int) -> dict[str, float]:
+    """Fastest of `repeat` runs of each variant, seconds; the variants take turns, so load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: round(min(t), 4) for name, t in times.items()}
 
 
 def serialise(table: pa.Table, crc: bool) -> bytes:
@@ -116,12 +118,13 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--flips", type=int, default=200, help="per region (anywhere, footer)")
     p.add_argument("--detect-rows", type=int, default=8192, help="rows of the (smaller) part the flips go to")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     table = realistic_table(args.rows, args.seed)
-    write = {crc: best(lambda crc=crc: serialise(table, crc), args.repeat) for crc in (False, True)}
+    write = best({"no_crc": lambda: serialise(table, False), "page_crc": lambda: serialise(table, True)},
+                 args.repeat)
     data, plain = serialise(table, True), serialise(table, False)
     footer = pq.read_metadata(io.BytesIO(data))
 
@@ -143,32 +146,34 @@ def main() -> None:
         assert hashlib.sha256(whole).hexdigest()
         pq.ParquetFile(io.BytesIO(whole), metadata=footer).read_row_group(group, columns=METADATA)
 
-    def scan(verify: bool, whole_hash: bool) -> None:
-        source = io.BytesIO(data)
-        if whole_hash:
-            hashlib.sha256(data).hexdigest()
-        f = pq.ParquetFile(source, page_checksum_verification=verify)
+    def scan(verify: bool, whole: bool) -> None:
+        """visual + label of every row group, from S3: the chunks alone, or the whole object hashed first."""
+        if whole:
+            blob = storage.read_bytes(url, so)
+            assert hashlib.sha256(blob).hexdigest()
+            f = pq.ParquetFile(io.BytesIO(blob), metadata=footer)
+        else:
+            f = pq.ParquetFile(storage.RangeFile(url, len(data), so), metadata=footer, pre_buffer=True,
+                               page_checksum_verification=verify)
         for g in range(f.num_row_groups):
             f.read_row_group(g, columns=["visual_embedding", "label"])
 
     scan_bytes = sum(footer.row_group(g).column(i).total_compressed_size for g in range(footer.num_row_groups)
                      for i in range(footer.num_columns)
                      if footer.row_group(g).column(i).path_in_schema.split(".")[0] in ("visual_embedding", "label"))
+    miss = best({"per_row_group": miss_per_row_group, "per_object": miss_per_object}, args.repeat)
+    scans = best({"unverified_s": lambda: scan(False, False), "per_row_group_s": lambda: scan(True, False),
+                  "per_object_s": lambda: scan(False, True)}, args.repeat)
     result = {
         "part": {"rows": args.rows, "bytes": len(data), "row_groups": footer.num_row_groups,
                  "footer_bytes": footer.serialized_size, "crc_overhead_bytes": len(data) - len(plain)},
-        "write_s": {"no_crc": round(write[False], 4), "page_crc": round(write[True], 4)},
+        "write_s": write,
         "query_miss": {
-            "per_row_group": {"bytes": end - start, "requests": 1, "s": round(best(miss_per_row_group, args.repeat), 4)},
-            "per_object": {"bytes": len(data), "requests": 1, "s": round(best(miss_per_object, args.repeat), 4)},
+            "per_row_group": {"bytes": end - start, "requests": 1, "s": miss["per_row_group"]},
+            "per_object": {"bytes": len(data), "requests": 1, "s": miss["per_object"]},
         },
-        "index_scan": {
-            "unverified_s": round(best(lambda: scan(False, False), args.repeat), 4),
-            "per_row_group_s": round(best(lambda: scan(True, False), args.repeat), 4),
-            "per_object_s": round(best(lambda: scan(False, True), args.repeat), 4),
-            "bytes_read_per_row_group": scan_bytes, "bytes_read_per_object": len(data),
-        },
-        "sha256_whole_object_s": round(best(lambda: hashlib.sha256(data).hexdigest(), args.repeat), 4),
+        "index_scan": {**scans, "bytes_read_per_row_group": scan_bytes, "bytes_read_per_object": len(data)},
+        "sha256_whole_object_s": best({"sha256": lambda: hashlib.sha256(data).hexdigest()}, args.repeat)["sha256"],
         "detection": detection(serialise(realistic_table(args.detect_rows, args.seed + 1), True), args.flips,
                                args.seed),
     }

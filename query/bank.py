@@ -139,7 +139,8 @@ class _Cache:
 class Bank:
     """One opened bank version: its manifest, and reads of segment rows by id (thread-safe).
 
-    Build with `open_bank`. `versions` lists the versions on storage when it was opened."""
+    Build with `open_bank`. `versions` lists the versions on storage when it was opened; `cache_bytes` bounds the
+    decoded row groups kept (least recently used go first; see the module docstring for the other caches)."""
 
     def __init__(self, ref: BankRef, manifest: Manifest, versions: list[str],
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:

@@ -131,7 +131,8 @@ POINTS = {
     ("build", "second part marker"): ("PUT", r"/parts/[^/]+\.json$", "after", 2),
     ("index", "first staging object"): ("PUT", r"/index/[^/]+/staging/", "after", 1),
     ("index", "second staging object"): ("PUT", r"/index/[^/]+/staging/", "after", 2),
-    **{(command, "publish, before CURRENT moves"): ("PUT", r"/CURRENT$", "before", 1) for command in ("build", "index")},
+    **{(command, "publish, before CURRENT moves"): ("PUT", r"/CURRENT$", "before", 1)
+       for command in ("build", "index")},
     **{(command, "publish, right after CURRENT moved"): ("PUT", r"/CURRENT$", "after", 1)
        for command in ("build", "index")},
 }

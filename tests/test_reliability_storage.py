@@ -170,6 +170,22 @@ def test_a_failed_listing_names_it(faulty_s3, monkeypatch):
         list_versions(ref)
 
 
+def test_a_listing_that_fails_in_part_never_drops_a_version(faulty_s3):
+    proxy, so, bucket = faulty_s3
+    ref = _bank(so, bucket)
+    m = read_manifest(ref)
+    for _ in range(3):
+        publish(ref, make_manifest(m.parts, m.encoder, m.fingerprint, {}), read_current(ref))
+    expected = ["v000001", "v000002", "v000003", "v000004"]
+    assert list_versions(ref) == expected
+    calls = iter(range(1000))
+    # Every other listing request fails (fsspec's own glob lists folder by folder and drops a failed folder).
+    proxy.rule("GET", "list-type=2", "hook", times=1000, hook=lambda request: "internal" if next(calls) % 2 == 0
+               else None)
+    for _ in range(3):
+        assert list_versions(ref) == expected
+
+
 def test_the_cli_answers_a_storage_failure_with_one_line(faulty_s3):
     proxy, so, bucket = faulty_s3
     _bank(so, bucket)

@@ -302,6 +302,7 @@ class PartFile:
 
     @property
     def num_row_groups(self) -> int:
+        """Row groups in the part."""
         return self._file.num_row_groups
 
     def read_row_group(self, group: int, columns: list[str] | None = None) -> pa.Table:

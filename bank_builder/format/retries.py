@@ -69,11 +69,11 @@ RETRY = RetryPolicy()
 class StorageCounts:
     """What storage calls did, as counters since the process started (or a difference of two snapshots).
 
-    tries: storage calls tried (a retry is one more; a call may be more than one HTTP request, e.g. a listing
-    of many pages); retries: tries after a transient failure;
-    throttled / server_errors / connection_errors: transient failures by cause (503 SlowDown and other
-    throttling; other 5xx; resets, timeouts, answers cut short); recovered: calls that got their answer (a
-    result, not-found, a refused condition) after at least one retry; failed: calls that raised StorageError (retries exhausted, or a failure no retry can fix)."""
+    tries: storage calls tried (a retry is one more; one call may be more than one HTTP request, e.g. a listing
+    of many pages); retries: tries after a transient failure; throttled / server_errors / connection_errors:
+    transient failures by cause (503 SlowDown and other throttling; other 5xx; resets, timeouts, answers cut
+    short); recovered: calls that got their answer (a result, not-found, a refused condition) after at least one
+    retry; failed: calls that raised StorageError (retries exhausted, or a failure no retry can fix)."""
 
     tries: int = 0
     retries: int = 0

@@ -13,6 +13,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -129,10 +130,23 @@ def list_names(url: str, storage_options: dict[str, Any] | None = None) -> list[
 
 
 def glob(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """In-filesystem paths matching the pattern `url` ('*' within a component), e.g. versions/*/published.json."""
+    """In-filesystem paths matching the pattern `url` ('*' and '?' within a component), e.g. versions/*/published.json.
+
+    One recursive listing of the pattern's fixed prefix (S3: a request per 1000 keys), filtered here. fsspec's own
+    glob lists folder by folder and leaves out a folder whose listing failed: a silent loss under faults."""
     fs, path = _fs(url, storage_options)
-    fs.invalidate_cache()  # the pattern spans folders: another process may have written in any of them
-    return retrying("list", url, lambda: list(fs.glob(path)))
+    fixed = re.split(r"[*?]", path, maxsplit=1)[0]
+    root = fixed.rsplit("/", 1)[0] if fixed != path else path
+    wanted = re.compile("".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in path))
+
+    def find() -> list[str]:
+        fs.invalidate_cache(root)  # another process may have written under it
+        try:
+            return [p for p in fs.find(root) if wanted.fullmatch(p.rstrip("/"))]
+        except FileNotFoundError:
+            return []
+
+    return retrying("list", url, find)
 
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
