@@ -248,13 +248,16 @@ class _Handler(BaseHTTPRequestHandler):
 def moto_with_bucket() -> tuple[object, str, str]:
     """(a started moto S3 server on 127.0.0.1, its endpoint URL, a fresh bucket on it): for scripts such as the
     benchmarks; tests use conftest's fixtures. Stop the server with `.stop()`."""
+    import contextlib
+    import sys
     import uuid
 
     import s3fs
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
+    with contextlib.redirect_stdout(sys.stderr):  # moto announces itself on stdout: keep a script's JSON clean
+        server.start()
     host, port = server.get_host_and_port()
     endpoint, bucket = f"http://{host}:{port}", f"bench-{uuid.uuid4().hex[:8]}"
     s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint).mkdir(bucket)

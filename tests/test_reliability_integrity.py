@@ -84,7 +84,7 @@ def test_a_flipped_byte_in_the_footer_is_refused(bank):
         open_bank(ref.uri).metadata([parts.segment_id(0, 5)])
 
 
-def test_no_flipped_byte_goes_unnoticed_into_the_data(bank):
+def test_no_flipped_byte_goes_unnoticed_into_the_data(bank, record_property):
     ref, entry, path, clean = bank
     expected = _read_everything(ref, entry)
     rng, outcomes = random.Random(11), {"refused": 0, "unused byte": 0}
@@ -99,6 +99,7 @@ def test_no_flipped_byte_goes_unnoticed_into_the_data(bank):
             continue
         assert table.equals(expected), f"a flip at byte {position} of {len(clean)} changed the data silently"
         outcomes["unused byte"] += 1  # e.g. a page header's statistics, which no reader uses
+    record_property("flips", outcomes)
     assert outcomes["refused"] >= 190, outcomes
 
 
