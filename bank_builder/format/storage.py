@@ -82,9 +82,9 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The whole object at `url`; FileNotFoundError when there is none."""
     fs, path = _fs(url, storage_options)
-    # s3fs asks for the size first (HEAD) to split a big object into concurrent ranges: one GET instead.
-    single = {"max_concurrency": 1} if _is_s3(fs) else {}
-    return retrying("read", url, lambda: fs.cat_file(path, **single))
+    if _is_s3(fs):  # one GET (s3fs's cat_file asks for the size first, to split big objects into ranges)
+        return retrying("read", url, lambda: _s3_get(fs, path)[0])
+    return retrying("read", url, lambda: fs.cat_file(path))
 
 
 def read_range(url: str, start: int, end: int, storage_options: dict[str, Any] | None = None) -> bytes:
@@ -220,14 +220,8 @@ def read_tagged(url: str, storage_options: dict[str, Any] | None = None) -> tupl
     if isinstance(fs, LocalFileSystem):
         return retrying("read", url, lambda: _local_tagged(path))
     if _is_s3(fs):
-        bucket, key, _ = fs.split_path(path)
-
-        async def get() -> tuple[bytes, str]:
-            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            return await response["Body"].read(), response["ETag"]
-
         try:
-            return retrying("read", url, lambda: fsspec.asyn.sync(fs.loop, get))
+            return retrying("read", url, lambda: _s3_get(fs, path))
         except FileNotFoundError:
             return None, None
     raise ConditionalWritesUnsupported(_unsupported(url, fs))
@@ -342,6 +336,20 @@ def _folder_lock(folder: str) -> Iterator[None]:
 
 def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _s3_get(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str]:
+    """(body, ETag) of one S3 GET of a whole object: bytes and tag of the same version."""
+    bucket, key, _ = fs.split_path(path)
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await response["Body"].read(), response["ETag"]
+        finally:
+            response["Body"].close()
+
+    return fsspec.asyn.sync(fs.loop, get)
 
 
 def _s3_conditional_put(fs: fsspec.AbstractFileSystem, path: str, url: str, data: bytes,
