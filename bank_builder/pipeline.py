@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError
 
 from bank_builder.format import BankMismatchError, BankRef, ConcurrentUpdateError, Current, Manifest, PartEntry
 from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, totals
+from bank_builder.format import storage
 from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields
 from bank_builder.encoder_pool import EncoderPool
 from bank_builder.encoders import EncoderSpec, resolve_spec
@@ -61,6 +62,7 @@ class BuildReport:
     actor_restarts: int
     shard_retries: int
     encoder: dict[str, Any]
+    storage: dict[str, int]  # this process's storage calls: tries, retries by cause, failed (format.retries)
 
     @property
     def ok(self) -> bool:
@@ -281,7 +283,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     plans again on top of the new version: its new shards get the next free ordinals (their parts are
     renumbered copies, nothing is encoded again) and it publishes after that writer's version, so no shard is
     lost and no segment id means two segments. A bank whose new version has other options is refused."""
-    spec = resolve_spec(config.encoder)
+    spec, calls = resolve_spec(config.encoder), storage.counters()
     fingerprint = build_fingerprint(config, spec)
     shards = list_shards(config.source, config.storage_options)
     plan = plan_build(config, spec, fingerprint, shards)
@@ -319,6 +321,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         failed=failed, seconds=progress.elapsed_s, startup_s=progress.startup_s, images_per_s=progress.images_per_s,
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
+        storage=(storage.counters() - calls).to_dict(),
     )
 
 

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bank_builder.format import BankFormatError
+from bank_builder.format import BankFormatError, StorageError
 from query.admission import WorkPool
 from query.lists import BudgetTooSmall
 from query.serving import CACHE_COUNTERS, ApiError, ServiceState
@@ -68,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
 
-    async def storage_failure(request: Request, exc: BankFormatError | OSError) -> Response:
+    async def storage_failure(request: Request, exc: BankFormatError | StorageError | OSError) -> Response:
         return await api_error(request, request.app.state.service.storage_error(exc))
 
     async def invalid_options(request: Request, exc: ValidationError) -> Response:
@@ -94,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
     for kind, handler in ((ApiError, api_error), (ValidationError, invalid_options),
                           (RequestValidationError, invalid_request), (StarletteHTTPException, http_error),
                           (BudgetTooSmall, budget_too_small), (BankFormatError, storage_failure),
-                          (OSError, storage_failure), (ValueError, bad_value), (Exception, internal)):
+                          (StorageError, storage_failure), (OSError, storage_failure), (ValueError, bad_value), (Exception, internal)):
         app.add_exception_handler(kind, handler)
 
 

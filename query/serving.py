@@ -36,6 +36,7 @@ from bank_builder.format import (
     BankFormatError,
     BankMismatchError,
     BankRef,
+    StorageError,
     current_version,
     list_versions,
     read_manifest,
@@ -286,8 +287,8 @@ class ServiceState:
                     log.info("kept %s: %s", version, note)
                     return version, version, note
                 fresh = self._open(version, note)
-            except BankFormatError:
-                raise  # a damaged object: 503 storage_corrupt (self.reading), not the caller's fault
+            except (BankFormatError, StorageError):
+                raise  # a damaged object or a failing store: 503 (self.reading), not the caller's fault
             except (BankError, ValueError) as exc:
                 self.reloads["refused"] += 1
                 raise ApiError(409, "bank_mismatch", str(exc)) from None
@@ -304,13 +305,14 @@ class ServiceState:
         """Storage failures of the work inside as answers (`storage_error`), damage kept on `snapshot`."""
         try:
             yield
-        except (BankFormatError, OSError) as exc:
+        except (BankFormatError, StorageError, OSError) as exc:
             raise self.storage_error(exc, snapshot) from None
 
-    def storage_error(self, exc: BankFormatError | OSError, snapshot: Snapshot | None = None) -> ApiError:
+    def storage_error(self, exc: BankFormatError | StorageError | OSError,
+                      snapshot: Snapshot | None = None) -> ApiError:
         """The answer to a storage failure: a damaged object (BankFormatError) → 503 storage_corrupt naming it,
-        counted, and kept on `snapshot` for /readyz; a store that cannot be reached (OSError) → 503
-        storage_unavailable with Retry-After."""
+        counted, and kept on `snapshot` for /readyz; a store that cannot be reached or kept failing through its
+        retries (StorageError, OSError) → 503 storage_unavailable with Retry-After."""
         if isinstance(exc, BankFormatError):
             name = damaged_object(exc, self.ref, snapshot.bank.index if snapshot else None)
             self.corruptions[name or "unknown"] += 1
@@ -319,6 +321,9 @@ class ServiceState:
             log.error("storage_corrupt: %s", exc)
             return ApiError(503, "storage_corrupt", str(exc), object=name)
         log.error("storage_unavailable: %s: %s", type(exc).__name__, exc)
+        if isinstance(exc, StorageError):
+            return ApiError(503, "storage_unavailable", f"reading bank {self.config.bank} failed: {exc}",
+                            headers={"Retry-After": "1"}, object=exc.url)
         return ApiError(503, "storage_unavailable", f"reading bank {self.config.bank} failed ({type(exc).__name__}: "
                                                     f"{exc}); retry", headers={"Retry-After": "1"})
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1) and a local Ray cluster."""
+"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1), a fault-injecting proxy in front of it, and a
+local Ray cluster."""
 
 from __future__ import annotations
 
@@ -46,6 +47,26 @@ def s3(s3_endpoint):
     fs.mkdir(bucket)
     yield options, bucket
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def proxy_server(s3_endpoint):
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server (tests/fault_proxy.py)."""
+    from tests.fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def faulty_s3(proxy_server, s3):
+    """(proxy, storage_options, bucket): a fresh bucket reached through the fault proxy, which injects nothing
+    until the test calls `proxy.faults(rate, seed)` or `proxy.rule(...)`; it counts every request either way."""
+    options, bucket = s3
+    proxy_server.reset()
+    yield proxy_server, {**options, "endpoint_url": proxy_server.url}, bucket
+    proxy_server.reset()
 
 
 @pytest.fixture(scope="session")

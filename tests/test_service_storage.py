@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 from prometheus_client.parser import text_string_to_metric_families
 
 from bank_builder.format import BankFormatError, BankRef, publish, read_current, read_manifest
@@ -53,7 +55,7 @@ def test_damaged_objects_answer_503_storage_corrupt_naming_them(world, tmp_path)
         vector = np.asarray(table["visual_embedding"][row].as_py(), np.float32)
         vector_of[name] = (vector / np.linalg.norm(vector)).tolist()
     with serving(ServiceConfig(bank=bank, token=TOKEN)) as (server, client):
-        assert client.search(vector=vector_of[first], k=1)["k"] == 1  # lists resident, parts readable
+        assert client.ready()["status"] == "ready"  # no part read yet: the bank caches what it reads, checked
         # Part 0: data pages torn (footer intact); part 1: truncated (its footer is gone).
         tear_pages(f"{bank}/{first}", "label")
         open(f"{bank}/{second}", "wb").write(pristine[second][:len(pristine[second]) // 2])
@@ -123,3 +125,25 @@ def test_a_bank_whose_current_has_no_index_is_served_at_its_newest_indexed_versi
         assert answer["version"] == reindexed and answer["note"] is None
         assert client.ready()["note"] is None and client.bank()["current"] == reindexed
         assert len(client.search(text="cat", k=3)["results"]) == 3
+
+
+def test_a_store_that_keeps_failing_answers_503_storage_unavailable_then_recovers(world, faulty_s3):
+    proxy, options, bucket = faulty_s3
+    fs = s3fs.S3FileSystem(**{**options, "endpoint_url": proxy.url})
+    for root, _, files in os.walk(world["bank"]):  # the session bank, copied to S3 through the (idle) proxy
+        for file in files:
+            local = os.path.join(root, file)
+            fs.pipe_file(f"{bucket}/bank/{os.path.relpath(local, world['bank'])}", open(local, "rb").read())
+    table = read_bank(world["bank"])
+    vector = np.asarray(table["visual_embedding"][0].as_py(), np.float32)
+    query = (vector / np.linalg.norm(vector)).tolist()
+    with serving(ServiceConfig(bank=f"s3://{bucket}/bank", storage_options=options, token=TOKEN)) as (_, client):
+        # Every read of a list object is denied: the first search has to fetch lists, so it cannot be answered.
+        rule = proxy.rule("GET", f"/{bucket}/bank/index/.*/lists/", "denied", times=1000)
+        with pytest.raises(RefbankError) as failed:
+            client.search(vector=query, k=1)
+        assert (failed.value.status, failed.value.error) == (503, "storage_unavailable")
+        assert "AccessDenied" in str(failed.value.detail) and "/lists/" in failed.value.body["object"]
+        assert rule.hits >= 1
+        proxy.reset()  # the store is back: the same request is answered, without restarting the service
+        assert client.search(vector=query, k=1)["k"] == 1

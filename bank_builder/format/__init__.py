@@ -8,6 +8,8 @@ The builder writes through it and the query service reads only through it.
   versions.py      CURRENT, published versions, compare-and-swap publish
   parts.py         Parquet parts: schema, segment ids, names, commit markers, rejects, row-group reads
   index_layout.py  index objects: trained quantizer, list directory, list objects, label table
+  tombstones.py    removals: tombstone objects of removed segment ids, read back as one sorted array
+  retries.py       the retry policy of storage calls and their counters
   errors.py        BankError and its kinds
 
 Layout of a bank (docs/ARCHITECTURE.md has the details):
@@ -21,6 +23,7 @@ from bank_builder.format.errors import (
     BankMismatchError,
     ConcurrentUpdateError,
     IndexCorruptError,
+    StorageError,
     UnsafeNameError,
 )
 from bank_builder.format.manifest import (
@@ -51,7 +54,8 @@ from bank_builder.format.versions import (
 
 __all__ = [
     "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
-    "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError", "TombstoneEntry", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry",
-    "UnsafeNameError", "check_name", "current_version", "list_pins", "list_versions", "make_manifest", "pin",
-    "publish", "published_record", "read_current", "read_manifest", "totals", "unpin",
+    "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry",
+    "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError", "check_name", "current_version", "list_pins",
+    "list_versions", "make_manifest", "pin", "publish", "published_record", "read_current", "read_manifest",
+    "totals", "unpin",
 ]

@@ -7,6 +7,7 @@ BankError (a ValueError, so a caller's `except ValueError` still sees it)
   BankFormatError        the bank's objects are malformed, of another format, or name objects outside it.
     UnsafeNameError        an object name that would resolve outside the bank.
     IndexCorruptError      an object does not match the checksum or shape its manifest records.
+  StorageError           a storage call failed (the store kept failing, or refused); the bank may be fine.
 """
 
 from __future__ import annotations
@@ -34,3 +35,17 @@ class UnsafeNameError(BankFormatError):
 
 class IndexCorruptError(BankFormatError):
     """An object on storage does not match the checksum or shape its manifest records."""
+
+
+class StorageError(BankError):
+    """A storage call failed: the store refused it (access denied, no such bucket, a full disk) or kept failing
+    (5xx, throttling, resets) through every retry. `operation` ("read", "write", "list", ...), `url` (the object
+    or prefix) and `cause` (one line: status and code, or the exception) say which; the bank itself may be fine."""
+
+    def __init__(self, operation: str, url: str, cause: str) -> None:
+        super().__init__(operation, url, cause)  # args rebuild it when pickled (Ray sends errors between processes)
+        self.operation, self.url, self.cause = operation, url, cause
+
+    def __str__(self) -> str:
+        return (f"storage {self.operation} of {self.url} failed: {self.cause}. Check that the store is reachable "
+                "with these credentials, then run the command again")

@@ -227,9 +227,8 @@ def fetch_lists(ref: BankRef, entry: IndexEntry, directory: np.ndarray, lists: l
             spans[-1][3].append(l)
         else:
             spans.append([o, start, end, [l]])
-    fs, _ = ref.fs()
-    paths = [ref.fs("index", entry.id, objects[o].object)[1] for o, _, _, _ in spans]
-    blobs = list(fs.cat_ranges(paths, [s[1] for s in spans], [s[2] for s in spans])) if spans else []
+    urls = [ref.url("index", entry.id, objects[o].object) for o, _, _, _ in spans]
+    blobs = storage.read_ranges(urls, [s[1] for s in spans], [s[2] for s in spans], ref.storage_options)
     out = {int(l): b"" for l in lists if directory["bytes"][l] == 0}
     for (o, start, _, members), blob in zip(spans, blobs):
         view = memoryview(blob)
@@ -318,6 +317,4 @@ def read_label_table(ref: BankRef, entry: IndexEntry, verify: bool = True) -> La
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None) -> None:
     """Delete a folder and everything under it (no error when it is already gone)."""
-    fs, path = storage.url_to_fs(url, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    storage.remove_tree(url, storage_options)

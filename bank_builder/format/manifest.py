@@ -86,6 +86,7 @@ class PartEntry:
     fingerprint: str
     labelled: int = 0  # segments with a label
     unlabelled_by_kind: dict[str, int] = field(default_factory=dict)  # the others, by the mask kind that cut them
+    footer_sha256: str = ""  # of the Parquet footer + 8-byte trailer, checked on every footer read ("" = older part)
 
     def __post_init__(self) -> None:
         check_name(self.name)

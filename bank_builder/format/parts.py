@@ -5,6 +5,11 @@ Layout under a bank (see docs/ARCHITECTURE.md):
   parts/<part>.json      commit marker written after the Parquet object: rows, bytes, sha256, fingerprint
   rejects/<part>.parquet samples of that shard that were skipped, with the reason
 Objects are created only if absent: a part, once a manifest names it, is never rewritten.
+
+Integrity on read. Every data page carries a CRC32 (Parquet page checksums), verified as the page is decoded, so
+reading a row group checks just the bytes it reads; the footer's sha256 is in the part's manifest entry and is
+checked whenever the footer is read; a whole-object read checks the part's sha256. Damage raises
+IndexCorruptError naming the object. (bench/part_checksums.py measured the alternatives: docs/RELIABILITY.md.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bank_builder.format import storage
+from bank_builder.format.errors import IndexCorruptError
 from bank_builder.format.manifest import FORMAT_VERSION, PartEntry
 from bank_builder.format.ref import BankRef
 from bank_builder.records import Reject, Segment
@@ -164,8 +170,13 @@ def _parquet_bytes(table: pa.Table, metadata: dict[str, Any] | None = None) -> b
     if metadata is not None:
         table = table.replace_schema_metadata({PARQUET_META_KEY: json.dumps(metadata, sort_keys=True).encode()})
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_SIZE, compression="zstd", write_page_checksum=True)
     return sink.getvalue()
+
+
+def footer_sha256(data: bytes) -> str:
+    """sha256 (hex) of a Parquet object's footer: its last footer-length + 8 bytes (footer, length, magic)."""
+    return hashlib.sha256(data[-(int.from_bytes(data[-8:-4], "little") + 8):]).hexdigest()
 
 
 def write_part(ref: BankRef, table: pa.Table, info: PartEntry, encoder_spec: dict[str, Any]) -> PartEntry:
@@ -182,16 +193,19 @@ def write_part(ref: BankRef, table: pa.Table, info: PartEntry, encoder_spec: dic
         storage.write_if_absent(url, data, ref.storage_options)
     except storage.PreconditionFailed:
         data = _adopt(ref, url, meta)
-    info.bytes, info.sha256 = len(data), hashlib.sha256(data).hexdigest()
+    info.bytes, info.sha256, info.footer_sha256 = len(data), hashlib.sha256(data).hexdigest(), footer_sha256(data)
     # The marker goes last: a part counts as done only once its whole object is on storage.
     storage.write_json(commit_url(ref, info.name), asdict(info), ref.storage_options)
     return info
 
 
 def _adopt(ref: BankRef, url: str, meta: dict[str, Any]) -> bytes:
-    """The bytes of an existing part object that matches `meta` (same part, shard, ordinal, fingerprint)."""
+    """The bytes of an existing part object that matches `meta` (same part, shard, ordinal, fingerprint) and
+    decodes whole (every page checksum holds)."""
     data = storage.read_bytes(url, ref.storage_options)
-    found = json.loads(pq.read_schema(io.BytesIO(data)).metadata.get(PARQUET_META_KEY, b"{}"))
+    with _damage_named(url, "delete it and run the build again"):
+        found = json.loads(pq.read_schema(io.BytesIO(data)).metadata.get(PARQUET_META_KEY, b"{}"))
+        pq.ParquetFile(io.BytesIO(data), page_checksum_verification=True).read()
     keys = ("part", "ordinal", "source", "fingerprint")
     if any(found.get(k) != meta[k] for k in keys):
         raise ValueError(f"{url} exists and was not built from {meta['source']} as ordinal {meta['ordinal']} "
@@ -204,7 +218,7 @@ def renumber_part(ref: BankRef, info: PartEntry, ordinal: int, encoder_spec: dic
     """A copy of committed part `info` as ordinal `ordinal` (new segment ids and name, same rows and
     embeddings), committed like a fresh part: what a build of the same shard at that ordinal writes."""
     name = part_name(info.source, ordinal, info.fingerprint)
-    table = read_part(ref, info.name)
+    table = read_part(ref, info)
     n = table.num_rows
     table = table.set_column(table.schema.get_field_index("segment_id"), "segment_id",
                              pa.array([segment_id(ordinal, r) for r in range(n)], pa.int64()))
@@ -246,41 +260,143 @@ def read_commit(ref: BankRef, name: str) -> PartEntry | None:
         return None
 
 
-def read_part(ref: BankRef, name: str) -> pa.Table:
-    """A part's whole table (tests, tools; the index streams row groups instead)."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(part_url(ref, name), ref.storage_options)))
+def read_part(ref: BankRef, part: str | PartEntry) -> pa.Table:
+    """A part's whole table (tests, tools; the index streams row groups instead), checked against the part's
+    sha256 when given its manifest entry, and page by page in any case."""
+    name, entry = _name_entry(part)
+    url = part_url(ref, name)
+    data = _read_whole(ref, url)
+    if entry is not None and entry.sha256 and hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise IndexCorruptError(f"{url} does not match the sha256 its manifest records (the object changed or "
+                                f"was truncated); {_RESTORE}")
+    with _damage_named(url):
+        return pq.ParquetFile(io.BytesIO(data), page_checksum_verification=True).read()
 
 
 def read_rejects(ref: BankRef, name: str) -> pa.Table:
     """A part's rejects table."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(rejects_url(ref, name), ref.storage_options)))
+    url = rejects_url(ref, name)
+    data = _read_whole(ref, url)
+    with _damage_named(url):
+        return pq.read_table(io.BytesIO(data))
 
 
 # ----------------------------------------------------------------------------------------- row-group reads
 
 VISUAL = "visual_embedding"
+FOOTER_READ = 64 << 10  # the tail fetched for a footer: one request finds footers up to this size
+_RESTORE = "restore the object from a copy, or build the bank again into a new URI"
+
+
+class PartFile:
+    """A part opened for reading (`open_part`): pyarrow's ParquetFile, whose reads verify each page's checksum
+    and raise IndexCorruptError naming the object when its bytes do not decode."""
+
+    def __init__(self, url: str, file: pq.ParquetFile) -> None:
+        self.url, self._file = url, file
+
+    @property
+    def metadata(self) -> pq.FileMetaData:
+        """The footer."""
+        return self._file.metadata
+
+    @property
+    def num_row_groups(self) -> int:
+        """Row groups in the part."""
+        return self._file.num_row_groups
+
+    def read_row_group(self, group: int, columns: list[str] | None = None) -> pa.Table:
+        """`columns` of row group `group`."""
+        with _damage_named(self.url):
+            return self._file.read_row_group(group, columns=columns)
+
+    def read_row_groups(self, groups: list[int], columns: list[str] | None = None) -> pa.Table:
+        """`columns` of the row groups `groups`, concatenated in that order."""
+        with _damage_named(self.url):
+            return self._file.read_row_groups(groups, columns=columns)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """`columns` of every row."""
+        with _damage_named(self.url):
+            return self._file.read(columns=columns)
 
 
 @contextmanager
-def open_part(ref: BankRef, name: str, dictionary: list[str] | None = None,
-              metadata: pq.FileMetaData | None = None) -> Iterator[pq.ParquetFile]:
-    """A part as a ParquetFile over a seekable fsspec file without read-ahead: only the row groups read are
-    fetched (an object-store file would otherwise fetch whole 5 MB blocks past each read).
+def open_part(ref: BankRef, part: str | PartEntry, dictionary: list[str] | None = None,
+              metadata: pq.FileMetaData | None = None, windows: list[tuple[int, bytes]] | None = None
+              ) -> Iterator[PartFile]:
+    """A part as a PartFile over ranged reads without read-ahead: only the row groups read are fetched.
 
-    dictionary: string columns to read dictionary-encoded. metadata: the footer, when the caller has it."""
-    fs, path = storage.url_to_fs(part_url(ref, name), ref.storage_options)
-    with fs.open(path, "rb", cache_type="none") as f:
-        yield pq.ParquetFile(f, read_dictionary=dictionary, metadata=metadata, pre_buffer=True)
+    part: its name, or better its manifest entry (size known: no size request; footer checked against the
+    entry's footer sha256). dictionary: string columns to read dictionary-encoded. metadata: the footer, when
+    the caller has it. windows: (offset, bytes) pieces of the object already fetched (see `column_span`)."""
+    name, entry = _name_entry(part)
+    url = part_url(ref, name)
+    size = _size(ref, url, entry)
+    if metadata is None:
+        metadata = read_footer(ref, entry or name, size)
+    with storage.RangeFile(url, size, ref.storage_options, windows) as f:
+        with _damage_named(url):
+            file = pq.ParquetFile(f, read_dictionary=dictionary, metadata=metadata, pre_buffer=True,
+                                  page_checksum_verification=True)
+        yield PartFile(url, file)
 
 
-def read_footer(ref: BankRef, name: str) -> pq.FileMetaData:
-    """A part's Parquet footer (row-group sizes, schema, refbank metadata)."""
-    fs, path = storage.url_to_fs(part_url(ref, name), ref.storage_options)
-    with fs.open(path, "rb", cache_type="none") as f:
-        return pq.read_metadata(f)
+def read_footer(ref: BankRef, part: str | PartEntry, size: int | None = None) -> pq.FileMetaData:
+    """A part's Parquet footer (row-group sizes, schema, refbank metadata), checked against the entry's footer
+    sha256 when `part` is a manifest entry that records one. One request when the size is known (an entry, or
+    `size`) and the footer is under FOOTER_READ bytes."""
+    name, entry = _name_entry(part)
+    url = part_url(ref, name)
+    size = size if size is not None else _size(ref, url, entry)
+    with _damage_named(url):
+        tail = storage.read_range(url, max(0, size - FOOTER_READ), size, ref.storage_options)
+        if len(tail) != min(size, FOOTER_READ):
+            raise IndexCorruptError(f"{url} holds fewer than the {size} bytes its manifest records (truncated)")
+        if len(tail) < 12 or tail[-4:] != b"PAR1":
+            raise IndexCorruptError(f"{url} does not end like a Parquet file")
+        need = int.from_bytes(tail[-8:-4], "little") + 8
+        if need > size:
+            raise IndexCorruptError(f"{url} records a footer of {need} bytes but holds {size}")
+        if need > len(tail):
+            tail = storage.read_range(url, size - need, size, ref.storage_options)
+        footer = tail[-need:]
+        if entry is not None and entry.footer_sha256 and hashlib.sha256(footer).hexdigest() != entry.footer_sha256:
+            raise IndexCorruptError(f"the footer of {url} does not match the sha256 its manifest records; {_RESTORE}")
+        return pq.read_metadata(io.BytesIO(footer))
 
 
-def read_column(f: pq.ParquetFile, group: int, column: str) -> pa.ChunkedArray:
+def column_span(footer: pq.FileMetaData, group: int, columns: list[str]) -> tuple[int, int]:
+    """Byte range [start, end) covering the chunks of `columns` (top-level names) in row group `group`: one
+    ranged read of it, passed to `open_part(windows=...)`, makes the row group's read cost one request."""
+    rg = footer.row_group(group)
+    starts, ends, wanted = [], [], set(columns)
+    for i in range(rg.num_columns):
+        chunk = rg.column(i)
+        if chunk.path_in_schema.split(".", 1)[0] in wanted:
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            starts.append(start)
+            ends.append(start + chunk.total_compressed_size)
+    if not starts:
+        raise KeyError(f"row group {group} has none of the columns {columns}")
+    return min(starts), max(ends)
+
+
+def read_groups(ref: BankRef, part: PartEntry, footer: pq.FileMetaData, groups: list[int],
+                columns: list[str]) -> list[pa.Table]:
+    """`columns` of each of `groups`, one table per group, pages verified: one ranged request per group (each
+    the span of its wanted column chunks), all issued together."""
+    url = part_url(ref, part.name)
+    spans = [column_span(footer, g, columns) for g in groups]
+    with _damage_named(url):
+        blobs = storage.read_ranges([url] * len(spans), [a for a, _ in spans], [b for _, b in spans],
+                                    ref.storage_options)
+    windows = [(start, blob) for (start, _), blob in zip(spans, blobs)]
+    with open_part(ref, part, metadata=footer, windows=windows) as f:
+        return [f.read_row_group(g, columns=columns) for g in groups]
+
+
+def read_column(f: PartFile, group: int, column: str) -> pa.ChunkedArray:
     """One column of one row group."""
     return f.read_row_group(group, columns=[column])[column]
 
@@ -293,17 +409,17 @@ def matrix(column: pa.ChunkedArray | pa.Array, dtype: type = np.float16) -> np.n
     return np.asarray(child.to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
 
 
-def iter_row_groups(ref: BankRef, name: str, columns: list[str]) -> Iterator[pa.Table]:
+def iter_row_groups(ref: BankRef, part: str | PartEntry, columns: list[str]) -> Iterator[pa.Table]:
     """The part's row groups in order, each as a table of `columns`."""
-    with open_part(ref, name) as f:
+    with open_part(ref, part) as f:
         for i in range(f.num_row_groups):
             yield f.read_row_group(i, columns=columns)
 
 
-def read_rows(ref: BankRef, name: str, rows: np.ndarray) -> np.ndarray:
+def read_rows(ref: BankRef, part: str | PartEntry, rows: np.ndarray) -> np.ndarray:
     """Visual embeddings (len(rows), C) float16 of the given sorted row numbers; reads only their row groups."""
     out = []
-    with open_part(ref, name) as f:
+    with open_part(ref, part) as f:
         sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = np.searchsorted(starts, rows, side="right") - 1
@@ -311,3 +427,33 @@ def read_rows(ref: BankRef, name: str, rows: np.ndarray) -> np.ndarray:
             x = matrix(f.read_row_group(int(g), columns=[VISUAL])[VISUAL])
             out.append(x[rows[groups == g] - starts[g]])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
+
+
+def _name_entry(part: str | PartEntry) -> tuple[str, PartEntry | None]:
+    return (part.name, part) if isinstance(part, PartEntry) else (part, None)
+
+
+def _size(ref: BankRef, url: str, entry: PartEntry | None) -> int:
+    """The object's size: from its manifest entry, else one size request."""
+    if entry is not None and entry.bytes:
+        return entry.bytes
+    with _damage_named(url):
+        return storage.size(url, ref.storage_options)
+
+
+def _read_whole(ref: BankRef, url: str) -> bytes:
+    with _damage_named(url):
+        return storage.read_bytes(url, ref.storage_options)
+
+
+@contextmanager
+def _damage_named(url: str, fix: str = _RESTORE) -> Iterator[None]:
+    """Turn what a damaged or missing object makes the Parquet reader raise into IndexCorruptError naming it.
+    Storage failures (StorageError) pass as they are: an unreachable store is not a damaged bank."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{url} is missing, though the bank's manifest lists it; {fix}") from None
+    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise IndexCorruptError(f"{url} is damaged ({detail}); {fix}") from None

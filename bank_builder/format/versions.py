@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bank_builder.format import storage
-from bank_builder.format.errors import BankFormatError, BankMismatchError, ConcurrentUpdateError
+from bank_builder.format.errors import BankFormatError, BankMismatchError, ConcurrentUpdateError, StorageError
 from bank_builder.format.manifest import Manifest
 from bank_builder.format.ref import BankRef
 
@@ -89,9 +89,8 @@ def read_manifest(ref: BankRef, version: str | None = None) -> Manifest | None:
 
 def list_versions(ref: BankRef) -> list[str]:
     """The bank's published versions, oldest first: those CURRENT has named (orphan manifests are left out)."""
-    fs, path = ref.fs("versions")
-    fs.invalidate_cache(path)  # another process may have published since this filesystem listed it
-    found = {p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{path}/*/published.json")}
+    pattern = storage.join(ref.url("versions"), "*", "published.json")
+    found = {p.rstrip("/").rsplit("/", 2)[-2] for p in storage.glob(pattern, ref.storage_options)}
     current = current_version(ref)
     if current is not None:
         found.add(current)  # published, but its record may not be written yet (crash right after the swap)
@@ -128,9 +127,7 @@ def publish(ref: BankRef, manifest: Manifest, expected: Current) -> str:
 
 def _claim_version(ref: BankRef, manifest: Manifest, parent: str | None) -> str:
     """Write `manifest` under the first free version name after every name in use; returns that name."""
-    fs, path = ref.fs("versions")
-    fs.invalidate_cache(path)
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in (fs.ls(path, detail=False) if fs.exists(path) else [])]
+    names = storage.list_names(ref.url("versions"), ref.storage_options)
     numbers = [int(m.group(1)) for m in map(VERSION_PATTERN.fullmatch, names + [parent or ""]) if m]
     start = max(numbers, default=0) + 1
     for number in range(start, start + MAX_NAME_CLAIMS):
@@ -163,9 +160,8 @@ def _record_published(ref: BankRef, version: str, **fields: Any) -> None:
 def _remove_quietly(ref: BankRef, *names: str) -> None:
     """Delete a folder of objects this writer made and nothing references; a failure only leaves an orphan."""
     try:
-        fs, path = ref.fs(*names)
-        fs.rm(path, recursive=True)
-    except Exception as exc:  # noqa: BLE001 - an orphan is harmless: listings skip it
+        storage.remove_tree(ref.url(*names), ref.storage_options)
+    except StorageError as exc:  # an orphan is harmless: listings skip it
         log.warning("could not remove the unpublished %s (%s); it is an orphan that no listing shows",
                     ref.url(*names), exc)
 
@@ -184,18 +180,13 @@ def pin(ref: BankRef, version: str) -> None:
 
 def unpin(ref: BankRef, version: str) -> bool:
     """Let garbage collection take `version` again; False when it was not pinned."""
-    fs, path = ref.fs("pins", version)
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
+    url = ref.url("pins", version)
+    if not storage.exists(url, ref.storage_options):
         return False
-    fs.rm(path)
+    storage.remove_tree(url, ref.storage_options)
     return True
 
 
 def list_pins(ref: BankRef) -> list[str]:
     """The pinned versions, sorted."""
-    fs, path = ref.fs("pins")
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return sorted(storage.list_names(ref.url("pins"), ref.storage_options))

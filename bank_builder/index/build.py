@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bank_builder.config import config_to_dict
@@ -60,6 +60,8 @@ class IndexReport:
     report: str  # URL of report.json
     mode: str = "full"  # "full" (trained and built), "delta" (new parts added), "up_to_date" (nothing to do)
     delta: dict | None = None  # the delta's vectors, parts and drift (mode "delta")
+    # this process's storage calls: tries, retries by cause, failed (format.retries); Ray tasks count their own
+    storage: dict[str, int] = field(default_factory=dict)
 
 
 class _Stages:
@@ -96,7 +98,14 @@ def build_index(bank: str | BankRef, config: IndexConfig = IndexConfig(),
     guard against indexing a bank that moved on. Raises BankMismatchError when the bank has no version, when
     `version` is not CURRENT, when the index was built with other options (retrain then), or
     (ConcurrentUpdateError) when CURRENT moves while indexing (the new objects are left unreferenced; re-run)."""
-    ref = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {})
+    ref, calls = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {}), storage.counters()
+    report = _index(ref, config, version, retrain)
+    report.storage = (storage.counters() - calls).to_dict()
+    return report
+
+
+def _index(ref: BankRef, config: IndexConfig, version: str | None, retrain: bool) -> IndexReport:
+    """build_index without the storage count."""
     current = read_current(ref)
     if current.version is None:
         raise BankMismatchError(f"{ref} has no published version; build it first (`refbank build`)")

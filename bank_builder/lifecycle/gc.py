@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from fsspec.implementations.local import LocalFileSystem
 
 from bank_builder.format import BankMismatchError, BankRef, Manifest, current_version, list_pins, list_versions
-from bank_builder.format import read_manifest
+from bank_builder.format import read_manifest, storage
 
 ALWAYS_KEPT = ("CURRENT",)
 
@@ -69,12 +69,9 @@ def collect_garbage(bank: str | BankRef, keep: int = 3, grace_s: float = 3600.0,
     for version in retained:
         referenced |= referenced_objects(read_manifest(ref, version))
     report = GcReport(ref.uri, retained, dry_run=dry_run)
-    fs, root = ref.fs()
-    fs.invalidate_cache(root)
     now = time.time()
     doomed = []
-    for path, info in sorted(fs.find(root, detail=True).items()):
-        name = path[len(root.rstrip("/")) + 1:]
+    for name, info in sorted(storage.list_tree(ref.uri, ref.storage_options).items()):
         size = int(info.get("size") or 0)
         if name in referenced:
             report.kept_objects += 1
@@ -82,10 +79,10 @@ def collect_garbage(bank: str | BankRef, keep: int = 3, grace_s: float = 3600.0,
         elif now - _mtime(info) < grace_s:
             report.kept_young.append(name)
         else:
-            doomed.append((path, name, size))
-    for path, name, size in doomed:
+            doomed.append((name, size))
+    for name, size in doomed:
         if not dry_run:
-            fs.rm(path)
+            storage.remove_tree(storage.join(ref.uri, name), ref.storage_options)  # a listed name, not a manifest's
         report.deleted.append(name)
         report.deleted_bytes += size
     if not dry_run:

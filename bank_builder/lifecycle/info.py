@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Any
 
 from bank_builder.format import BankMismatchError, BankRef, current_version, list_pins, list_versions
-from bank_builder.format import published_record, read_manifest
+from bank_builder.format import published_record, read_manifest, storage
 from bank_builder.lifecycle.gc import referenced_objects
 
 
@@ -54,10 +54,8 @@ def _index_info(m) -> dict[str, Any] | None:
 
 def _sizes(ref: BankRef, m) -> dict[str, int]:
     """Bytes on storage: of the objects this version uses, and of the whole bank (every version, garbage too)."""
-    fs, root = ref.fs()
-    fs.invalidate_cache(root)
-    everything = {path[len(root.rstrip("/")) + 1:]: int(info.get("size") or 0)
-                  for path, info in fs.find(root, detail=True).items()}
+    everything = {name: int(info.get("size") or 0)
+                  for name, info in storage.list_tree(ref.uri, ref.storage_options).items()}
     used = referenced_objects(m)
     return {"version_bytes": sum(size for name, size in everything.items() if name in used),
             "bank_bytes": sum(everything.values()), "bank_objects": len(everything)}
