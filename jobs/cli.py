@@ -57,6 +57,11 @@ def make_corpus_cmd(
     image_format: str = typer.Option("jpg", help="Image encoding: jpg or png."),
     heldout_shards: int = typer.Option(0, help="Extra held-out shards (heldout-*.tar) for evaluation."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes byte-identical shards."),
+    captions: bool = typer.Option(False, "--captions", help="Write noisy captions: varied phrases per class, with "
+                                  "the wrong / missing rates below; the truth goes in the json's caption_truth."),
+    wrong_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a phrase names a class absent "
+                                            "from the image instead of the one present."),
+    missing_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a class present is not named."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
 ) -> None:
@@ -64,8 +69,14 @@ def make_corpus_cmd(
     from bank_builder.synthetic import CorpusConfig, make_corpus
 
     config = CorpusConfig(shards=shards, samples_per_shard=samples_per_shard, image_size=image_size,
-                          mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed)
-    summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
+                          mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed,
+                          captions=captions, wrong_phrase_rate=wrong_phrase_rate,
+                          missing_phrase_rate=missing_phrase_rate)
+    try:
+        summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {len(summary.shards)} shards + {len(summary.heldout)} held-out, {summary.samples} samples, "
                f"{summary.segments} segments to {out}")
 
