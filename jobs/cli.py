@@ -81,6 +81,36 @@ def make_corpus_cmd(
                f"{summary.segments} segments to {out}")
 
 
+@app.command("convert")
+def convert_cmd(
+    dataset: str = typer.Argument(..., help="Dataset layout: ade20k, coco-stuff, voc, pascal-context (59 classes) "
+                                  "or pascal-context-60."),
+    root: Path = typer.Argument(..., help="The dataset folder, e.g. ADEChallengeData2016, coco_stuff164k, "
+                                "VOCdevkit/VOC2012, VOCdevkit/VOC2010."),
+    out: str = typer.Argument(..., help="Where to write the shards: a local directory or s3://bucket/prefix."),
+    split: str = typer.Option(..., help="The dataset's name of the split to convert (validation, val2017, val...)."),
+    samples_per_shard: int = typer.Option(1000, help="Images per tar shard."),
+    storage_option: Optional[list[str]] = STORAGE_OPTION,
+    endpoint_url: Optional[str] = ENDPOINT_URL,
+) -> None:
+    """Convert a segmentation dataset's released layout into refbank's corpus shards (image + class mask + json).
+
+    Build a bank from them with `refbank build '<out>/*.tar' <bank> --mask-kind class`. Images without a usable
+    mask are skipped and counted. Exit status: 0 ok, 2 bad options or layout.
+    """
+    from bank_builder.convert import ConvertConfig, convert
+
+    try:
+        report = convert(root, out, ConvertConfig(dataset=dataset, split=split, samples_per_shard=samples_per_shard),
+                         _storage_options(storage_option, endpoint_url))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    skipped = ", ".join(f"{n} {reason} (e.g. {report.examples[reason]})" for reason, n in report.skipped.items())
+    typer.echo(f"wrote {len(report.shards)} shards, {report.samples} samples of {report.dataset} {report.split} "
+               f"({report.classes} classes) to {out}" + (f"; skipped {skipped}" if skipped else ""))
+
+
 def _run_job(job: Callable[[], Any], errors: tuple[type[Exception], ...], show: Callable[[Any], None],
              ray_address: str | None, as_json: bool) -> Any:
     """Connect Ray if asked, run `job`, print its report (JSON or `show`); None after a user error (printed)."""
