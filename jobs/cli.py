@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -111,6 +111,52 @@ def convert_cmd(
                f"({report.classes} classes) to {out}" + (f"; skipped {skipped}" if skipped else ""))
 
 
+@app.command("fit-encoder")
+def fit_encoder_cmd(
+    out: Path = typer.Argument(..., help="Checkpoint to write (.safetensors); its report goes next to it (.json)."),
+    encoder: str = typer.Option("synthetic-clip", help="open_clip registry entry to fit (see `refbank encoders`)."),
+    weights: str = typer.Option("untrained", help="Starting weights: 'untrained' (seeded), 'pretrained' or a "
+                                "checkpoint path."),
+    seed: int = typer.Option(0, help="Seed of untrained starting weights, batch order, flips and text variants."),
+    train_images: int = typer.Option(1536, help="Generated training images (multiple of 64)."),
+    steps: int = typer.Option(1000, help="Optimiser steps."),
+    batch_images: int = typer.Option(32, help="Images per step."),
+    threads: int = typer.Option(1, help="torch CPU threads. 1 is the default because on a shared machine two "
+                                "threads per process ran several times slower (see docs/ENCODER_FIT.md)."),
+    as_json: bool = AS_JSON,
+) -> None:
+    """Fit an open_clip encoder on generated scenes (contrastive: mask-pooled segments vs label / phrase text).
+
+    The result is a STAND-IN for this project's generated data, not a model for real images. The package ships
+    one (`synthetic-clip`, used by `refbank demo`); this command reproduces it from its seeds.
+    """
+    from bank_builder.encoders import EncoderWeightsError
+    from bank_builder.encoders.fit import FitConfig, fit_encoder
+
+    _setup_logging(False)
+    defaults = FitConfig()
+    try:
+        shards = max(1, train_images // defaults.train.samples_per_shard)
+        config = FitConfig(encoder=EncoderConfig(name=encoder, weights=weights, seed=seed, device="cpu"),
+                           train=replace(defaults.train, shards=shards), steps=steps, batch_images=batch_images,
+                           seed=seed, threads=threads)
+        report = fit_encoder(out, config)
+    except (ValueError, EncoderWeightsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=1))
+        return
+    lines = [f"checkpoint {report.checkpoint} ({report.steps} steps, {report.train_images} images, "
+             f"{report.train_segments} segments; loss {report.loss_first:.3f} → {report.loss_last:.3f})",
+             f"time       " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())]
+    for name in report.after:
+        lines.append(f"held-out   {name}: {report.before[name]:.3f} before → {report.after[name]:.3f} after "
+                     f"({report.heldout_segments} segments)")
+    lines.append(f"NOTE       {report.encoder.get('note') or 'fitted on generated scenes only'}")
+    typer.echo("\n".join(lines))
+
+
 def _run_job(job: Callable[[], Any], errors: tuple[type[Exception], ...], show: Callable[[Any], None],
              ray_address: str | None, as_json: bool) -> Any:
     """Connect Ray if asked, run `job`, print its report (JSON or `show`); None after a user error (printed)."""
@@ -159,6 +205,8 @@ def print_report(report) -> None:
     ]
     if enc["untrained"]:
         lines.append(f"WARNING   encoder weights are UNTRAINED (seed {enc['seed']}): embeddings carry no learned semantics")
+    if enc.get("note"):
+        lines.append(f"NOTE      {enc['note']}")
     for f in report.failed:
         lines.append(f"FAILED    {f.shard}: {f.error}")
     typer.echo("\n".join(lines))
@@ -211,7 +259,8 @@ def encoders_cmd() -> None:
     for name in list_encoders():
         e = get_encoder_entry(name)
         typer.echo(f"{name:16s} {e['family']:9s} {e['architecture']:34s} pretrained={e.get('pretrained')} "
-                   f"image={e['image_size']} patch={e['patch_size']} dims={e['visual_dim']}/{e.get('text_dim')}")
+                   f"image={e['image_size']} patch={e['patch_size']} dims={e['visual_dim']}/{e.get('text_dim')}"
+                   + (f"\n{'':16s} NOTE: {e['note']}" if e.get("note") else ""))
 
 
 @app.command("index")
@@ -299,7 +348,11 @@ def serve_cmd(
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), help="Directory for the generated corpus and the bank."),
-    encoder: str = typer.Option("clip-vit-b32", help="Encoder registry entry; run with untrained seeded weights."),
+    encoder: str = typer.Option("synthetic-clip", help="Encoder registry entry. The default is the stand-in fitted "
+                                "on generated scenes (shipped checkpoint); other entries run with untrained seeded "
+                                "weights unless --weights says otherwise."),
+    weights: Optional[str] = typer.Option(None, help="'untrained', 'pretrained' or a checkpoint path; default: the "
+                                          "shipped stand-in for synthetic-clip, untrained for any other entry."),
     shards: int = typer.Option(4, help="Corpus shards."),
     samples_per_shard: int = typer.Option(24, help="Samples per shard."),
 ) -> None:
@@ -307,5 +360,5 @@ def demo_cmd(
     from jobs.demo import DemoConfig, run_demo
 
     _setup_logging(False)
-    raise typer.Exit(run_demo(DemoConfig(workdir=workdir, encoder=encoder, shards=shards,
+    raise typer.Exit(run_demo(DemoConfig(workdir=workdir, encoder=encoder, weights=weights, shards=shards,
                                          samples_per_shard=samples_per_shard)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 import numpy as np
@@ -106,11 +106,11 @@ class Bank:
     def spec(self) -> EncoderSpec:
         """The encoder spec the bank was built with."""
         recorded = self.manifest["encoder"]
-        missing = [f for f in SPEC_FIELDS if f not in recorded]
+        missing = [f.name for f in fields(EncoderSpec) if f.name not in recorded and f.default is MISSING]
         if missing:
             raise BankMismatchError(f"bank {self.uri} version {self.version} records an incomplete encoder spec "
                                     f"(missing {', '.join(missing)}); it was not built by `refbank build`")
-        return EncoderSpec.from_dict({f: recorded[f] for f in SPEC_FIELDS})
+        return EncoderSpec.from_dict({f: recorded[f] for f in SPEC_FIELDS if f in recorded})
 
     @property
     def dims(self) -> dict[str, int | None]:

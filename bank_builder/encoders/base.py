@@ -19,6 +19,8 @@ class EncoderSpec:
     image_size: square input side in pixels; patch_size: pixels per feature cell, so the dense
     feature grid is (image_size // patch_size) squared. visual_dim: channels C of the dense features
     (the joint image-text space for CLIP-style encoders). text_dim: None when there is no text tower.
+    note: what the registry entry says the model is (e.g. a stand-in fitted on generated data), or None;
+    left out of `to_dict` when None, so specs of entries without one are unchanged.
     """
 
     name: str
@@ -33,6 +35,7 @@ class EncoderSpec:
     text_dim: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    note: str | None = None
 
     @property
     def grid(self) -> int:
@@ -43,6 +46,8 @@ class EncoderSpec:
         """JSON-ready dict."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if d["note"] is None:
+            del d["note"]
         return d
 
     @classmethod
