@@ -45,10 +45,10 @@ def prepare_image(image: np.ndarray, masks: list[np.ndarray], spec: EncoderSpec)
     return resized, soft
 
 
-def pool_segments(features: torch.Tensor, soft_masks: torch.Tensor,
-                  image_index: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(B, C, g, g) float32 features, (n, g, g) soft masks, (n,) int64 image of each mask → visual (n, C) float16
-    L2-normalised, quality (n,) float32 = area-weighted mean cosine between each cell and the pooled vector."""
+def pool_tensors(features: torch.Tensor, soft_masks: torch.Tensor,
+                 image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pool_segments` in torch (differentiable, on the features' device): visual (n, C) float32 L2-normalised,
+    quality (n,) float32."""
     b, c, gh, gw = features.shape
     n = soft_masks.shape[0]
     if soft_masks.shape[1:] != (gh, gw) or image_index.shape != (n,):
@@ -71,6 +71,14 @@ def pool_segments(features: torch.Tensor, soft_masks: torch.Tensor,
     # weights sum to 1, so Σ w·cos(cell, pooled) = pooled · (Σ w · unit cell)
     mean_unit_cell = torch.einsum("nbp,bcp->nc", block, F.normalize(cells, dim=1))
     quality = (pooled * mean_unit_cell).sum(dim=1)
+    return pooled, quality
+
+
+def pool_segments(features: torch.Tensor, soft_masks: torch.Tensor,
+                  image_index: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(B, C, g, g) float32 features, (n, g, g) soft masks, (n,) int64 image of each mask → visual (n, C) float16
+    L2-normalised, quality (n,) float32 = area-weighted mean cosine between each cell and the pooled vector."""
+    pooled, quality = pool_tensors(features, soft_masks, image_index)
     return pooled.half().cpu().numpy(), quality.cpu().numpy()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -57,6 +57,11 @@ def make_corpus_cmd(
     image_format: str = typer.Option("jpg", help="Image encoding: jpg or png."),
     heldout_shards: int = typer.Option(0, help="Extra held-out shards (heldout-*.tar) for evaluation."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes byte-identical shards."),
+    captions: bool = typer.Option(False, "--captions", help="Write noisy captions: varied phrases per class, with "
+                                  "the wrong / missing rates below; the truth goes in the json's caption_truth."),
+    wrong_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a phrase names a class absent "
+                                            "from the image instead of the one present."),
+    missing_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a class present is not named."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
 ) -> None:
@@ -64,7 +69,9 @@ def make_corpus_cmd(
     from bank_builder.synthetic import CorpusConfig, make_corpus
 
     config = CorpusConfig(shards=shards, samples_per_shard=samples_per_shard, image_size=image_size,
-                          mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed)
+                          mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed,
+                          captions=captions, wrong_phrase_rate=wrong_phrase_rate,
+                          missing_phrase_rate=missing_phrase_rate)
     try:
         summary = make_corpus(out, config, _storage_options(storage_option, endpoint_url))
     except ValueError as exc:  # e.g. --mask-kind auto, which reads corpora but writes none
@@ -72,6 +79,82 @@ def make_corpus_cmd(
         raise typer.Exit(2) from None
     typer.echo(f"wrote {len(summary.shards)} shards + {len(summary.heldout)} held-out, {summary.samples} samples, "
                f"{summary.segments} segments to {out}")
+
+
+@app.command("convert")
+def convert_cmd(
+    dataset: str = typer.Argument(..., help="Dataset layout: ade20k, coco-stuff, voc, pascal-context (59 classes) "
+                                  "or pascal-context-60."),
+    root: Path = typer.Argument(..., help="The dataset folder, e.g. ADEChallengeData2016, coco_stuff164k, "
+                                "VOCdevkit/VOC2012, VOCdevkit/VOC2010."),
+    out: str = typer.Argument(..., help="Where to write the shards: a local directory or s3://bucket/prefix."),
+    split: str = typer.Option(..., help="The dataset's name of the split to convert (validation, val2017, val...)."),
+    samples_per_shard: int = typer.Option(1000, help="Images per tar shard."),
+    storage_option: Optional[list[str]] = STORAGE_OPTION,
+    endpoint_url: Optional[str] = ENDPOINT_URL,
+) -> None:
+    """Convert a segmentation dataset's released layout into refbank's corpus shards (image + class mask + json).
+
+    Build a bank from them with `refbank build '<out>/*.tar' <bank> --mask-kind class`. Images without a usable
+    mask are skipped and counted. Exit status: 0 ok, 2 bad options or layout.
+    """
+    from bank_builder.convert import ConvertConfig, convert
+
+    try:
+        report = convert(root, out, ConvertConfig(dataset=dataset, split=split, samples_per_shard=samples_per_shard),
+                         _storage_options(storage_option, endpoint_url))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    skipped = ", ".join(f"{n} {reason} (e.g. {report.examples[reason]})" for reason, n in report.skipped.items())
+    typer.echo(f"wrote {len(report.shards)} shards, {report.samples} samples of {report.dataset} {report.split} "
+               f"({report.classes} classes) to {out}" + (f"; skipped {skipped}" if skipped else ""))
+
+
+@app.command("fit-encoder")
+def fit_encoder_cmd(
+    out: Path = typer.Argument(..., help="Checkpoint to write (.safetensors); its report goes next to it (.json)."),
+    encoder: str = typer.Option("synthetic-clip", help="open_clip registry entry to fit (see `refbank encoders`)."),
+    weights: str = typer.Option("untrained", help="Starting weights: 'untrained' (seeded), 'pretrained' or a "
+                                "checkpoint path."),
+    seed: int = typer.Option(0, help="Seed of untrained starting weights, batch order, flips and text variants."),
+    train_images: int = typer.Option(1536, help="Generated training images (multiple of 64)."),
+    steps: int = typer.Option(1000, help="Optimiser steps."),
+    batch_images: int = typer.Option(32, help="Images per step."),
+    threads: int = typer.Option(1, help="torch CPU threads. 1 is the default because on a shared machine two "
+                                "threads per process ran several times slower (see docs/ENCODER_FIT.md)."),
+    as_json: bool = AS_JSON,
+) -> None:
+    """Fit an open_clip encoder on generated scenes (contrastive: mask-pooled segments vs label / phrase text).
+
+    The result is a STAND-IN for this project's generated data, not a model for real images. The package ships
+    one (`synthetic-clip`, used by `refbank demo`); this command reproduces it from its seeds.
+    """
+    from bank_builder.encoders import EncoderWeightsError
+    from bank_builder.encoders.fit import FitConfig, fit_encoder
+
+    _setup_logging(False)
+    defaults = FitConfig()
+    try:
+        shards = max(1, train_images // defaults.train.samples_per_shard)
+        config = FitConfig(encoder=EncoderConfig(name=encoder, weights=weights, seed=seed, device="cpu"),
+                           train=replace(defaults.train, shards=shards), steps=steps, batch_images=batch_images,
+                           seed=seed, threads=threads)
+        report = fit_encoder(out, config)
+    except (ValueError, EncoderWeightsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=1))
+        return
+    lines = [f"checkpoint {report.checkpoint} ({report.steps} steps, {report.train_images} images, "
+             f"{report.train_segments} segments; loss {report.loss_first:.3f} → {report.loss_last:.3f})",
+             f"time       " + ", ".join(f"{k} {v:.0f} s" for k, v in report.seconds.items())]
+    for name in report.after:
+        lines.append(f"held-out   {name}: {report.before[name]:.3f} before → {report.after[name]:.3f} after "
+                     f"({report.heldout_segments} segments)")
+    lines.append(f"NOTE       {report.encoder.get('note') or 'fitted on generated scenes only'}")
+    typer.echo("\n".join(lines))
 
 
 def _run_job(job: Callable[[], Any], errors: tuple[type[Exception], ...], show: Callable[[Any], None],
@@ -130,6 +213,8 @@ def print_report(report) -> None:
     ]
     if enc["untrained"]:
         lines.append(f"WARNING   encoder weights are UNTRAINED (seed {enc['seed']}): embeddings carry no learned semantics")
+    if enc.get("note"):
+        lines.append(f"NOTE      {enc['note']}")
     for f in report.failed:
         lines.append(f"FAILED    {f.shard}: {f.error}")
     typer.echo("\n".join(lines))
@@ -209,7 +294,8 @@ def encoders_cmd() -> None:
     for name in list_encoders():
         e = get_encoder_entry(name)
         typer.echo(f"{name:16s} {e['family']:9s} {e['architecture']:34s} pretrained={e.get('pretrained')} "
-                   f"image={e['image_size']} patch={e['patch_size']} dims={e['visual_dim']}/{e.get('text_dim')}")
+                   f"image={e['image_size']} patch={e['patch_size']} dims={e['visual_dim']}/{e.get('text_dim')}"
+                   + (f"\n{'':16s} NOTE: {e['note']}" if e.get("note") else ""))
 
 
 @app.command("index")
@@ -329,7 +415,11 @@ def serve_cmd(
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), help="Directory for the generated corpus and the bank."),
-    encoder: str = typer.Option("clip-vit-b32", help="Encoder registry entry; run with untrained seeded weights."),
+    encoder: str = typer.Option("synthetic-clip", help="Encoder registry entry. The default is the stand-in fitted "
+                                "on generated scenes (shipped checkpoint); other entries run with untrained seeded "
+                                "weights unless --weights says otherwise."),
+    weights: Optional[str] = typer.Option(None, help="'untrained', 'pretrained' or a checkpoint path; default: the "
+                                          "shipped stand-in for synthetic-clip, untrained for any other entry."),
     shards: int = typer.Option(4, help="Corpus shards."),
     samples_per_shard: int = typer.Option(24, help="Samples per shard."),
 ) -> None:
@@ -337,7 +427,7 @@ def demo_cmd(
     from jobs.demo import DemoConfig, run_demo
 
     _setup_logging(False)
-    raise typer.Exit(run_demo(DemoConfig(workdir=workdir, encoder=encoder, shards=shards,
+    raise typer.Exit(run_demo(DemoConfig(workdir=workdir, encoder=encoder, weights=weights, shards=shards,
                                          samples_per_shard=samples_per_shard)))
 
 

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from bank_builder.config import BuildConfig, EncoderConfig, IngestConfig
+from bank_builder.encoders import resolve_spec
+from bank_builder.encoders.fit import SHIPPED_CHECKPOINT
 from bank_builder.index.params import IndexConfig
 from bank_builder.ingest import iter_samples
 from bank_builder.records import Sample
@@ -26,12 +28,18 @@ from query.render import legend_png
 EXAMPLES_SEED = 4  # the page's examples (query/static/examples): three backgrounds, 3-4 classes each
 
 
+STANDIN_ENCODER = "synthetic-clip"  # the registry entry SHIPPED_CHECKPOINT belongs to
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    """Where the demo writes, how big its corpus is, and how many held-out images it segments."""
+    """Where the demo writes, how big its corpus is, how many held-out images it segments, and the encoder:
+    weights None = the stand-in checkpoint shipped for synthetic-clip (fitted on generated scenes, see
+    bank_builder.encoders.fit), seeded untrained weights for any other entry."""
 
     workdir: Path = Path("demo-out")
-    encoder: str = "clip-vit-b32"
+    encoder: str = STANDIN_ENCODER
+    weights: str | None = None
     shards: int = 4
     samples_per_shard: int = 24
     image_size: int = 256
@@ -107,6 +115,12 @@ def _label_indices(answer: dict, names: list[str]) -> np.ndarray:
     return lookup[answer["label_map"].astype(np.int64)]
 
 
+def demo_encoder(config: DemoConfig) -> EncoderConfig:
+    """The encoder the demo builds and queries with (see DemoConfig.weights)."""
+    weights = config.weights or (str(SHIPPED_CHECKPOINT) if config.encoder == STANDIN_ENCODER else "untrained")
+    return EncoderConfig(name=config.encoder, weights=weights, seed=0)
+
+
 def run_demo(config: DemoConfig) -> int:
     """Run every stage in order with console output; returns the process exit status."""
     from jobs.cli import run_build, run_index
@@ -117,8 +131,8 @@ def run_demo(config: DemoConfig) -> int:
     print(f"corpus    {len(summary.shards)} shards + {len(summary.heldout)} held-out, {summary.samples} images, "
           f"{summary.segments} segments in {corpus}")
     bank = str(config.workdir / "bank")
-    build = BuildConfig(source=str(corpus / "train-*.tar"), bank=bank,
-                        encoder=EncoderConfig(name=config.encoder, weights="untrained", seed=0))
+    encoder = demo_encoder(config)
+    build = BuildConfig(source=str(corpus / "train-*.tar"), bank=bank, encoder=encoder)
     status = run_build(build, None, as_json=False) or run_index(bank, IndexConfig(), {}, None, as_json=False)
     if status:
         return status
@@ -130,6 +144,8 @@ def run_demo(config: DemoConfig) -> int:
           f"mIoU {result['miou']:.3f}, p50 {result['p50_ms']:.0f} ms, max {result['max_ms']:.0f} ms; overlays in "
           f"{config.workdir / 'overlays'}")
     print(f"browse    refbank serve {bank}   # then open http://127.0.0.1:8000/ (page, /docs)")
-    print(f"total     {time.perf_counter() - started:.0f} s (untrained encoder: the mIoU measures the plumbing, "
-          "not a model)")
+    spec = resolve_spec(encoder)
+    what = ("untrained encoder: the mIoU measures the plumbing, not a model" if spec.untrained else
+            f"{spec.name}: {spec.note}" if spec.note else f"{spec.name}, weights {spec.weights}")
+    print(f"total     {time.perf_counter() - started:.0f} s ({what})")
     return 0

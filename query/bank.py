@@ -38,8 +38,9 @@ VISUAL = "visual_embedding"
 METADATA_COLUMNS = ["segment_id", "part", "image_key", "segment_index", "label", "label_source", "bbox", "area",
                     "mask", "mask_kind", "quality"]
 DEFAULT_CACHE_BYTES = 64 << 20  # decoded row groups kept by a Bank (metadata of ~100 row groups of 4096 rows)
-# The fields that identify an encoder; `entry` is the recipe to rebuild it (absent in older banks), not compared.
-SPEC_FIELDS = [f.name for f in fields(EncoderSpec) if f.name != "entry"]
+# The fields that identify an encoder; `entry` (the recipe to rebuild it, absent in older banks) and `note` (what
+# the entry says the model is) describe it and are not compared.
+SPEC_FIELDS = [f.name for f in fields(EncoderSpec) if f.name not in ("entry", "note")]
 
 
 def encoder_differences(recorded: dict[str, Any], expected: EncoderSpec | dict[str, Any]) -> dict[str, tuple]:
@@ -165,7 +166,7 @@ class Bank:
         if missing:
             raise BankMismatchError(f"bank {self.uri} version {self.version} records an incomplete encoder spec "
                                     f"(missing {', '.join(missing)}); it was not built by `refbank build`")
-        return EncoderSpec.from_dict({f: recorded[f] for f in SPEC_FIELDS})
+        return EncoderSpec.from_dict({f: recorded[f] for f in [*SPEC_FIELDS, "note"] if f in recorded})
 
     @property
     def dims(self) -> dict[str, int | None]:

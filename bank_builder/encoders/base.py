@@ -22,6 +22,8 @@ class EncoderSpec:
     (the joint image-text space for CLIP-style encoders). text_dim: None when there is no text tower.
     entry: the whole registry entry that built it (an open_clip model_config as content), so a reader
     rebuilds the same encoder from the bank alone; None in banks built before it was recorded.
+    note: what the registry entry says the model is (e.g. a stand-in fitted on generated data), or None;
+    left out of `to_dict` when None, so specs of entries without one are unchanged.
     """
 
     name: str
@@ -37,6 +39,7 @@ class EncoderSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     entry: dict[str, Any] | None = field(default=None, hash=False)
+    note: str | None = None
 
     @property
     def grid(self) -> int:
@@ -47,6 +50,8 @@ class EncoderSpec:
         """JSON-ready dict."""
         d = asdict(self)  # deep-copies the entry
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if d["note"] is None:
+            del d["note"]
         return d
 
     @classmethod

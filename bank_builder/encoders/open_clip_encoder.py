@@ -89,6 +89,14 @@ def model_dims(model: torch.nn.Module) -> dict[str, int | None]:
             "visual_dim": visual.proj.shape[1], "text_dim": text_dim}
 
 
+def dense_features(visual: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) normalised pixels → (B, visual_dim, g, g): the last block's patch tokens after ln_post, each
+    mapped by the projection the class token gets (differentiable; `encode_dense` and fitting share it)."""
+    tokens = visual.forward_intermediates(
+        x, indices=1, normalize_intermediates=True, intermediates_only=True)["image_intermediates"][-1]
+    return torch.einsum("bwhv,wd->bdhv", tokens, visual.proj)
+
+
 class OpenClipEncoder(Encoder):
     """A CLIP ViT whose patch tokens are mapped by the visual projection into the text-comparable space."""
 
@@ -99,13 +107,9 @@ class OpenClipEncoder(Encoder):
     @torch.inference_mode()
     def encode_dense(self, images: np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) uint8 → (B, visual_dim, g, g) float32 on `self.device`: last block, ln_post, then proj."""
-        visual = self.model.visual
         x = pixels_to_tensor(images, self.spec, self.device)
         with autocast(self.device):
-            tokens = visual.forward_intermediates(
-                x, indices=1, normalize_intermediates=True, intermediates_only=True)["image_intermediates"][-1]
-            # the projection the class token gets, applied to every patch token: (B, width, g, g) → (B, D, g, g)
-            dense = torch.einsum("bwhv,wd->bdhv", tokens, visual.proj)
+            dense = dense_features(self.model.visual, x)
         return dense.float()
 
     @torch.inference_mode()

@@ -37,7 +37,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 FAMILIES = {"open_clip": "bank_builder.encoders.open_clip_encoder", "timm": "bank_builder.encoders.timm_encoder"}
 _REQUIRED = ("name", "family", "architecture", "pretrained", "image_size", "patch_size", "visual_dim",
              "text_dim", "mean", "std")
-_OPTIONAL = ("model_config", "model_kwargs")
+_OPTIONAL = ("model_config", "model_kwargs", "note")  # note: what the entry is, printed wherever its spec is
 UNTRAINED_HINT = ("pass weights='untrained' (CLI: --weights untrained) to run the same architecture with "
                   "seeded random weights, or a local checkpoint path")
 
@@ -175,7 +175,8 @@ def resolve_spec(config: EncoderConfig) -> EncoderSpec:
         name=e["name"], family=e["family"], architecture=e["architecture"], weights=weights,
         untrained=untrained, seed=config.seed if untrained else None, image_size=e["image_size"],
         patch_size=e["patch_size"], visual_dim=e["visual_dim"], text_dim=e["text_dim"],
-        mean=tuple(float(v) for v in e["mean"]), std=tuple(float(v) for v in e["std"]), entry=e)
+        mean=tuple(float(v) for v in e["mean"]), std=tuple(float(v) for v in e["std"]), entry=e,
+        note=e.get("note"))
 
 
 def load_encoder(config: EncoderConfig) -> Encoder:

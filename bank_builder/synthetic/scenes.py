@@ -13,29 +13,29 @@ import numpy as np
 import skimage.data
 from PIL import Image, ImageDraw
 
-# name -> (skimage.data loader, caption phrase, RGB tint applied to grey sources so textures differ
-# in colour as well as pattern). Index in this table = class id; the class names appear verbatim in
-# the phrases so a caption names every class it shows.
-_CLASSES: tuple[tuple[str, str, str, tuple[float, float, float]], ...] = (
-    ("brick", "brick", "a brick wall", (1.0, 0.72, 0.6)),
-    ("grass", "grass", "grass", (0.7, 1.0, 0.55)),
-    ("gravel", "gravel", "gravel", (0.95, 0.9, 0.82)),
-    ("cat", "chelsea", "a cat", (1.0, 1.0, 1.0)),
-    ("coins", "coins", "coins", (1.0, 0.88, 0.55)),
-    ("moon", "moon", "the moon", (1.0, 1.0, 1.0)),
-    ("coffee", "coffee", "a cup of coffee", (1.0, 1.0, 1.0)),
-    ("astronaut", "astronaut", "an astronaut", (1.0, 1.0, 1.0)),
-    ("rocket", "rocket", "a rocket", (1.0, 1.0, 1.0)),
-    ("cameraman", "camera", "a cameraman", (1.0, 1.0, 1.0)),
-    ("clock", "clock", "a clock", (0.85, 0.9, 1.0)),
-    ("motorcycle", "stereo_motorcycle", "a motorcycle", (1.0, 1.0, 1.0)),
-    ("galaxy", "hubble_deep_field", "a galaxy", (1.0, 1.0, 1.0)),
+# name -> (skimage.data loader, caption phrases, RGB tint applied to grey sources so textures differ
+# in colour as well as pattern). Index in this table = class id. The first phrase names the class
+# verbatim and is the one clean captions use; the others are what noisy captions (captions.py) vary to.
+_CLASSES: tuple[tuple[str, str, tuple[str, ...], tuple[float, float, float]], ...] = (
+    ("brick", "brick", ("a brick wall", "bricks", "a wall of bricks"), (1.0, 0.72, 0.6)),
+    ("grass", "grass", ("grass", "a lawn", "green grass"), (0.7, 1.0, 0.55)),
+    ("gravel", "gravel", ("gravel", "small stones", "a gravel path"), (0.95, 0.9, 0.82)),
+    ("cat", "chelsea", ("a cat", "a tabby cat", "a kitten"), (1.0, 1.0, 1.0)),
+    ("coins", "coins", ("coins", "a pile of coins", "old coins"), (1.0, 0.88, 0.55)),
+    ("moon", "moon", ("the moon", "a full moon", "the lunar surface"), (1.0, 1.0, 1.0)),
+    ("coffee", "coffee", ("a cup of coffee", "coffee", "a coffee cup"), (1.0, 1.0, 1.0)),
+    ("astronaut", "astronaut", ("an astronaut", "a spaceman"), (1.0, 1.0, 1.0)),
+    ("rocket", "rocket", ("a rocket", "a space shuttle"), (1.0, 1.0, 1.0)),
+    ("cameraman", "camera", ("a cameraman", "a photographer"), (1.0, 1.0, 1.0)),
+    ("clock", "clock", ("a clock", "a wall clock", "a clock face"), (0.85, 0.9, 1.0)),
+    ("motorcycle", "stereo_motorcycle", ("a motorcycle", "a motorbike", "a red motorcycle"), (1.0, 1.0, 1.0)),
+    ("galaxy", "hubble_deep_field", ("a galaxy", "distant galaxies", "a field of stars"), (1.0, 1.0, 1.0)),
 )
 BACKGROUND_CLASSES: tuple[str, ...] = ("brick", "grass", "gravel")
 _OBJECT_CLASSES: tuple[str, ...] = tuple(c[0] for c in _CLASSES if c[0] not in BACKGROUND_CLASSES)
 _CLUTTER_SOURCE = "text"  # painted but never labelled: real corpora have unlabeled pixels (id 0)
 _CLUTTER_PROBABILITY = 0.3
-_CAPTION_OPENERS = ("a photo of", "a picture of", "an image of")
+CAPTION_OPENERS: tuple[str, ...] = ("a photo of", "a picture of", "an image of")
 
 
 @dataclass
@@ -57,6 +57,16 @@ class Scene:
 def class_names() -> tuple[str, ...]:
     """The class table, index = class id (the `classes` of every sample's json)."""
     return tuple(c[0] for c in _CLASSES)
+
+
+def class_phrases() -> dict[str, tuple[str, ...]]:
+    """class name -> the phrases captions may name it with (the first one contains the name verbatim)."""
+    return {c[0]: c[2] for c in _CLASSES}
+
+
+def is_background(name: str) -> bool:
+    """Whether a class is a background texture (captions put it after "on")."""
+    return name in BACKGROUND_CLASSES
 
 
 def min_visible_area(image_size: int) -> int:
@@ -159,17 +169,21 @@ def _compact(instances: np.ndarray, names: list[str], min_area: int) -> tuple[np
     return lookup[instances], labels
 
 
-def _caption(rng: np.random.Generator, labels: dict[int, str]) -> str:
-    """'a photo of a cat and coins on grass': objects in painting order, then the background."""
-    phrases = {c[0]: c[2] for c in _CLASSES}
-    present = list(dict.fromkeys(labels.values()))
-    objects = [phrases[n] for n in present if n not in BACKGROUND_CLASSES]
-    backgrounds = [phrases[n] for n in present if n in BACKGROUND_CLASSES]
+def caption_text(opener: str, objects: list[str], backgrounds: list[str]) -> str:
+    """'a photo of a cat, coins and a clock on grass': object phrases listed, then the first background phrase."""
     listed = " and ".join(filter(None, (", ".join(objects[:-1]), objects[-1]))) if objects else ""
-    opener = _CAPTION_OPENERS[int(rng.integers(len(_CAPTION_OPENERS)))]
     if listed and backgrounds:
         return f"{opener} {listed} on {backgrounds[0]}"
     return f"{opener} {listed or (backgrounds[0] if backgrounds else 'an empty scene')}"
+
+
+def _caption(rng: np.random.Generator, labels: dict[int, str]) -> str:
+    """The clean caption: every class present by its first phrase, objects in painting order, then the background."""
+    present = list(dict.fromkeys(labels.values()))
+    phrases = class_phrases()
+    opener = CAPTION_OPENERS[int(rng.integers(len(CAPTION_OPENERS)))]
+    return caption_text(opener, [phrases[n][0] for n in present if not is_background(n)],
+                        [phrases[n][0] for n in present if is_background(n)])
 
 
 def make_scene(rng: np.random.Generator, image_size: int, min_objects: int, max_objects: int) -> Scene:

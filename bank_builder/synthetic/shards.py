@@ -8,9 +8,8 @@ kind `<key>.mask.png` or `<key>.rle.json`.
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,11 +19,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from bank_builder.config import MaskKind
+from bank_builder.shard_writer import json_bytes, png_bytes, tar_bytes
+from bank_builder.synthetic.captions import Caption, check_rates, noisy_caption
 from bank_builder.synthetic.scenes import BACKGROUND_CLASSES, Scene, class_names, make_scene
 
 SOURCE_TAG = "refbank-synthetic"
 CLASS_IGNORE = 255  # class masks: unlabeled pixels
 _SPLIT_STREAMS = {"train": 0, "heldout": 1}  # part of every sample's seed: the splits never share images
+_CAPTION_STREAM = 1  # appended to a sample's seed for its noisy caption, so captions never change the image
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
 
 
@@ -41,6 +43,12 @@ class CorpusConfig:
     min_objects: int = 1
     max_objects: int = 5
     seed: int = 0
+    # captions=True: the json's caption / phrases come from captions.noisy_caption (phrase variants, these
+    # rates of wrong and missing phrases, the truth in `caption_truth`); False: the clean caption, phrases
+    # = the labels present
+    captions: bool = False
+    wrong_phrase_rate: float = 0.0
+    missing_phrase_rate: float = 0.0
 
 
 @dataclass
@@ -70,6 +78,9 @@ def _validate(config: CorpusConfig) -> CorpusConfig:
         raise ValueError("shards and heldout_shards must be >= 0 and samples_per_shard >= 1")
     if not 0 <= config.min_objects <= config.max_objects:
         raise ValueError(f"need 0 <= min_objects <= max_objects, got {config.min_objects}..{config.max_objects}")
+    check_rates(config.wrong_phrase_rate, config.missing_phrase_rate)
+    if not config.captions and (config.wrong_phrase_rate or config.missing_phrase_rate):
+        raise ValueError("wrong / missing phrase rates apply to noisy captions: use captions=True (--captions)")
     # auto is how a build reads a mixed corpus; a corpus is written in one kind
     written = [k.value for k in MaskKind if k is not MaskKind.AUTO]
     if config.mask_kind not in written:
@@ -77,17 +88,10 @@ def _validate(config: CorpusConfig) -> CorpusConfig:
     return replace(config, mask_kind=MaskKind(config.mask_kind))
 
 
-def _png(array: np.ndarray) -> bytes:
-    """Lossless PNG of an (H, W) uint8 / uint16 or (H, W, 3) uint8 array."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _image_bytes(image: np.ndarray, image_format: str) -> bytes:
     """The (H, W, 3) uint8 RGB image encoded as JPEG (quality 90) or PNG."""
     if image_format == "png":
-        return _png(image)
+        return png_bytes(image)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -118,28 +122,31 @@ def _mask_member(scene: Scene, kind: MaskKind) -> tuple[str, bytes] | None:
     """(extension, bytes) of the mask member for `kind`, or None for MaskKind.NONE."""
     if kind is MaskKind.INSTANCE:
         dtype = np.uint8 if max(scene.labels, default=0) <= 255 else np.uint16
-        return "mask.png", _png(scene.instances.astype(dtype))
+        return "mask.png", png_bytes(scene.instances.astype(dtype))
     if kind is MaskKind.CLASS:
         table = np.full(max(scene.labels, default=0) + 1, CLASS_IGNORE, dtype=np.uint8)
         for instance_id, label in scene.labels.items():
             table[instance_id] = class_names().index(label)
-        return "mask.png", _png(table[scene.instances])
+        return "mask.png", png_bytes(table[scene.instances])
     if kind is MaskKind.BINARY:
         objects = [i for i, label in scene.labels.items() if label not in BACKGROUND_CLASSES]
-        return "mask.png", _png(np.where(np.isin(scene.instances, objects), 255, 0).astype(np.uint8))
+        return "mask.png", png_bytes(np.where(np.isin(scene.instances, objects), 255, 0).astype(np.uint8))
     if kind is MaskKind.RLE:
-        return "rle.json", _json_bytes(_rle_annotations(scene))
+        return "rle.json", json_bytes(_rle_annotations(scene))
     return None
 
 
-def _metadata(scene: Scene, kind: MaskKind) -> dict[str, Any]:
-    """The sample's json: caption, phrases, source, the full class table, plus per-kind labels."""
+def _metadata(scene: Scene, kind: MaskKind, caption: Caption | None = None) -> dict[str, Any]:
+    """The sample's json: caption, phrases, source, the full class table, plus per-kind labels; with a noisy
+    `caption`, its text and phrases, and the truth about them in `caption_truth`."""
     meta: dict[str, Any] = {
         "caption": scene.caption,
         "phrases": sorted(set(scene.labels.values())),
         "source": SOURCE_TAG,
         "classes": {str(i): name for i, name in enumerate(class_names())},
     }
+    if caption is not None:
+        meta.update(caption=caption.text, phrases=caption.phrases, caption_truth=caption.truth())
     if kind is MaskKind.INSTANCE:
         meta["segments"] = [{"id": i, "label": label} for i, label in scene.labels.items()]
     elif kind is MaskKind.BINARY:
@@ -147,18 +154,14 @@ def _metadata(scene: Scene, kind: MaskKind) -> dict[str, Any]:
     return meta
 
 
-def _json_bytes(value: Any) -> bytes:
-    """Canonical UTF-8 JSON (sorted keys, compact) so equal content gives equal bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-
-def encode_sample(key: str, scene: Scene, config: CorpusConfig = CorpusConfig()) -> list[tuple[str, bytes]]:
+def encode_sample(key: str, scene: Scene, config: CorpusConfig = CorpusConfig(),
+                  caption: Caption | None = None) -> list[tuple[str, bytes]]:
     """The tar members (name, bytes) of one sample, in the order image, json, mask; a test can
-    build a shard from hand-made scenes with these."""
+    build a shard from hand-made scenes with these. `caption`: a noisy caption replacing the clean one."""
     config = _validate(config)
     members = [
         (f"{key}.{config.image_format}", _image_bytes(scene.image, config.image_format)),
-        (f"{key}.json", _json_bytes(_metadata(scene, config.mask_kind))),
+        (f"{key}.json", json_bytes(_metadata(scene, config.mask_kind, caption))),
     ]
     mask = _mask_member(scene, config.mask_kind)
     if mask is not None:
@@ -166,29 +169,21 @@ def encode_sample(key: str, scene: Scene, config: CorpusConfig = CorpusConfig())
     return members
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar of `members` with fixed metadata (mtime 0, uid/gid 0, mode 0644)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(payload), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(payload))
-    return buffer.getvalue()
-
-
-def _shard(config: CorpusConfig, split: str, shard: int) -> tuple[bytes, list[Scene]]:
-    """One shard's tar bytes and its scenes; each sample has its own seed, so shards are independent."""
-    members: list[tuple[str, bytes]] = []
-    scenes = []
-    for index in range(config.samples_per_shard):
-        rng = np.random.default_rng([config.seed, _SPLIT_STREAMS[split], shard, index])
-        scene = make_scene(rng, config.image_size, config.min_objects, config.max_objects)
-        members.extend(encode_sample(sample_key(split, shard, index), scene, config))
-        scenes.append(scene)
-    return tar_bytes(members), scenes
+def iter_scenes(config: CorpusConfig, split: str = "train") -> Iterator[tuple[str, Scene, Caption | None]]:
+    """(key, scene, noisy caption or None) of every sample `make_corpus(url, config)` writes in `split`
+    ("train" or "heldout"), in shard order; each sample has its own seed, so shards are independent."""
+    config = _validate(config)
+    if split not in _SPLIT_STREAMS:
+        raise ValueError(f"split={split!r}: use one of {sorted(_SPLIT_STREAMS)}")
+    for shard in range(config.shards if split == "train" else config.heldout_shards):
+        for index in range(config.samples_per_shard):
+            seed = [config.seed, _SPLIT_STREAMS[split], shard, index]
+            scene = make_scene(np.random.default_rng(seed), config.image_size, config.min_objects, config.max_objects)
+            caption = None
+            if config.captions:
+                caption = noisy_caption(np.random.default_rng(seed + [_CAPTION_STREAM]), scene.labels,
+                                        config.wrong_phrase_rate, config.missing_phrase_rate)
+            yield sample_key(split, shard, index), scene, caption
 
 
 def make_corpus(url: str, config: CorpusConfig = CorpusConfig(), storage_options: dict | None = None) -> CorpusSummary:
@@ -201,15 +196,20 @@ def make_corpus(url: str, config: CorpusConfig = CorpusConfig(), storage_options
     written: dict[str, list[str]] = {"train": [], "heldout": []}
     counts: Counter[str] = Counter()
     samples = 0
-    for split, shard_count in (("train", config.shards), ("heldout", config.heldout_shards)):
-        for shard in range(shard_count):
-            payload, scenes = _shard(config, split, shard)
-            name = f"{split}-{shard:06d}.tar"
-            fs.pipe_file(f"{root.rstrip('/')}/{name}", payload)
-            written[split].append(f"{base}/{name}")
-            if split == "train":
-                samples += len(scenes)
-                counts.update(label for scene in scenes for label in scene.labels.values())
+    for split in ("train", "heldout"):
+        scenes: list[Scene] = []
+        members: list[tuple[str, bytes]] = []
+        for key, scene, caption in iter_scenes(config, split):
+            scenes.append(scene)
+            members.extend(encode_sample(key, scene, config, caption))
+            if len(scenes) == config.samples_per_shard:  # the shard is complete: one put per shard
+                name = f"{key.rsplit('-', 1)[0]}.tar"
+                fs.pipe_file(f"{root.rstrip('/')}/{name}", tar_bytes(members))
+                written[split].append(f"{base}/{name}")
+                if split == "train":
+                    samples += len(scenes)
+                    counts.update(label for s in scenes for label in s.labels.values())
+                scenes, members = [], []
     return CorpusSummary(
         shards=sorted(written["train"]),
         heldout=sorted(written["heldout"]),
