@@ -121,6 +121,7 @@ class PipelineConfig:
     max_batches_per_encoder: int = 2  # queued encoder calls per actor (backpressure)
     max_attempts: int = 3  # a shard that fails this many times is reported as failed
     progress_interval_s: float = 2.0
+    encoder_start_timeout_s: float = 600.0  # wait this long for the cluster to place every encoder actor
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,32 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(corpus, clean_bank, t
     report = build_bank(tiny_config(str(root / "train-*.tar"), bank), on_progress=kill_once)
     assert killed and report.ok and report.actor_restarts >= 1
     assert_same_bank(read_bank(bank), read_bank(clean_bank[0]))
+
+
+@ray.remote(num_cpus=1)
+def _hold_a_cpu() -> None:
+    time.sleep(300)
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_encoders_cpus_stay_reserved_for_its_replacement(ray_local):
+    """Tasks queued for CPUs (decode tasks) must not take the CPU a dead encoder actor held: blocked on
+    backpressure, they would never give it back and the replacement would wait forever (a build hung so)."""
+    from bank_builder.encoder_pool import EncoderPool
+
+    config = tiny_config("unused", "unused")
+    pool = EncoderPool(config.encoder, config.pipeline)
+    blockers = [_hold_a_cpu.remote() for _ in range(2)]  # one runs, one waits for a CPU
+    try:
+        dead = pool.slots[0].actor
+        ray.kill(dead)
+        time.sleep(2)  # the waiting task would take the freed CPU now, were it not reserved
+        pool.replace_if_dead(0, dead, ray.exceptions.RayActorError())
+        assert pool.restarts == 1 and pool.slots[0].actor is not dead
+    finally:
+        for ref in blockers:
+            ray.cancel(ref, force=True)
+        pool.shutdown()
 
 
 def _bad_member_shard(path, good_shard: str) -> None:
