@@ -6,6 +6,7 @@ The builder writes through it and the query service reads only through it.
   storage.py       fsspec I/O: atomic writes, conditional writes (create-if-absent, compare-and-swap), ranges
   manifest.py      the typed manifest: Manifest, PartEntry, IndexEntry, ObjectEntry; format versions
   versions.py      CURRENT, published versions, compare-and-swap publish
+  lease.py         the bank's lease: one writer at a time where the store has no conditional writes
   parts.py         Parquet parts: schema, segment ids, names, commit markers, rejects, row-group reads
   index_layout.py  index objects: trained quantizer, list directory, list objects, label table
   tombstones.py    removals: tombstone objects of removed segment ids, read back as one sorted array

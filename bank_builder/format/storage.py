@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import threading
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -31,7 +32,8 @@ from bank_builder.format.retries import (
     retrying_batch,
 )
 
-__all__ = ["ConditionalWritesUnsupported", "PreconditionFailed", "RangeFile", "StorageCounts", "counters", "exists",
+__all__ = ["ConditionalWritesUnsupported", "PreconditionFailed", "RangeFile", "StorageCounts", "conditional_writes",
+           "counters", "exists",
            "glob", "join", "list_names", "read_bytes", "read_json", "read_range", "read_ranges", "read_tagged",
            "remove_tree", "replace_if", "size", "url_to_fs", "write_bytes", "write_if_absent", "write_json"]
 
@@ -205,13 +207,59 @@ def read_ranges(urls: list[str], starts: list[int], ends: list[int],
     return retrying_batch("read", urls, fetch)
 
 
+def conditional_writes(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the store holding `url` (a bank's root) honours conditional writes, so that `write_if_absent` and
+    `replace_if` are atomic. Local disks do; S3 is probed once per process and bucket; other stores do not.
+
+    The probe matters because an S3-compatible store that does not implement conditional writes may accept an
+    If-None-Match / If-Match PUT as a plain one: two writers would then both "win" and one would silently lose
+    its update. Probe: write a scratch object, then create it again conditionally; only a refusal counts."""
+    fs, path = _fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return True
+    if not _is_s3(fs):
+        return False
+    bucket = fs.split_path(path)[0]
+    key = (str((storage_options or {}).get("endpoint_url")), bucket)
+    with _PROBE_LOCK:
+        if key not in _CONDITIONAL:
+            _CONDITIONAL[key] = _probe_conditional(fs, join(url, f".refbank-probe-{uuid.uuid4().hex}"),
+                                                   storage_options)
+        return _CONDITIONAL[key]
+
+
+_CONDITIONAL: dict[tuple[str, str], bool] = {}  # (endpoint, bucket) → honours conditional writes
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe_conditional(fs: fsspec.AbstractFileSystem, url: str, storage_options: dict[str, Any] | None) -> bool:
+    """Create `url` plainly, then again with If-None-Match: *; True when the store refuses the second."""
+    path = fs._strip_protocol(url)
+    write_bytes(url, b"first", storage_options)
+    try:
+        _s3_conditional_put(fs, path, url, b"second", {"mode": "create"}, "create", storage_options)
+        honoured = False
+    except PreconditionFailed:
+        honoured = True
+    finally:
+        remove_tree(url, storage_options)
+    return honoured
+
+
 def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Create the object at `url` with `data`; PreconditionFailed when it exists already (never overwrites).
 
     Local: the whole file is written under a temp name, then hard-linked to `url` (link fails if it exists).
     S3: a PUT with If-None-Match: * (conditional writes; see `_s3_conditional_put` for a lost answer). Other
-    stores: ConditionalWritesUnsupported."""
+    stores: an existence check, then a write — not atomic, so two writers may both write. refbank uses it there
+    only for objects whose name fixes their bytes (parts, rejects, tombstones, publication records); version
+    manifests on such stores are claimed under the bank's lease (`lease.py`)."""
     fs, path = _fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem) and not _is_s3(fs):
+        if exists(url, storage_options):
+            raise PreconditionFailed(f"{url} exists already")
+        write_bytes(url, data, storage_options)
+        return
     if isinstance(fs, LocalFileSystem):
         def create() -> None:
             tmp = _local_temp(path, data)
@@ -230,8 +278,8 @@ def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | Non
 def read_tagged(url: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes | None, str | None]:
     """(the object's bytes, its version tag) or (None, None) when absent; the tag is what `replace_if` compares.
 
-    Local: the tag is the content itself (names written through `replace_if` never repeat a value). S3: the ETag
-    returned with the same GET, so bytes and tag always belong together."""
+    Local and other stores: the tag is the content itself (names written through `replace_if` never repeat a
+    value). S3: the ETag returned with the same GET, so bytes and tag always belong together."""
     fs, path = _fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return retrying("read", url, lambda: _local_tagged(path))
@@ -240,7 +288,11 @@ def read_tagged(url: str, storage_options: dict[str, Any] | None = None) -> tupl
             return retrying("read", url, lambda: _s3_get(fs, path))
         except FileNotFoundError:
             return None, None
-    raise ConditionalWritesUnsupported(_unsupported(url, fs))
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return None, None
+    return data, data.hex()
 
 
 def replace_if(url: str, data: bytes, expected_tag: str | None,
@@ -400,6 +452,5 @@ def _s3_conditional_put(fs: fsspec.AbstractFileSystem, path: str, url: str, data
 
 
 def _unsupported(url: str, fs: fsspec.AbstractFileSystem) -> str:
-    return (f"{url}: refbank publishes bank versions with conditional writes (compare-and-swap), which it "
-            f"supports on local disks and S3 (or S3-compatible stores with conditional writes); "
-            f"{type(fs).__name__} is neither. Put the bank on one of those.")
+    return (f"{url}: {type(fs).__name__} offers no conditional writes (compare-and-swap); refbank publishes on "
+            "such stores under the bank's lease (bank_builder.format.lease), never through this call")

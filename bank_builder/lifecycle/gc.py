@@ -19,7 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from bank_builder.format import BankMismatchError, BankRef, Manifest, current_version, list_pins, list_versions
 from bank_builder.format import read_manifest, storage
 
-ALWAYS_KEPT = ("CURRENT",)
+ALWAYS_KEPT = ("CURRENT", "LEASE")  # LEASE: a writer publishing on a store without conditional writes
 
 
 @dataclass
