@@ -63,6 +63,7 @@ class BuildReport:
     shard_retries: int
     encoder: dict[str, Any]
     storage: dict[str, int]  # this process's storage calls: tries, retries by cause, failed (format.retries)
+    paired: int = 0  # of the labelled, labelled by pairing with caption phrases (bank_builder.pairing)
 
     @property
     def ok(self) -> bool:
@@ -321,7 +322,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         failed=failed, seconds=progress.elapsed_s, startup_s=progress.startup_s, images_per_s=progress.images_per_s,
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
-        storage=(storage.counters() - calls).to_dict(),
+        storage=(storage.counters() - calls).to_dict(), paired=sum(p.paired for p in parts),
     )
 
 

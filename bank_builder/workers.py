@@ -6,7 +6,7 @@ They are plain functions and a plain class here; `pipeline` wraps them with ray.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -14,10 +14,11 @@ import ray
 import torch
 
 from bank_builder.format import BankRef, PartEntry, parts as part_io
-from bank_builder.config import BuildConfig, EncoderConfig
-from bank_builder.embed import encode_batch, prepare_image
+from bank_builder.config import BuildConfig, EncoderConfig, PairingConfig
+from bank_builder.embed import embed_labels, encode_batch, prepare_image
 from bank_builder.encoders import EncoderSpec, load_encoder
 from bank_builder.ingest import iter_samples
+from bank_builder.pairing import candidate_phrases, pair_batch
 from bank_builder.records import Reject
 from bank_builder.segments import make_segments
 
@@ -27,12 +28,16 @@ class DecodedBatch:
     """Encoder input for up to batch_size images of one shard.
 
     images (B, S, S, 3) uint8; soft_masks (n, g, g) float32 cell coverage; image_index (n,) int64 into images.
+    phrases: per image, the labels its phrases offer its unlabelled segments; pairing: how to pair them (None:
+    no pairing in this build).
     """
 
     images: np.ndarray
     soft_masks: np.ndarray
     image_index: np.ndarray
     rows: part_io.SegmentRows
+    phrases: list[list[str]] = field(default_factory=list)
+    pairing: PairingConfig | None = None
 
 
 @dataclass
@@ -57,27 +62,32 @@ class ShardTail:
 class _BatchBuilder:
     """Accumulates prepared images and their segments until a batch is full."""
 
-    def __init__(self) -> None:
+    def __init__(self, pairing: PairingConfig | None = None) -> None:
         self.images: list[np.ndarray] = []
         self.soft: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         self.rows = part_io.SegmentRows()
+        self.phrases: list[list[str]] = []
+        self.pairing = pairing
 
-    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list) -> None:
+    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, phrases: list[str]) -> None:
         self.index.append(np.full(len(segments), len(self.images), dtype=np.int64))
         self.images.append(image)
         self.soft.append(soft)
         self.rows.add(key, segments)
+        self.phrases.append(phrases)
 
     def take(self) -> DecodedBatch:
-        batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows)
-        self.__init__()
+        batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows,
+                             self.phrases, self.pairing)
+        self.__init__(self.pairing)
         return batch
 
 
 def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator[DecodedBatch | ShardTail]:
     """Stream a shard: decode, validate and segment its samples; yield encoder batches, then a ShardTail."""
-    builder, rejects, samples = _BatchBuilder(), [], 0
+    pairing = config.pairing if config.pairing.enabled and spec.text_dim else None  # pairing needs a text tower
+    builder, rejects, samples = _BatchBuilder(pairing), [], 0
     for item in iter_samples(shard, config.ingest, config.storage_options):
         if isinstance(item, Reject):
             rejects.append(item)
@@ -87,7 +97,8 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
             rejects.append(segments)
             continue
         image, soft = prepare_image(item.image, [s.mask for s in segments], spec)
-        builder.add(item.key, image, soft, segments)
+        unlabelled = pairing is not None and any(s.label is None for s in segments)
+        builder.add(item.key, image, soft, segments, candidate_phrases(item.meta, pairing) if unlabelled else [])
         samples += 1
         if len(builder.images) == config.pipeline.batch_size:
             yield builder.take()
@@ -117,6 +128,10 @@ class EncoderWorker:
         out = encode_batch(
             self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label, self.text_cache
         )
+        if batch.pairing is not None and any(batch.phrases):
+            embed = lambda labels: embed_labels(self.encoder, labels, self.text_cache)  # noqa: E731
+            for row in pair_batch(batch.rows, batch.image_index, out.visual, batch.phrases, embed, batch.pairing):
+                out.text[row] = self.text_cache[batch.rows.label[row]]
         encoded = EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images))
         return {"images": len(batch.images), "segments": len(batch.rows)}, encoded
 
@@ -137,6 +152,7 @@ def write_shard(
     info.rows, info.samples, info.rejects = len(rows), tail.samples, len(tail.rejects)
     info.reject_reasons = dict(Counter(r.reason.value for r in tail.rejects))
     info.labelled = sum(label is not None for label in rows.label)
+    info.paired = sum(source == "paired" for source in rows.label_source)
     info.unlabelled_by_kind = dict(Counter(k for k, label in zip(rows.mask_kind, rows.label) if label is None))
     part_io.write_rejects(ref, info.name, tail.rejects)
     return part_io.write_part(ref, table, info, spec)
