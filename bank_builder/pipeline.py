@@ -335,7 +335,7 @@ def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: li
     body = make_manifest(parts, spec.to_dict(), fingerprint, build)
     if plan.parent is not None:
         removed = plan.parent.totals.get("removed")
-        body = body.with_(index=plan.parent.index, tombstones=plan.parent.tombstones,
+        body = body.with_(index=plan.parent.index, tombstones=plan.parent.tombstones, curation=plan.parent.curation,
                           totals={**body.totals, **({"removed": removed} if removed else {})})
     return publish(config.bank_ref, body, plan.current)
 

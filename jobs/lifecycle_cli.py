@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 from jobs.cli import AS_JSON, ENDPOINT_URL, STORAGE_OPTION, VERBOSE, _setup_logging, _storage_options, app
+from jobs.curate_cli import curation_lines
 
 
 def _run(job: Any, as_json: bool, show: Any) -> None:
@@ -69,6 +70,7 @@ def _show_info(info: dict) -> None:
                  f"{tombstones['reasons'] or ''}")
     lines.append(f"storage   {size['version_bytes'] / 2**20:.1f} MiB used by this version, "
                  f"{size['bank_bytes'] / 2**20:.1f} MiB in {size['bank_objects']} objects in all")
+    lines += curation_lines(info)
     typer.echo("\n".join(lines))
 
 

@@ -45,10 +45,11 @@ def segment_class(scene: Scene, rle: dict[str, Any]) -> str:
 
 @dataclass
 class SegmentTruth:
-    """Per segment of a bank version, in part order: its id, label and label source as stored, the class its
-    label names (None: unlabelled, or a label naming no class) and the class under it."""
+    """Per segment of a bank version, in part order: its id, image key, label and label source as stored, the
+    class its label names (None: unlabelled, or a label naming no class) and the class under it."""
 
     segment_id: np.ndarray  # (n,) int64
+    image_key: list[str]
     label: list[str | None]
     label_source: list[str]
     named: list[str | None]
@@ -63,13 +64,14 @@ class SegmentTruth:
 def bank_truth(ref: BankRef, manifest: Manifest, scenes: dict[str, Scene]) -> SegmentTruth:
     """The truth of every segment of `manifest`'s parts; `scenes`: image key → its regenerated scene."""
     columns = ["segment_id", "image_key", "label", "label_source", "mask"]
-    ids, labels, sources, truth = [], [], [], []
+    ids, keys, labels, sources, truth = [], [], [], [], []
     for part in manifest.parts:
         for table in parts.iter_row_groups(ref, part, columns):
             ids.append(table["segment_id"].to_numpy())
+            keys += table["image_key"].to_pylist()
             labels += table["label"].to_pylist()
             sources += table["label_source"].to_pylist()
             truth += [segment_class(scenes[k], rle) for k, rle in zip(table["image_key"].to_pylist(),
                                                                       table["mask"].to_pylist())]
-    return SegmentTruth(np.concatenate(ids) if ids else np.zeros(0, np.int64), labels, sources,
+    return SegmentTruth(np.concatenate(ids) if ids else np.zeros(0, np.int64), keys, labels, sources,
                         [label_class(label) for label in labels], truth)
