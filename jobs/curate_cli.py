@@ -22,7 +22,7 @@ def curate_cmd(
     outlier_z: float = typer.Option(3.0, help="Drop a segment whose cosine to its label's group centroid lies this "
                                     "many robust standard deviations (1.4826 x MAD) below the group's median."),
     no_outliers: bool = typer.Option(False, "--no-outliers", help="No outlier filtering (scores still computed)."),
-    refine_rounds: int = typer.Option(1, help="Times a group's centroid is computed again over the members kept."),
+    refine_rounds: int = typer.Option(0, help="Times a group's centroid is computed again over the members kept."),
     min_group: int = typer.Option(8, help="Groups smaller than this are scored, not filtered."),
     confusion_margin: Optional[float] = typer.Option(
         None, help="Also drop a segment nearer another label's centroid than its own by more than this cosine "

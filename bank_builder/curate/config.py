@@ -22,7 +22,7 @@ class CurationConfig:
 
     drop_unpaired: bool = True
     outlier_z: float | None = 3.0
-    refine_rounds: int = 1
+    refine_rounds: int = 0
     min_group: int = 8
     confusion_margin: float | None = None
     synonym_cosine: float = 0.9
