@@ -8,8 +8,9 @@ class. Cases, each built through the real pipeline (Ray, parts, curate, index):
   pairing          clean captions, superpixels: each pairing rule's accuracy and coverage, then after curation
   wrong_labels     instance masks with 20% of the labels flipped to another class (make-corpus wrong_label_rate)
   wrong_phrases    superpixels with captions whose phrases are 20% wrong (wrong_phrase_rate)
-mIoU: vocabulary mode (query.segment.Segmenter, superpixel regions, the 13 class names) on the held-out split,
-with the label table of the index built before curation (uncurated) and after (curated), as jobs/evaluate scores it.
+mIoU on the held-out split, as jobs/evaluate scores it, with the index built before curation (uncurated) and
+after (curated): vocabulary mode (query.segment.Segmenter, superpixel regions, the 13 class names, the label
+table's prototypes) and open-set mode (the 10 nearest bank segments vote).
 
     python bench/curation.py --workdir /tmp/curation-bench
 """
@@ -41,8 +42,10 @@ from bank_builder.format.index_layout import read_label_table
 from bank_builder.index import build_index
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, class_names, iter_scenes, make_corpus
-from bank_builder.synthetic.truth import SegmentTruth, bank_truth
+from bank_builder.synthetic.truth import SegmentTruth, bank_truth, label_class, scene_class_map
 from jobs.evaluate import mean_iou
+from query.bank import open_bank
+from query.search import BankSearcher
 from query.segment import Segmenter
 
 ENCODER = EncoderConfig(name="synthetic-clip", weights=str(SHIPPED_CHECKPOINT), device="cpu")
@@ -91,18 +94,22 @@ def pairing(truth: SegmentTruth, phrases: int) -> dict:
             "coverage": round(float(paired.mean()), 3), "pairs_per_phrase": round(float(paired.sum()) / phrases, 3)}
 
 
-def vocabulary_miou(ref: BankRef, encoder, corpus: CorpusConfig) -> float:
-    """Vocabulary-mode mIoU of CURRENT's index's label table on the held-out split."""
+def miou(ref: BankRef, encoder, corpus: CorpusConfig) -> dict[str, float]:
+    """mIoU on the held-out split of CURRENT's index: vocabulary mode (the label table's prototypes; the figure
+    the target is about) and open-set mode (each region's 10 nearest bank segments vote; a label counts as the
+    class it names)."""
     names = list(class_names())
-    segmenter = Segmenter(encoder, None, None, read_label_table(ref, read_manifest(ref).index))
-    predictions, truths = [], []
+    bank = open_bank(ref, expected_encoder=encoder.spec)
+    segmenter = Segmenter(encoder, BankSearcher(bank), bank, read_label_table(ref, bank.manifest.index))
+    vocabulary, open_set, truths = [], [], []
     for _, scene, _ in iter_scenes(corpus, "heldout"):
-        predictions.append(segmenter.vocabulary(scene.image, names).label_map.astype(np.int64))
-        truth = np.zeros(scene.instances.shape, np.int64)
-        for instance, label in scene.labels.items():
-            truth[scene.instances == instance] = names.index(label) + 1
-        truths.append(truth)
-    return round(mean_iou(predictions, truths, len(names)), 3)
+        vocabulary.append(segmenter.vocabulary(scene.image, names).label_map.astype(np.int64))
+        result = segmenter.open_set(scene.image)
+        lookup = np.array([0] + [names.index(label_class(c)) + 1 if label_class(c) else 0 for c in result.classes])
+        open_set.append(lookup[result.label_map.astype(np.int64)])
+        truths.append(scene_class_map(scene))
+    return {"vocabulary": round(mean_iou(vocabulary, truths, len(names)), 4),
+            "open_set": round(mean_iou(open_set, truths, len(names)), 4)}
 
 
 def curated_case(ref: BankRef, corpus: CorpusConfig, encoder, configs: dict[str, CurationConfig]) -> dict:
@@ -110,7 +117,7 @@ def curated_case(ref: BankRef, corpus: CorpusConfig, encoder, configs: dict[str,
     scenes = {k: s for k, s, _ in iter_scenes(corpus)}
     truth = bank_truth(ref, read_manifest(ref), scenes)
     build_index(ref)
-    out = {"uncurated_miou": vocabulary_miou(ref, encoder, corpus), "pairing": None, "curation": {}}
+    out = {"uncurated_miou": miou(ref, encoder, corpus), "pairing": None, "curation": {}}
     if "paired" in truth.label_source:
         out["pairing"] = pairing(truth, _phrases(ref, corpus))
     for name, config in configs.items():
@@ -120,7 +127,7 @@ def curated_case(ref: BankRef, corpus: CorpusConfig, encoder, configs: dict[str,
         keep, reason = decisions(ref)
         figures = filtering(truth, keep, reason, scenes)
         build_index(ref)
-        out["curation"][name] = {**figures, "curate_s": seconds, "curated_miou": vocabulary_miou(ref, encoder, corpus)}
+        out["curation"][name] = {**figures, "curate_s": seconds, "curated_miou": miou(ref, encoder, corpus)}
     return out
 
 
@@ -163,7 +170,7 @@ def main() -> None:
     flips = replace(base, seed=42, wrong_label_rate=0.2, heldout_shards=1)
     clean = build(replace(flips, wrong_label_rate=0.0), args.workdir / "clean-labels")
     build_index(clean)
-    results["cases"]["wrong_labels"] = {"clean_labels_miou": vocabulary_miou(clean, encoder, flips),
+    results["cases"]["wrong_labels"] = {"clean_labels_miou": miou(clean, encoder, flips),
                                         **curated_case(build(flips, args.workdir / "wrong-labels"), flips, encoder,
                                                        configs)}
     phrases = replace(captions, seed=43, wrong_phrase_rate=0.2, heldout_shards=1)

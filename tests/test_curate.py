@@ -21,7 +21,7 @@ from bank_builder.format.index_layout import read_label_table
 from bank_builder.index import build_index
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, class_names, iter_scenes, make_corpus
-from bank_builder.synthetic.truth import bank_truth
+from bank_builder.synthetic.truth import bank_truth, scene_class_map
 from jobs.cli import app
 from jobs.evaluate import mean_iou
 from query.segment import Segmenter
@@ -93,10 +93,7 @@ def _miou(ref: BankRef, encoder) -> float:
     predictions, truths = [], []
     for _, scene, _ in iter_scenes(CORPUS, "heldout"):
         predictions.append(segmenter.vocabulary(scene.image, names).label_map.astype(np.int64))
-        truth = np.zeros(scene.instances.shape, np.int64)
-        for instance, label in scene.labels.items():
-            truth[scene.instances == instance] = names.index(label) + 1
-        truths.append(truth)
+        truths.append(scene_class_map(scene))
     return mean_iou(predictions, truths, len(names))
 
 

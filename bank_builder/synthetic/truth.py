@@ -75,3 +75,12 @@ def bank_truth(ref: BankRef, manifest: Manifest, scenes: dict[str, Scene]) -> Se
                                                                       table["mask"].to_pylist())]
     return SegmentTruth(np.concatenate(ids) if ids else np.zeros(0, np.int64), keys, labels, sources,
                         [label_class(label) for label in labels], truth)
+
+
+def scene_class_map(scene: Scene) -> np.ndarray:
+    """(H, W) int64 ground truth of a scene: 1 + index into class_names(), 0 = unlabelled (jobs.evaluate's)."""
+    names = class_names()
+    truth = np.zeros(scene.instances.shape, np.int64)
+    for instance, label in scene.labels.items():
+        truth[scene.instances == instance] = names.index(label) + 1
+    return truth
