@@ -2,7 +2,7 @@
 # The GPU check, in one run: the CUDA encoder path (fp32 vs bf16 autocast, bench/gpu_encoder.py), faiss GPU
 # k-means in the index's training step (bench/gpu_kmeans.py), and the whole build with the CUDA encoder
 # (bench/build_throughput.py). Prints one JSON object; each section that fails records its error there and
-# the others still run. Capped at 8 minutes (the sections' time limits add up to that).
+# the others still run. Capped at 8 minutes: the time limits of the install steps and sections add up to that.
 #
 #   bench/gpu_check.sh [--wheels DIR] [--out FILE] [--dry-run]
 #   bench/gpu_check.sh --fetch-wheels DIR [--python-version 3.12]
@@ -97,7 +97,9 @@ install_group() {
     echo "\"no wheel folder $WHEELS: fetch it where pip reaches PyPI with bench/gpu_check.sh --fetch-wheels $WHEELS --python-version $("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")') and bring it along\""
     return 1
   fi
-  if timeout 60 "$PY" -m pip install -q --no-index --find-links "$WHEELS" --prefix "$SITE" --no-warn-script-location \
+  local limit
+  case $group in encoder) limit=20 ;; build) limit=40 ;; kmeans) limit=100 ;; esac  # kmeans: 874 MB of wheels
+  if timeout "$limit" "$PY" -m pip install -q --no-index --find-links "$WHEELS" --prefix "$SITE" --no-warn-script-location \
        -r "$WORK/$group.req" > "$WORK/$group.pip" 2>&1 && probe "$group" 2> "$WORK/$group.probe"; then
     echo '"installed"'
     return 0
@@ -107,7 +109,7 @@ install_group() {
   return 1
 }
 
-run_section env 30 "$PY" - <<'EOF'
+run_section env 20 "$PY" - <<'EOF'
 import json, os, platform, subprocess, sys
 import torch
 smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -134,13 +136,13 @@ if [[ -n $DRY ]]; then
 else
   enc=(--encoder clip-vit-b16 --device cuda --batch-size 64 --batches 20)
   km=(--target-segments 1000000 --dim 512)
-  build=(--encoder clip-vit-b16 --shards 8 --samples-per-shard 128 --batch-size 64)
+  build=(--encoder clip-vit-b16 --shards 8 --samples-per-shard 64 --batch-size 64)
 fi
-if ready encoder; then run_section encoder 90 "$PY" bench/gpu_encoder.py "${enc[@]}"
+if ready encoder; then run_section encoder 80 "$PY" bench/gpu_encoder.py "${enc[@]}"
 else skip encoder "not run: the encoder group is not installed (see install)"; fi
-if ready kmeans; then run_section kmeans 120 "$PY" bench/gpu_kmeans.py "${km[@]}"
+if ready kmeans; then run_section kmeans 100 "$PY" bench/gpu_kmeans.py "${km[@]}"
 else skip kmeans "not run: the kmeans group is not installed (see install)"; fi
-if ready build && ready encoder; then run_section build 150 "$PY" bench/build_throughput.py "${build[@]}"
+if ready build && ready encoder; then run_section build 120 "$PY" bench/build_throughput.py "${build[@]}"
 else skip build "not run: the build or encoder group is not installed (see install)"; fi
 
 "$PY" - "$WORK" "$DRY" "$OUT_FILE" <<'EOF'
