@@ -14,7 +14,7 @@ from bank_builder.config import (
 )
 from bank_builder.index.params import IndexConfig
 from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, storage_options
-from jobs.console import setup_logging, show
+from jobs.console import interrupt_guard, setup_logging, show
 from jobs.errors import UnquotedGlobError
 
 
@@ -35,8 +35,8 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     from bank_builder.segments import unlabelled_warning
 
     _connect(ray_address)
-    with console_progress(config.pipeline.progress_interval_s) as on_progress:
-        report = build_bank(config, on_progress=on_progress)
+    with interrupt_guard() as check, console_progress(config.pipeline.progress_interval_s) as show:
+        report = build_bank(config, on_progress=lambda progress: (check(), show(progress)))
     show(report, as_json, build_text)
     warning = unlabelled_warning(report.labelled, report.unlabelled_by_kind, config.ingest.mask_kind)
     if warning:

@@ -251,6 +251,5 @@ def demo_cmd(
                                          samples_per_shard=samples_per_shard)))
 
 
-# Registers build and index (and re-exports run_build / run_index, which jobs.demo calls), then the lifecycle.
-from jobs.build_cli import run_build, run_index  # noqa: E402,F401
+import jobs.build_cli  # noqa: E402,F401 - registers build and index on `app`
 import jobs.lifecycle_cli  # noqa: E402,F401 - registers info, remove, compact, gc, pin, unpin on `app`

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from typing import Any, Callable
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 import typer
 
@@ -32,3 +36,33 @@ def show(result: Any, as_json: bool, text: Callable[[Any], str]) -> None:
         typer.echo(json.dumps(asdict(result) if is_dataclass(result) else result, indent=1))
     else:
         typer.echo(text(result))
+
+
+@contextmanager
+def interrupt_guard() -> Iterator[Callable[[], None]]:
+    """Ctrl-C that is never lost: yields `check()`, to call often (each progress event). SIGINT raises
+    KeyboardInterrupt at once, except inside an object finalizer (`__del__`, e.g. Ray's ObjectRefGenerator's),
+    where Python would print the exception and carry on as if no key was pressed: there it is only noted, and
+    `check()` raises it."""
+    pressed = threading.Event()
+
+    def on_sigint(_signum: int, frame: FrameType | None) -> None:
+        pressed.set()
+        while frame is not None:
+            if frame.f_code.co_name == "__del__":
+                return  # raised here it would be swallowed; check() raises it from the driver's loop
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    def check() -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield check
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)

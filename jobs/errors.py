@@ -73,10 +73,10 @@ def _storage(exc: Any) -> Failure:
 def _bank(exc: BaseException) -> Failure | None:
     from bank_builder.format import errors as e
 
-    for cls, kind, status in ((e.StorageError, "", STORAGE), (e.BankNotFoundError, "bank_not_found", USAGE),
-                              (e.BankNotIndexedError, "bank_not_indexed", USAGE),
-                              (e.ConcurrentUpdateError, "concurrent_update", USAGE),
-                              (e.BankMismatchError, "bank_mismatch", USAGE), (e.BankFormatError, "bank_damaged", DAMAGED)):
+    kinds = ((e.StorageError, "", STORAGE), (e.BankNotFoundError, "bank_not_found", USAGE),
+             (e.BankNotIndexedError, "bank_not_indexed", USAGE), (e.ConcurrentUpdateError, "concurrent_update", USAGE),
+             (e.BankMismatchError, "bank_mismatch", USAGE), (e.BankFormatError, "bank_damaged", DAMAGED))
+    for cls, kind, status in kinds:  # subclasses first
         if isinstance(exc, cls):
             return _storage(exc) if cls is e.StorageError else Failure(kind, str(exc), status)
     return None

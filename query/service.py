@@ -123,7 +123,10 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, log_
     log.info("listening on %s (the page is at %s/, the API at %s/docs)", url, url, url)
     if on_listening is not None:
         on_listening(url, snapshot)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the signal again after its clean shutdown: a stop, not a failure
+        log.info("stopped")
 
 
 def _load_logged(state: ServiceState) -> None:
