@@ -35,8 +35,8 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     from bank_builder.segments import unlabelled_warning
 
     _connect(ray_address)
-    with interrupt_guard() as check, console_progress(config.pipeline.progress_interval_s) as show:
-        report = build_bank(config, on_progress=lambda progress: (check(), show(progress)))
+    with interrupt_guard() as check, console_progress(config.pipeline.progress_interval_s) as printer:
+        report = build_bank(config, on_progress=lambda progress: (check(), printer(progress)))
     show(report, as_json, build_text)
     warning = unlabelled_warning(report.labelled, report.unlabelled_by_kind, config.ingest.mask_kind)
     if warning:
