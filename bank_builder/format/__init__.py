@@ -22,6 +22,8 @@ from bank_builder.format.errors import (
     BankError,
     BankFormatError,
     BankMismatchError,
+    BankNotFoundError,
+    BankNotIndexedError,
     ConcurrentUpdateError,
     IndexCorruptError,
     StorageError,
@@ -45,6 +47,7 @@ from bank_builder.format.versions import (
     current_version,
     list_pins,
     list_versions,
+    no_version_error,
     pin,
     publish,
     published_record,
@@ -54,9 +57,9 @@ from bank_builder.format.versions import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
-    "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry",
-    "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError", "check_name", "current_version", "list_pins",
-    "list_versions", "make_manifest", "pin", "publish", "published_record", "read_current", "read_manifest",
-    "totals", "unpin",
+    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankNotFoundError",
+    "BankNotIndexedError", "BankRef", "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError",
+    "IndexEntry", "Manifest", "ObjectEntry", "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError",
+    "check_name", "current_version", "list_pins", "list_versions", "make_manifest", "no_version_error", "pin",
+    "publish", "published_record", "read_current", "read_manifest", "totals", "unpin",
 ]
