@@ -29,7 +29,7 @@ class DecodedBatch:
 
     images (B, S, S, 3) uint8; soft_masks (n, g, g) float32 cell coverage; image_index (n,) int64 into images.
     phrases: per image, the labels its phrases offer its unlabelled segments; pairing: how to pair them (None:
-    no pairing in this build).
+    no pairing in this build). stream_bytes: bytes of the shard read up to the batch's last image (progress).
     """
 
     images: np.ndarray
@@ -38,6 +38,7 @@ class DecodedBatch:
     rows: part_io.SegmentRows
     phrases: list[list[str]] = field(default_factory=list)
     pairing: PairingConfig | None = None
+    stream_bytes: int = 0
 
 
 @dataclass
@@ -69,8 +70,11 @@ class _BatchBuilder:
         self.rows = part_io.SegmentRows()
         self.phrases: list[list[str]] = []
         self.pairing = pairing
+        self.stream_bytes = 0
 
-    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, phrases: list[str]) -> None:
+    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, phrases: list[str],
+            stream_bytes: int) -> None:
+        self.stream_bytes = stream_bytes
         self.index.append(np.full(len(segments), len(self.images), dtype=np.int64))
         self.images.append(image)
         self.soft.append(soft)
@@ -79,7 +83,7 @@ class _BatchBuilder:
 
     def take(self) -> DecodedBatch:
         batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows,
-                             self.phrases, self.pairing)
+                             self.phrases, self.pairing, self.stream_bytes)
         self.__init__(self.pairing)
         return batch
 
@@ -98,7 +102,8 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
             continue
         image, soft = prepare_image(item.image, [s.mask for s in segments], spec)
         unlabelled = pairing is not None and any(s.label is None for s in segments)
-        builder.add(item.key, image, soft, segments, candidate_phrases(item.meta, pairing) if unlabelled else [])
+        builder.add(item.key, image, soft, segments, candidate_phrases(item.meta, pairing) if unlabelled else [],
+                    item.stream_bytes)
         samples += 1
         if len(builder.images) == config.pipeline.batch_size:
             yield builder.take()
@@ -133,7 +138,7 @@ class EncoderWorker:
             for row in pair_batch(batch.rows, batch.image_index, out.visual, batch.phrases, embed, batch.pairing):
                 out.text[row] = self.text_cache[batch.rows.label[row]]
         encoded = EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images))
-        return {"images": len(batch.images), "segments": len(batch.rows)}, encoded
+        return {"images": len(batch.images), "segments": len(batch.rows), "stream_bytes": batch.stream_bytes}, encoded
 
 
 def write_shard(

@@ -1,17 +1,17 @@
 """`refbank curate` (registered on jobs.cli.app): ReME-style curation of a bank's CURRENT version, a thin layer over
-bank_builder.curate.curate_bank. Publishes through the same compare-and-swap as every writer. Exit status: 0 done
-(or the same decisions already published), 2 bad options, a bank without a version, or a concurrent writer (re-run).
+bank_builder.curate.curate_bank. Publishes through the same compare-and-swap as every writer. Failures are raised
+and answered by jobs.group (one line, exit status as in jobs.errors).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from typing import Any, Optional
 
 import typer
 
-from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, _setup_logging, _storage_options, app
+from jobs.build_cli import _connect
+from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, storage_options
+from jobs.console import setup_logging, show
 
 SHOWN_LABELS = 40  # labels the text report lists (the JSON report and `refbank info --json` have all)
 
@@ -43,22 +43,13 @@ def curate_cmd(
     near-duplicates; score every segment. Dropped segments stay in the parts with keep = false and a reason; the
     next `refbank index` takes kept segments only. Publishes the next version; prints a per-label report."""
     from bank_builder.curate import CurationConfig, curate_bank
-    from bank_builder.format import BankError
-    from bank_builder.ray_runtime import init_ray
 
-    _setup_logging(verbose)
-    try:
-        config = CurationConfig(drop_unpaired=not keep_unpaired, outlier_z=None if no_outliers else outlier_z,
-                                refine_rounds=refine_rounds, min_group=min_group, confusion_margin=confusion_margin,
-                                synonym_cosine=synonym_cosine,
-                                duplicate_cosine=None if no_duplicates else duplicate_cosine)
-        if ray_address:
-            init_ray(ray_address)
-        report = curate_bank(bank, config, _storage_options(storage_option, endpoint_url))
-    except (BankError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(json.dumps(asdict(report), indent=1) if as_json else curate_text(report))
+    setup_logging(verbose)
+    config = CurationConfig(drop_unpaired=not keep_unpaired, outlier_z=None if no_outliers else outlier_z,
+                            refine_rounds=refine_rounds, min_group=min_group, confusion_margin=confusion_margin,
+                            synonym_cosine=synonym_cosine, duplicate_cosine=None if no_duplicates else duplicate_cosine)
+    _connect(ray_address)
+    show(curate_bank(bank, config, storage_options(storage_option, endpoint_url)), as_json, curate_text)
 
 
 def curate_text(report: Any) -> str:

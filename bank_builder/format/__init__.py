@@ -24,6 +24,8 @@ from bank_builder.format.errors import (
     BankError,
     BankFormatError,
     BankMismatchError,
+    BankNotFoundError,
+    BankNotIndexedError,
     ConcurrentUpdateError,
     IndexCorruptError,
     StorageError,
@@ -49,6 +51,7 @@ from bank_builder.format.versions import (
     current_version,
     list_pins,
     list_versions,
+    no_version_error,
     pin,
     publish,
     published_record,
@@ -58,9 +61,10 @@ from bank_builder.format.versions import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
-    "ConcurrentUpdateError", "CuratedPart", "CurationEntry", "Current", "DeltaEntry", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry",
-    "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError", "check_name", "current_version", "list_pins",
-    "list_versions", "make_manifest", "pin", "publish", "published_record", "read_current", "read_manifest",
+    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankNotFoundError",
+    "BankNotIndexedError", "BankRef", "ConcurrentUpdateError", "CuratedPart", "CurationEntry", "Current",
+    "DeltaEntry", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry", "StorageError",
+    "TombstoneEntry", "UnsafeNameError", "check_name", "current_version", "list_pins", "list_versions",
+    "make_manifest", "no_version_error", "pin", "publish", "published_record", "read_current", "read_manifest",
     "totals", "unpin",
 ]

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bank_builder.format import storage
-from bank_builder.format.errors import BankFormatError, BankMismatchError, ConcurrentUpdateError, StorageError
+from bank_builder.format.errors import (
+    BankFormatError, BankMismatchError, BankNotFoundError, ConcurrentUpdateError, StorageError,
+)
 from bank_builder.format.lease import LEASE_OBJECT, LeaseConfig, hold_lease
 from bank_builder.format.manifest import Manifest
 from bank_builder.format.ref import BankRef
@@ -57,6 +59,15 @@ def read_current(ref: BankRef) -> Current:
 def current_version(ref: BankRef) -> str | None:
     """The live version named by <bank>/CURRENT, or None for a bank with no published version."""
     return read_current(ref).version
+
+
+def no_version_error(ref: BankRef, then: str = "build it first (`refbank build SOURCE BANK`)") -> BankNotFoundError:
+    """The error for a bank without CURRENT, telling a URI where nothing is stored (a wrong path, bucket or
+    prefix?) from a bank whose first build has not published yet; `then` says what to do in the second case."""
+    if not storage.list_names(ref.url(), ref.storage_options):
+        return BankNotFoundError(f"no bank at {ref}: nothing is stored there; check the path (or the bucket, prefix "
+                                 "and endpoint)")
+    return BankNotFoundError(f"{ref} has no published version (no CURRENT); {then}")
 
 
 def manifest_url(ref: BankRef, version: str) -> str:
