@@ -137,3 +137,22 @@ def test_curation_drops_unpaired_segments_and_keeps_pairs_that_agree(captioned):
     assert curated.dropped_by_reason["unpaired"] == int(unpaired.sum()) == report.segments - report.paired
     paired = ~unpaired
     assert truth.right[paired & keep].mean() >= truth.right[paired].mean()  # measured 0.888 -> 0.898
+
+
+def test_pairing_and_wrong_labels_from_the_command_line(captioned, tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    _, config, _ = captioned
+    runner = CliRunner()
+    bad = runner.invoke(app, ["build", config.source, str(tmp_path / "x"), "--pairing-rule", "nearest"])
+    assert bad.exit_code == 2 and "use 'mutual' or 'best'" in bad.output
+    # the bank was built with the default rule: other pairing options are a mismatch that names them
+    other = runner.invoke(app, ["build", config.source, config.bank, "--encoder", "synthetic-clip", "--weights",
+                                str(SHIPPED_CHECKPOINT), "--mask-kind", "none", "--pairing-threshold", "0.5"])
+    assert other.exit_code == 2 and "pairing" in other.output, other.output
+    made = runner.invoke(app, ["make-corpus", str(tmp_path / "c"), "--shards", "1", "--samples-per-shard", "8",
+                               "--image-size", "64", "--wrong-label-rate", "1"])
+    assert made.exit_code == 0, made.output
+    assert all(json.loads(s["json"]).get("label_truth") for s in corpus_samples(tmp_path / "c").values())
