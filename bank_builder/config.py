@@ -85,6 +85,32 @@ class SegmentConfig:
 
 
 @dataclass(frozen=True)
+class PairingConfig:
+    """Pairing of a captioned image's unlabelled segments with its candidate phrases (bank_builder.pairing).
+
+    enabled: pair whenever a sample has phrases (json `phrases`, else its `caption` chunked) and segments without
+    a label, and the encoder has a text tower. rule: how a phrase picks its best segment (bank_builder.pairing):
+    "mutual", among the segments whose own best phrase it is, or "best", among all. threshold: None = that rule
+    alone (each phrase labels at most one segment); a cosine also labels every other unlabelled segment whose
+    best phrase reaches it. phrase_backend:
+    the caption chunker (bank_builder.phrases.PhraseConfig); "rules" by default, so a build gives the same parts
+    whether or not spaCy is installed."""
+
+    enabled: bool = True
+    rule: str = "mutual"
+    threshold: float | None = None
+    phrase_backend: str = "rules"
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("mutual", "best"):
+            raise ValueError(f"PairingConfig.rule={self.rule!r}: use 'mutual' or 'best'")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"PairingConfig.threshold={self.threshold}: use a cosine in [-1, 1], or None")
+        if self.phrase_backend not in ("auto", "rules", "spacy"):
+            raise ValueError(f"PairingConfig.phrase_backend={self.phrase_backend!r}: use 'rules', 'auto' or 'spacy'")
+
+
+@dataclass(frozen=True)
 class EncoderConfig:
     """Which encoder to run and which weights to load.
 
@@ -139,10 +165,11 @@ class BuildConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options, e.g. endpoint_url
+    pairing: PairingConfig = field(default_factory=PairingConfig)
 
     def __post_init__(self) -> None:
         for name, kind in (("ingest", IngestConfig), ("segments", SegmentConfig), ("encoder", EncoderConfig),
-                           ("pipeline", PipelineConfig)):
+                           ("pipeline", PipelineConfig), ("pairing", PairingConfig)):
             value = getattr(self, name)
             if not isinstance(value, kind):
                 example = f"{kind.__name__}(name={value!r})" if isinstance(value, str) and kind is EncoderConfig \
@@ -181,6 +208,7 @@ def fingerprint_fields(config: BuildConfig) -> dict[str, Any]:
     return {
         "ingest": config_to_dict(config.ingest),
         "segments": config_to_dict(config.segments),
+        "pairing": config_to_dict(config.pairing),
         # device changes nothing stored; the entry is part of the encoder spec, which the fingerprint hashes
         "encoder": {f.name: getattr(config.encoder, f.name) for f in fields(config.encoder)
                     if f.name not in ("device", "entry")},

@@ -63,6 +63,15 @@ def chunk_phrases(caption: str, config: PhraseConfig = PhraseConfig()) -> list[s
     return list(dict.fromkeys(c for c in chunks if c))
 
 
+def normalise_phrase(phrase: str) -> str:
+    """A phrase as a bank label: lower-cased words, leading articles and counts dropped ("A tabby cat" →
+    "tabby cat", "two dogs" → "dogs", "a pile of coins" → "pile of coins"); "" when nothing is left."""
+    tokens = [t for t in _TOKEN.findall(phrase.lower()) if t[0].isalnum()]
+    while tokens and tokens[0] in _FUNCTION_WORDS and tokens[0] != "of":
+        tokens = tokens[1:]
+    return " ".join(tokens)
+
+
 @functools.lru_cache(maxsize=4)
 def _spacy(model: str) -> Any:
     """The loaded spaCy pipeline `model`, or None when spaCy or the model is not installed."""

@@ -65,6 +65,7 @@ class BuildReport:
     shard_retries: int
     encoder: dict[str, Any]
     storage: dict[str, int]  # this process's storage calls: tries, retries by cause, failed (format.retries)
+    paired: int = 0  # of the labelled, labelled by pairing with caption phrases (bank_builder.pairing)
 
     @property
     def ok(self) -> bool:
@@ -335,7 +336,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         failed=failed, seconds=progress.elapsed_s, startup_s=progress.startup_s, images_per_s=progress.images_per_s,
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
-        storage=(storage.counters() - calls).to_dict(),
+        storage=(storage.counters() - calls).to_dict(), paired=sum(p.paired for p in parts),
     )
 
 
@@ -348,7 +349,7 @@ def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: li
     body = make_manifest(parts, spec.to_dict(), fingerprint, build)
     if plan.parent is not None:
         removed = plan.parent.totals.get("removed")
-        body = body.with_(index=plan.parent.index, tombstones=plan.parent.tombstones,
+        body = body.with_(index=plan.parent.index, tombstones=plan.parent.tombstones, curation=plan.parent.curation,
                           totals={**body.totals, **({"removed": removed} if removed else {})})
     return publish(config.bank_ref, body, plan.current)
 

@@ -6,7 +6,7 @@ They are plain functions and a plain class here; `pipeline` wraps them with ray.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -14,10 +14,11 @@ import ray
 import torch
 
 from bank_builder.format import BankRef, PartEntry, parts as part_io
-from bank_builder.config import BuildConfig, EncoderConfig
-from bank_builder.embed import encode_batch, prepare_image
+from bank_builder.config import BuildConfig, EncoderConfig, PairingConfig
+from bank_builder.embed import embed_labels, encode_batch, prepare_image
 from bank_builder.encoders import EncoderSpec, load_encoder
 from bank_builder.ingest import iter_samples
+from bank_builder.pairing import candidate_phrases, pair_batch
 from bank_builder.records import Reject
 from bank_builder.segments import make_segments
 
@@ -27,13 +28,16 @@ class DecodedBatch:
     """Encoder input for up to batch_size images of one shard.
 
     images (B, S, S, 3) uint8; soft_masks (n, g, g) float32 cell coverage; image_index (n,) int64 into images.
-    stream_bytes: bytes of the shard read up to the batch's last image (progress).
+    phrases: per image, the labels its phrases offer its unlabelled segments; pairing: how to pair them (None:
+    no pairing in this build). stream_bytes: bytes of the shard read up to the batch's last image (progress).
     """
 
     images: np.ndarray
     soft_masks: np.ndarray
     image_index: np.ndarray
     rows: part_io.SegmentRows
+    phrases: list[list[str]] = field(default_factory=list)
+    pairing: PairingConfig | None = None
     stream_bytes: int = 0
 
 
@@ -59,30 +63,35 @@ class ShardTail:
 class _BatchBuilder:
     """Accumulates prepared images and their segments until a batch is full."""
 
-    def __init__(self) -> None:
+    def __init__(self, pairing: PairingConfig | None = None) -> None:
         self.images: list[np.ndarray] = []
         self.soft: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         self.rows = part_io.SegmentRows()
+        self.phrases: list[list[str]] = []
+        self.pairing = pairing
         self.stream_bytes = 0
 
-    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, stream_bytes: int) -> None:
+    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, phrases: list[str],
+            stream_bytes: int) -> None:
         self.stream_bytes = stream_bytes
         self.index.append(np.full(len(segments), len(self.images), dtype=np.int64))
         self.images.append(image)
         self.soft.append(soft)
         self.rows.add(key, segments)
+        self.phrases.append(phrases)
 
     def take(self) -> DecodedBatch:
         batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows,
-                             self.stream_bytes)
-        self.__init__()
+                             self.phrases, self.pairing, self.stream_bytes)
+        self.__init__(self.pairing)
         return batch
 
 
 def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator[DecodedBatch | ShardTail]:
     """Stream a shard: decode, validate and segment its samples; yield encoder batches, then a ShardTail."""
-    builder, rejects, samples = _BatchBuilder(), [], 0
+    pairing = config.pairing if config.pairing.enabled and spec.text_dim else None  # pairing needs a text tower
+    builder, rejects, samples = _BatchBuilder(pairing), [], 0
     for item in iter_samples(shard, config.ingest, config.storage_options):
         if isinstance(item, Reject):
             rejects.append(item)
@@ -92,7 +101,9 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
             rejects.append(segments)
             continue
         image, soft = prepare_image(item.image, [s.mask for s in segments], spec)
-        builder.add(item.key, image, soft, segments, item.stream_bytes)
+        unlabelled = pairing is not None and any(s.label is None for s in segments)
+        builder.add(item.key, image, soft, segments, candidate_phrases(item.meta, pairing) if unlabelled else [],
+                    item.stream_bytes)
         samples += 1
         if len(builder.images) == config.pipeline.batch_size:
             yield builder.take()
@@ -122,6 +133,10 @@ class EncoderWorker:
         out = encode_batch(
             self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label, self.text_cache
         )
+        if batch.pairing is not None and any(batch.phrases):
+            embed = lambda labels: embed_labels(self.encoder, labels, self.text_cache)  # noqa: E731
+            for row in pair_batch(batch.rows, batch.image_index, out.visual, batch.phrases, embed, batch.pairing):
+                out.text[row] = self.text_cache[batch.rows.label[row]]
         encoded = EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images))
         return {"images": len(batch.images), "segments": len(batch.rows), "stream_bytes": batch.stream_bytes}, encoded
 
@@ -142,6 +157,7 @@ def write_shard(
     info.rows, info.samples, info.rejects = len(rows), tail.samples, len(tail.rejects)
     info.reject_reasons = dict(Counter(r.reason.value for r in tail.rejects))
     info.labelled = sum(label is not None for label in rows.label)
+    info.paired = sum(source == "paired" for source in rows.label_source)
     info.unlabelled_by_kind = dict(Counter(k for k, label in zip(rows.mask_kind, rows.label) if label is None))
     part_io.write_rejects(ref, info.name, tail.rejects)
     return part_io.write_part(ref, table, info, spec)

@@ -10,7 +10,8 @@ from typing import Any, Optional
 import typer
 
 from bank_builder.config import (
-    MASK_PROBE_SAMPLES, BuildConfig, EncoderConfig, IngestConfig, MaskKind, OnMissingMask, PipelineConfig, SegmentConfig,
+    MASK_PROBE_SAMPLES, BuildConfig, EncoderConfig, IngestConfig, MaskKind, OnMissingMask, PairingConfig,
+    PipelineConfig, SegmentConfig,
 )
 from bank_builder.index.params import IndexConfig
 from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, storage_options
@@ -93,6 +94,13 @@ def build_cmd(
         f"reject in a shard that has masks (--mask-kind names a format, or auto finds a mask in its first "
         f"{MASK_PROBE_SAMPLES} samples), superpixels in a shard without any."),
     min_area: int = typer.Option(SegmentConfig.min_area, help="Drop segments smaller than this many pixels."),
+    pairing: bool = typer.Option(PairingConfig.enabled, help="Pair a captioned image's unlabelled segments with its "
+                                 "phrases (json `phrases`, else the `caption` chunked); needs a text tower."),
+    pairing_rule: str = typer.Option(PairingConfig.rule, help="mutual: a phrase labels its best segment among those "
+                                     "whose own best phrase it is; best: among all (ReME's plain rule)."),
+    pairing_threshold: Optional[float] = typer.Option(
+        PairingConfig.threshold, help="Also label every unlabelled segment whose best phrase reaches this cosine "
+        "(default: each phrase labels at most one segment)."),
     encoder: Optional[str] = typer.Option(
         None, help=f"Encoder registry entry (see `refbank encoders`); default {EncoderConfig.name}."),
     encoder_config: Optional[Path] = typer.Option(
@@ -123,6 +131,7 @@ def build_cmd(
         source=source, bank=bank,
         ingest=IngestConfig(mask_kind=mask_kind, on_missing_mask=on_missing_mask),
         segments=SegmentConfig(min_area=min_area),
+        pairing=PairingConfig(enabled=pairing, rule=pairing_rule, threshold=pairing_threshold),
         encoder=_encoder_config(encoder, encoder_config, weights, seed),
         pipeline=PipelineConfig(batch_size=batch_size, num_encoders=num_encoders, max_attempts=max_attempts),
         storage_options=storage_options(storage_option, endpoint_url),

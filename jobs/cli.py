@@ -80,6 +80,9 @@ def make_corpus_cmd(
     wrong_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a phrase names a class absent "
                                             "from the image instead of the one present."),
     missing_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a class present is not named."),
+    wrong_label_rate: float = typer.Option(0.0, help="Chance that an instance's label names another class (instance "
+                                           "and rle masks), to score curation; the truth goes in the json's "
+                                           "label_truth."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
     as_json: bool = AS_JSON,
@@ -90,7 +93,7 @@ def make_corpus_cmd(
     config = CorpusConfig(shards=shards, samples_per_shard=samples_per_shard, image_size=image_size,
                           mask_kind=mask_kind, image_format=image_format, heldout_shards=heldout_shards, seed=seed,
                           captions=captions, wrong_phrase_rate=wrong_phrase_rate,
-                          missing_phrase_rate=missing_phrase_rate)
+                          missing_phrase_rate=missing_phrase_rate, wrong_label_rate=wrong_label_rate)
     show(make_corpus(out, config, storage_options(storage_option, endpoint_url)), as_json, lambda summary: (
         f"wrote {len(summary.shards)} shards + {len(summary.heldout)} held-out, {summary.samples} samples, "
         f"{summary.segments} segments to {out}"))
@@ -253,3 +256,4 @@ def demo_cmd(
 
 import jobs.build_cli  # noqa: E402,F401 - registers build and index on `app`
 import jobs.lifecycle_cli  # noqa: E402,F401 - registers info, remove, compact, gc, pin, unpin on `app`
+import jobs.curate_cli  # noqa: E402,F401 - registers curate on `app`

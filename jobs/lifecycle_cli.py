@@ -14,6 +14,7 @@ import typer
 
 from jobs.cli import AS_JSON, ENDPOINT_URL, STORAGE_OPTION, VERBOSE, app, storage_options
 from jobs.console import setup_logging, show
+from jobs.curate_cli import curation_lines
 
 
 @app.command("info")
@@ -52,6 +53,7 @@ def _info_text(info: dict) -> str:
                  f"{tombstones['reasons'] or ''}")
     lines.append(f"storage   {size['version_bytes'] / 2**20:.1f} MiB used by this version, "
                  f"{size['bank_bytes'] / 2**20:.1f} MiB in {size['bank_objects']} objects in all")
+    lines += curation_lines(info)
     return "\n".join(lines)
 
 

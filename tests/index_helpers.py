@@ -76,7 +76,7 @@ def make_bank(url: str, part_rows: tuple[int, ...] = (1500, 5000, 800, 1700), di
 def extend_bank(bank: SyntheticBank, part_rows: tuple[int, ...], seed: int = 9,
                 storage_options: dict[str, Any] | None = None) -> SyntheticBank:
     """Write more parts (the next ordinals, vectors around the same centers) and publish them with the bank's
-    parts as the next version; the bank with every vector."""
+    parts as the next version (its index, tombstones and curation carried over); the bank with every vector."""
     ref = BankRef(bank.url, storage_options or {})
     m = read_manifest(ref)
     rng = np.random.default_rng(seed)
@@ -94,9 +94,8 @@ def extend_bank(bank: SyntheticBank, part_rows: tuple[int, ...], seed: int = 9,
         infos.append(parts.write_part(ref, table, info, {"name": "synthetic"}))
         vectors.append(x)
         ids.append(np.array([parts.segment_id(ordinal, r) for r in range(n)], np.int64))
-    publish(ref, make_manifest(infos, m.encoder, m.fingerprint, m.build).with_(index=m.index,
-                                                                             tombstones=m.tombstones),
-            read_current(ref))
+    publish(ref, make_manifest(infos, m.encoder, m.fingerprint, m.build).with_(
+        index=m.index, tombstones=m.tombstones, curation=m.curation), read_current(ref))  # as a build carries them
     return SyntheticBank(bank.url, np.concatenate(vectors), np.concatenate(ids), bank.centers, bank.label_names,
                          bank.label_text)
 

@@ -10,12 +10,14 @@ The builder writes through it and the query service reads only through it.
   parts.py         Parquet parts: schema, segment ids, names, commit markers, rejects, row-group reads
   index_layout.py  index objects: trained quantizer, list directory, list objects, label table
   tombstones.py    removals: tombstone objects of removed segment ids, read back as one sorted array
+  curation.py      curation decisions per part (keep, reason, score) and the curation report, content-named
   retries.py       the retry policy of storage calls and their counters
   errors.py        BankError and its kinds
 
 Layout of a bank (docs/ARCHITECTURE.md has the details):
   CURRENT, versions/<v>/{manifest,published}.json, parts/<part>.{parquet,json}, rejects/<part>.parquet,
-  index/<id>/{trained.faissindex, directory.npy, lists/<n>.bin, text.npz, report.json}
+  index/<id>/{trained.faissindex, directory.npy, lists/<n>.bin, text.npz, report.json},
+  curation/<part>-<sha>.parquet, curation/report-<sha>.json, tombstones/<name>.npy
 """
 
 from bank_builder.format.errors import (
@@ -32,6 +34,8 @@ from bank_builder.format.errors import (
 from bank_builder.format.manifest import (
     FORMAT_VERSION,
     INDEX_FORMAT,
+    CuratedPart,
+    CurationEntry,
     DeltaEntry,
     IndexEntry,
     Manifest,
@@ -58,8 +62,9 @@ from bank_builder.format.versions import (
 
 __all__ = [
     "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankNotFoundError",
-    "BankNotIndexedError", "BankRef", "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError",
-    "IndexEntry", "Manifest", "ObjectEntry", "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError",
-    "check_name", "current_version", "list_pins", "list_versions", "make_manifest", "no_version_error", "pin",
-    "publish", "published_record", "read_current", "read_manifest", "totals", "unpin",
+    "BankNotIndexedError", "BankRef", "ConcurrentUpdateError", "CuratedPart", "CurationEntry", "Current",
+    "DeltaEntry", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry", "PartEntry", "StorageError",
+    "TombstoneEntry", "UnsafeNameError", "check_name", "current_version", "list_pins", "list_versions",
+    "make_manifest", "no_version_error", "pin", "publish", "published_record", "read_current", "read_manifest",
+    "totals", "unpin",
 ]

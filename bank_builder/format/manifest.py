@@ -85,6 +85,7 @@ class PartEntry:
     reject_reasons: dict[str, int]
     fingerprint: str
     labelled: int = 0  # segments with a label
+    paired: int = 0  # of them, labelled by pairing with a caption phrase (label_source "paired")
     unlabelled_by_kind: dict[str, int] = field(default_factory=dict)  # the others, by the mask kind that cut them
     footer_sha256: str = ""  # of the Parquet footer + 8-byte trailer, checked on every footer read ("" = older part)
 
@@ -147,6 +148,55 @@ class TombstoneEntry:
 
 
 @dataclass(frozen=True)
+class CuratedPart:
+    """A part's curation decisions: `object` (relative to the bank, `curation/<part>-<sha256[:16]>.parquet`, one
+    row per part row in row order: segment_id, keep, reason, score), its size and sha256, and its kept rows."""
+
+    part: str
+    object: str
+    bytes: int
+    sha256: str
+    rows: int
+    kept: int
+
+    def __post_init__(self) -> None:
+        check_name(self.part)
+        check_name(self.object)
+        for key in ("bytes", "rows", "kept"):
+            _check(_is_int(getattr(self, key)) and getattr(self, key) >= 0, f"{key} must be a count")
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> CuratedPart:
+        """A curated part from its JSON form; BankFormatError saying what is wrong."""
+        return _typed(cls, data, where)
+
+
+@dataclass(frozen=True)
+class CurationEntry:
+    """A version's curation (bank_builder.curate): the options it ran with, one decisions object per part it
+    covered, and its per-label report object (`curation/report-<sha256[:16]>.json`). Parts it does not list
+    (added by a build since) are uncurated: every row counts as kept."""
+
+    options: dict[str, Any]
+    parts: list[CuratedPart]
+    report: ObjectEntry
+    kept: int
+    dropped: int
+    dropped_by_reason: dict[str, int]
+    created_at: str
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> CurationEntry:
+        """A curation entry from its JSON form; BankFormatError saying what is wrong."""
+        return _typed(cls, data, where, {"parts": _parse_list(CuratedPart.parse), "report": ObjectEntry.parse})
+
+    @property
+    def by_part(self) -> dict[str, CuratedPart]:
+        """Curated parts keyed by part name."""
+        return {c.part: c for c in self.parts}
+
+
+@dataclass(frozen=True)
 class IndexEntry:
     """The index of a version: objects under `index/<id>/`, parameters, and the autotune's choice.
 
@@ -183,6 +233,9 @@ class IndexEntry:
     coarse_score_mean: float = 0.0  # of the base's vectors: what a delta's drift is measured against
     deltas: list[DeltaEntry] = field(default_factory=list)
     folded_tombstones: list[str] = field(default_factory=list)  # tombstone objects compaction applied to the lists
+    # part name → the curation object whose kept rows it holds (parts absent here: all rows); an index whose
+    # parts were curated again since holds other rows than the version's curation says, and is rebuilt
+    curation: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.id)
@@ -242,6 +295,7 @@ class Manifest:
     totals: dict[str, Any]
     index: IndexEntry | None = None
     tombstones: list[TombstoneEntry] = field(default_factory=list)
+    curation: CurationEntry | None = None
 
     @classmethod
     def parse(cls, data: Any, where: str) -> Manifest:
@@ -249,7 +303,8 @@ class Manifest:
         _check_format(data, "format_version", FORMAT_VERSION, f"{where} has format", "Rebuild the bank or use a "
                       "matching refbank release.")
         m = _typed(cls, data, where, {"parts": _parse_list(PartEntry.parse), "index": IndexEntry.parse,
-                                      "tombstones": _parse_list(TombstoneEntry.parse)})
+                                      "tombstones": _parse_list(TombstoneEntry.parse),
+                                      "curation": CurationEntry.parse})
         if not isinstance(m.encoder, dict) or not isinstance(m.dims, dict) or "visual" not in m.dims:
             raise BankFormatError(f"{where}: encoder and dims must be objects, dims with 'visual'")
         return m
@@ -266,6 +321,10 @@ class Manifest:
     def part_by_ordinal(self) -> dict[int, PartEntry]:
         """Parts keyed by ordinal."""
         return {p.ordinal: p for p in self.parts}
+
+    def curated(self, part: str) -> CuratedPart | None:
+        """The curation decisions of part `part` in this version, None when it is uncurated."""
+        return self.curation.by_part.get(part) if self.curation is not None else None
 
 
 def totals(parts: list[PartEntry]) -> dict[str, Any]:

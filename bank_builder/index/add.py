@@ -10,6 +10,8 @@ Encoding is what IndexIVF.add_with_ids does (coarse-assign with the quantizer, t
 assigned lists), so the codes equal those of one monolithic index built from the same trained index.
 The same pass computes, per part, the exact top-k of the autotune queries (exact.TopK, on the float32 rows it
 encodes anyway) and the part's labels: their text embeddings and the sums of their visual embeddings.
+A curated part (bank_builder.curate) contributes only the rows its curation keeps: to the lists, the exact top-k
+and the label sums alike.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pyarrow as pa
 import ray
 
 from bank_builder.format import BankRef, IndexCorruptError, PartEntry, index_layout, parts, storage
+from bank_builder.format.curation import keep_mask
 from bank_builder.index.exact import TopK
 from bank_builder.format.trained import apply_chain, deserialize, split_index
 
@@ -41,7 +44,7 @@ class PartAdded:
     """What one add task reports back: list sizes, exact neighbours of the queries, label texts."""
 
     name: str
-    rows: int
+    rows: int  # vectors added (the rows its curation keeps)
     list_sizes: np.ndarray  # (nlist,) int64
     exact_scores: np.ndarray  # (n_queries, k) float32 inner products, best first
     exact_ids: np.ndarray  # (n_queries, k) int64 segment ids (-1 where the part has fewer than k rows)
@@ -50,6 +53,7 @@ class PartAdded:
     visual_sums: np.ndarray | None = None  # (len(labels), C) float64, sum of each label's visual embeddings
     counts: np.ndarray | None = None  # (len(labels),) segments per label
     coarse_sum: float = 0.0  # sum over its vectors of the inner product with their list's centroid
+    read: int = 0  # rows read (every row of the part)
 
 
 def encode(chain: list, ivf: faiss.IndexIVF, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -126,21 +130,26 @@ class _Labels:
 
 
 def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact: TopK, refine: bool,
-             text: bool) -> PartAdded:
+             text: bool, curation: str | None = None) -> PartAdded:
     """Encode one part row group by row group; write its staging object; return sizes, exact top-k, labels.
 
-    exact: an empty TopK of the autotune queries (with their floors); this part's vectors are streamed into it."""
+    exact: an empty TopK of the autotune queries (with their floors); this part's vectors are streamed into it.
+    curation: the part's curation object (format.curation); only the rows it keeps are added. None: every row."""
     faiss.omp_set_num_threads(1)  # one task = one CPU; parallelism comes from running tasks side by side
     exact = exact.fresh()
     index = deserialize(trained)
     chain, ivf = split_index(index)
     dtype = record_dtype(ivf.code_size, index.d, refine)
     labels = _Labels(index.d)
-    lists, records, coarse = [], [], 0.0
+    lists, records, coarse, read = [], [], 0.0, 0
     columns = ["segment_id", parts.VISUAL] + (["label"] if text else [])
+    keep = keep_mask(ref, curation, part.rows)
     with parts.open_part(ref, part.name, dictionary=["label"]) as f:
         for g in range(f.num_row_groups):
             table = f.read_row_group(g, columns=columns)
+            kept = None if keep is None else pa.array(keep[read:read + table.num_rows])
+            read += table.num_rows
+            table = table if kept is None else table.filter(kept)
             x16 = parts.matrix(table[parts.VISUAL])
             ids = table["segment_id"].to_numpy()
             x = x16.astype(np.float32)
@@ -154,7 +163,8 @@ def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact:
             lists.append(assign)
             records.append(rec)
             if text:
-                labels.add(table["label"], x, lambda g=g: parts.read_column(f, g, "text_embedding"))
+                labels.add(table["label"], x, lambda g=g, kept=kept: _kept(parts.read_column(f, g, "text_embedding"),
+                                                                          kept))
     assign = np.concatenate(lists) if lists else np.zeros(0, np.int64)
     order = np.argsort(assign, kind="stable")  # by list; part row order kept within a list
     sizes = np.bincount(assign, minlength=ivf.nlist).astype(np.int64)
@@ -162,7 +172,13 @@ def add_part(ref: BankRef, part: PartEntry, trained: bytes, staging: str, exact:
     body = np.concatenate(records)[order] if records else np.zeros(0, dtype)
     storage.write_bytes(staging, offsets.tobytes() + body.tobytes(), ref.storage_options)
     names, vectors, sums, counts = labels.arrays()
-    return PartAdded(part.name, len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts, coarse)
+    return PartAdded(part.name, len(assign), sizes, exact.scores, exact.ids, names, vectors, sums, counts, coarse,
+                     read)
+
+
+def _kept(column: pa.ChunkedArray, kept: pa.Array | None) -> pa.ChunkedArray:
+    """A row group's column less the rows its curation drops."""
+    return column if kept is None else column.filter(kept)
 
 
 def staging_url(ref: BankRef, index_id: str, part: str, folder: str = "") -> str:
@@ -192,23 +208,25 @@ class AddResult:
 
 
 def add_parts(ref: BankRef, index_id: str, parts_: list[PartEntry], trained: bytes, nlist: int, exact: TopK,
-              refine: bool, text: bool, folder: str = "") -> AddResult:
+              refine: bool, text: bool, folder: str = "", curation: dict[str, str] | None = None) -> AddResult:
     """Run one add task per part; merge what they report as they finish. Staging objects go under `folder`
     of the index folder (a delta's) when given.
 
-    exact: an empty TopK of the autotune queries (with floors); each task fills a copy, merged here."""
+    exact: an empty TopK of the autotune queries (with floors); each task fills a copy, merged here.
+    curation: part name → its curation object, for the curated parts (their kept rows only are added)."""
     task = ray.remote(num_cpus=1, max_retries=2)(add_part)  # a retry rewrites the same staging object
     trained_ref, exact_ref = ray.put(trained), ray.put(exact)
+    curation = curation or {}
     pending = {task.remote(ref, p, trained_ref, staging_url(ref, index_id, p.name, folder), exact_ref, refine,
-                           text): p for p in parts_}
+                           text, curation.get(p.name)): p for p in parts_}
     sizes = np.zeros(nlist, np.int64)
     rows, by_part, coarse = {}, {}, 0.0
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         part = pending.pop(done[0])
         added: PartAdded = ray.get(done[0])
-        if added.rows != part.rows:
-            raise IndexCorruptError(f"part {part.name} has {added.rows} rows but the manifest says {part.rows}; "
+        if added.read != part.rows:
+            raise IndexCorruptError(f"part {part.name} has {added.read} rows but the manifest says {part.rows}; "
                                     "the part changed after it was committed")
         sizes += added.list_sizes
         exact.merge(added.exact_scores, added.exact_ids)

@@ -2,7 +2,9 @@
 label table → nprobe autotune → report → publish a new bank version whose manifest names the index.
 
 On a bank whose index already covers some of its parts, only the new parts are added, as a delta
-(index/delta.py); an index that covers every part is up to date and nothing is published."""
+(index/delta.py); an index that covers every part is up to date and nothing is published. A curated version
+(bank_builder.curate) is indexed with the rows its curation keeps; an index built under other decisions for
+its parts is built again in full."""
 
 from __future__ import annotations
 
@@ -115,9 +117,13 @@ def _index(ref: BankRef, config: IndexConfig, version: str | None, retrain: bool
             f"bank {ref}: {version} is not CURRENT ({current.version}); an index is published as the next "
             "version, so only CURRENT can be indexed. Drop the version argument to index CURRENT.")
     source = read_manifest(ref, current.version)
-    if source.index is not None and not retrain:
+    recurated = recurated_parts(source)
+    if recurated:
+        log.info("%d indexed parts of %s %s were curated again since the index was built (%s, ...): building the "
+                 "index in full", len(recurated), ref, source.version, recurated[0])
+    if source.index is not None and not retrain and not recurated:
         return _refresh(ref, source, current, config)
-    n, dim = sum(p.rows for p in source.parts), source.dims["visual"]
+    n, dim = kept_rows(source, source.parts), source.dims["visual"]
     params = choose_params(n, dim, config)
     index_id, stage = index_layout.new_index_id(), _Stages()
     log.info("indexing %d vectors of %s %s as %s (%s), index id %s", n, ref, source.version, params.factory,
@@ -169,13 +175,33 @@ def _refresh(ref: BankRef, source: Manifest, current: Current, config: IndexConf
     delta_id = index_layout.new_index_id()
     folder = index_layout.delta_folder(delta_id)
     try:
-        updated, delta = build_delta(ref, entry, new_parts, config, bool(source.dims.get("text")), stage, delta_id)
+        updated, delta = build_delta(ref, entry, new_parts, config, bool(source.dims.get("text")), stage, delta_id,
+                                     curation_objects(source, new_parts))
         with stage("publish"):
             published = _publish(ref, source, updated, current, f"index/{entry.id}/{folder}")
     finally:
         index_layout.remove_tree(index_layout.index_url(ref, entry.id, folder, "staging"), ref.storage_options)
     return IndexReport(version=published, vectors=updated.vectors, objects=len(updated.lists) + sum(
         len(d.lists) for d in updated.deltas), timings_s=stage.total(), mode="delta", delta=delta, **report)
+
+
+def curation_objects(m: Manifest, parts: list) -> dict[str, str]:
+    """Part name → its curation object in version `m`, for the curated ones among `parts`."""
+    return {p.name: c.object for p in parts if (c := m.curated(p.name)) is not None}
+
+
+def kept_rows(m: Manifest, parts: list) -> int:
+    """Rows of `parts` that version `m`'s curation keeps (all rows of an uncurated part)."""
+    return sum(c.kept if (c := m.curated(p.name)) is not None else p.rows for p in parts)
+
+
+def recurated_parts(m: Manifest) -> list[str]:
+    """Parts of `m`'s index whose curation in `m` is not the one the index was built with (the index holds
+    other rows than the curation keeps)."""
+    if m.index is None:
+        return []
+    now = curation_objects(m, m.parts)
+    return [name for name in m.index.parts if m.index.curation.get(name) != now.get(name)]
 
 
 def _publish(ref: BankRef, source: Manifest, entry: IndexEntry, current: Current, objects: str) -> str:
@@ -193,8 +219,9 @@ def _build(ref: BankRef, source: Manifest, params: IndexParams, config: IndexCon
     parts = sorted(source.parts, key=lambda p: p.ordinal)
     text = bool(source.dims.get("text"))
     layout = ListLayout(params.code_size, params.dim, config.refine)
+    curation = curation_objects(source, parts)
     with stage("sample"):
-        sample = sample_vectors(ref, parts, params, config.seed)
+        sample = sample_vectors(ref, parts, params, config.seed, curation, kept_rows(source, parts))
     with stage("train"):
         index, gpu = train_index(params, sample.train, config)
         trained = serialize(index)
@@ -204,7 +231,8 @@ def _build(ref: BankRef, source: Manifest, params: IndexParams, config: IndexCon
         exact = TopK(sample.queries, config.k + 1, floors(sample.queries, sample.train, config.k + 1))
         n_train, sample.train = len(sample.train), None  # the largest driver-side array: free it now
     with stage("add"):
-        added = add_parts(ref, index_id, parts, trained, params.nlist, exact, config.refine, text)
+        added = add_parts(ref, index_id, parts, trained, params.nlist, exact, config.refine, text,
+                          curation=curation)
     with stage("lists"):
         objects, directory = build_objects(ref, index_id, [p.name for p in parts], added.list_sizes, layout,
                                            config.object_bytes)
@@ -224,7 +252,7 @@ def _build(ref: BankRef, source: Manifest, params: IndexParams, config: IndexCon
         target_recall=config.target_recall, target_met=tune["target_met"], text=text_entry,
         labels=len(added.labels), report=index_layout.REPORT_OBJECT, parts=[p.name for p in parts],
         config=config_to_dict(config), created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        coarse_score_mean=round(added.coarse_score_mean, 6),
+        coarse_score_mean=round(added.coarse_score_mean, 6), curation=curation,
     )
     report = {
         "index_id": index_id, "bank_source_version": source.version, "factory": params.factory,

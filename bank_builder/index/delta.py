@@ -26,16 +26,18 @@ DRIFT_RETRAIN = 1.25  # delta's mean coarse distance ÷ the base's above which a
 
 
 def build_delta(ref: BankRef, entry: IndexEntry, new_parts: list[PartEntry], config: IndexConfig, text: bool,
-                stage: Any, delta_id: str) -> tuple[IndexEntry, dict]:
+                stage: Any, delta_id: str, curation: dict[str, str] | None = None) -> tuple[IndexEntry, dict]:
     """Add `new_parts` to the index `entry` as delta `delta_id` (fresh, never reused); returns (the index entry
-    naming it, the delta report). stage: the build's stage timer (a context manager per stage name)."""
+    naming it, the delta report). stage: the build's stage timer (a context manager per stage name). curation:
+    part name → curation object of the curated new parts (their kept rows only are added)."""
     folder = delta_folder(delta_id)
     layout = ListLayout(entry.code_size, entry.dim, entry.refine)
     trained = index_layout.read_object(ref, entry.id, entry.trained)
     names = [p.name for p in sorted(new_parts, key=lambda p: p.ordinal)]
     no_queries = TopK(np.zeros((0, entry.dim), np.float32), config.k + 1)  # the tuned nprobe stays: no ground truth
     with stage("add"):
-        added = add_parts(ref, entry.id, new_parts, trained, entry.nlist, no_queries, entry.refine, text, folder)
+        added = add_parts(ref, entry.id, new_parts, trained, entry.nlist, no_queries, entry.refine, text, folder,
+                          curation)
     with stage("lists"):
         objects, directory = build_objects(ref, entry.id, names, added.list_sizes, layout, config.object_bytes,
                                            folder)
@@ -47,7 +49,8 @@ def build_delta(ref: BankRef, entry: IndexEntry, new_parts: list[PartEntry], con
     delta = DeltaEntry(id=delta_id, directory=directory_entry, lists=objects, vectors=added.vectors, parts=names,
                        coarse_score_mean=round(added.coarse_score_mean, 6), created_at=created)
     updated = entry.with_(deltas=[*entry.deltas, delta], vectors=entry.vectors + added.vectors,
-                          parts=[*entry.parts, *names], text=text_entry, labels=labels, created_at=created)
+                          parts=[*entry.parts, *names], text=text_entry, labels=labels, created_at=created,
+                          curation={**entry.curation, **(curation or {})})
     return updated, drift_report(entry, delta)
 
 

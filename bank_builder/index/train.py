@@ -12,6 +12,7 @@ import numpy as np
 import ray
 
 from bank_builder.format import BankRef, PartEntry, parts as part_io
+from bank_builder.format.curation import keep_mask
 from bank_builder.format.trained import split_index
 from bank_builder.index.params import MIN_POINTS_PER_LIST, IndexConfig, IndexParams, make_index
 
@@ -55,28 +56,59 @@ def plan_sample(parts: list[PartEntry], n_train: int, n_queries: int, seed: int,
     return plan
 
 
-def sample_vectors(ref: BankRef, parts: list[PartEntry], params: IndexParams, seed: int) -> Sample:
-    """Read the planned rows of every part in parallel (one Ray task per part that has some)."""
-    plan = plan_sample(parts, params.n_train, params.n_queries, seed)
-    read = ray.remote(num_cpus=1, max_retries=2)(part_io.read_rows)
+def read_kept_rows(ref: BankRef, part: PartEntry, rows: np.ndarray,
+                   curation: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(visual embeddings of the sorted `rows` that the part's curation keeps, those rows); every row of an
+    uncurated part (curation None)."""
+    keep = keep_mask(ref, curation, part.rows)
+    rows = rows if keep is None else rows[keep[rows]]
+    return (part_io.read_rows(ref, part.name, rows) if len(rows) else np.zeros((0, 0), np.float16)), rows
+
+
+def sample_vectors(ref: BankRef, parts: list[PartEntry], params: IndexParams, seed: int,
+                   curation: dict[str, str] | None = None, kept: int | None = None) -> Sample:
+    """Read the planned rows of every part in parallel (one Ray task per part that has some).
+
+    curation: part name → its curation object; only rows it keeps are sampled (the index holds only those, and
+    the exact top-k's floors come from the sample). kept: the rows kept in all; the plan draws that much more,
+    so that the kept rows fill the sample."""
+    n_train, n_queries = params.n_train, params.n_queries
+    total = sum(p.rows for p in parts)
+    if curation and kept:  # draw in proportion, then cut the kept draws down to the sizes wanted
+        scale = total / kept
+        n_train, n_queries = min(int(n_train * scale) + 1, total), int(n_queries * scale) + 1
+        n_train = max(0, min(n_train, total - n_queries))
+    plan = plan_sample(parts, n_train, n_queries, seed)
+    read = ray.remote(num_cpus=1, max_retries=2)(read_kept_rows)
     refs = {}
     for p in parts:
         train_rows, query_rows = plan[p.name]
         if len(train_rows) + len(query_rows):
-            refs[p.name] = read.remote(ref, p.name, np.union1d(train_rows, query_rows))
+            refs[p.name] = read.remote(ref, p, np.union1d(train_rows, query_rows), (curation or {}).get(p.name))
     train, queries, ids = [], [], []
     for p in parts:
         if p.name not in refs:
             continue
         train_rows, query_rows = plan[p.name]
-        both = np.union1d(train_rows, query_rows)
-        x = ray.get(refs.pop(p.name))
+        x, both = ray.get(refs.pop(p.name))
+        if not len(both):
+            continue  # its curation drops every row drawn
+        train_rows, query_rows = np.intersect1d(train_rows, both), np.intersect1d(query_rows, both)
         train.append(x[np.searchsorted(both, train_rows)])
         queries.append(x[np.searchsorted(both, query_rows)])
-        ids.append([part_io.segment_id(p.ordinal, int(r)) for r in query_rows])
-    return Sample(train=np.concatenate(train).astype(np.float32),
-                  queries=np.concatenate(queries).astype(np.float32),
-                  query_ids=np.concatenate(ids).astype(np.int64))
+        ids.append(np.array([part_io.segment_id(p.ordinal, int(r)) for r in query_rows], np.int64))
+    rng = np.random.default_rng(seed)
+    sample = Sample(train=np.concatenate(train).astype(np.float32),
+                    queries=np.concatenate(queries).astype(np.float32),
+                    query_ids=np.concatenate(ids).astype(np.int64))
+    return _cut(sample, params.n_train, params.n_queries, rng) if curation else sample
+
+
+def _cut(sample: Sample, n_train: int, n_queries: int, rng: np.random.Generator) -> Sample:
+    """At most n_train training and n_queries query vectors of `sample`, drawn at random in sample order."""
+    train = np.sort(rng.choice(len(sample.train), min(n_train, len(sample.train)), replace=False))
+    queries = np.sort(rng.choice(len(sample.queries), min(n_queries, len(sample.queries)), replace=False))
+    return Sample(sample.train[train], sample.queries[queries], sample.query_ids[queries])
 
 
 def use_gpu(requested: bool | None) -> bool:

@@ -2,8 +2,8 @@
 
 Retained: the newest `keep` published versions, CURRENT, and every pinned version (`refbank pin`). Everything
 such a version names is kept — its manifest and publication record, its parts (objects, commit markers,
-rejects), its index (trained quantizer, directories, list objects, deltas, label table, report) and its
-tombstones. Any other object goes, unless it is younger than the grace period: a build, index run or removal
+rejects), its index (trained quantizer, directories, list objects, deltas, label table, report, the curation
+objects it was built with), its tombstones and its curation (decisions per part, report). Any other object goes, unless it is younger than the grace period: a build, index run or removal
 writing right now has objects no version names yet, and they are kept.
 """
 
@@ -42,6 +42,8 @@ def referenced_objects(m: Manifest) -> set[str]:
     for p in m.parts:
         names |= {f"parts/{p.name}.parquet", f"parts/{p.name}.json", f"rejects/{p.name}.parquet"}
     names |= {t.object for t in m.tombstones}
+    if m.curation is not None:
+        names |= {c.object for c in m.curation.parts} | {m.curation.report.object}
     index = m.index
     if index is not None:
         folder = f"index/{index.id}"
@@ -50,6 +52,7 @@ def referenced_objects(m: Manifest) -> set[str]:
             objects += [delta.directory, *delta.lists]
         names |= {f"{folder}/{o.object}" for o in objects if o is not None}
         names.add(f"{folder}/{index.report}")
+        names |= set(index.curation.values())  # the decisions its rows follow (an older curation, maybe)
     return names
 
 

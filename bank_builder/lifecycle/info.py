@@ -1,5 +1,6 @@
 """`refbank info`: what a bank holds — versions with dates and parents, parts, segment and label counts, the
-index layout with its deltas, tombstones, sizes on storage and the encoder spec — as one JSON-ready dict."""
+index layout with its deltas, tombstones, the curation with its per-label report, sizes on storage and the
+encoder spec — as one JSON-ready dict."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from bank_builder.format import BankRef, current_version, list_pins, list_versions
 from bank_builder.format import no_version_error, published_record, read_manifest, storage
+from bank_builder.format.curation import read_report
 from bank_builder.lifecycle.gc import referenced_objects
 
 
@@ -28,14 +30,31 @@ def bank_info(bank: str | BankRef, version: str | None = None, storage_options: 
         "bank": ref.uri, "version": m.version, "current": current, "versions": versions,
         "encoder": {k: v for k, v in m.encoder.items() if k != "entry"}, "dims": m.dims,
         "fingerprint": m.fingerprint, "totals": m.totals,
-        "labelled": sum(p.labelled for p in m.parts),
+        "labelled": sum(p.labelled for p in m.parts), "paired": sum(p.paired for p in m.parts),
         "parts": [{"name": p.name, "ordinal": p.ordinal, "source": p.source, "rows": p.rows, "bytes": p.bytes,
-                   "samples": p.samples, "rejects": p.rejects, "labelled": p.labelled} for p in m.parts],
+                   "samples": p.samples, "rejects": p.rejects, "labelled": p.labelled, "paired": p.paired}
+                  for p in m.parts],
         "tombstones": {"objects": len(m.tombstones), "segments": sum(t.count for t in m.tombstones),
                        "reasons": dict(Counter(t.reason for t in m.tombstones))},
         "index": _index_info(m),
+        "curation": _curation_info(ref, m),
         "storage": _sizes(ref, m),
     }
+
+
+def _curation_info(ref: BankRef, m) -> dict[str, Any] | None:
+    """The version's curation: options, totals, parts it covers, whether the index follows it, per-label report."""
+    curation = m.curation
+    if curation is None:
+        return None
+    report = read_report(ref, curation.report)
+    covered = curation.by_part
+    indexed = m.index is not None and all(m.index.curation.get(p) == (covered[p].object if p in covered else None)
+                                          for p in m.index.parts)
+    return {"options": curation.options, "created_at": curation.created_at, "kept": curation.kept,
+            "dropped": curation.dropped, "dropped_by_reason": curation.dropped_by_reason,
+            "parts_curated": len(covered), "parts_not_curated": len({p.name for p in m.parts} - set(covered)),
+            "index_follows": indexed, "unlabelled": report["unlabelled"], "labels": report["labels"]}
 
 
 def _index_info(m) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from bank_builder.format import BankMismatchError, BankRef, Manifest, index_layout, parts, publish, read_current
 from bank_builder.format import no_version_error, read_manifest
+from bank_builder.format.curation import keep_mask
 from bank_builder.format.index_layout import read_label_table
 from bank_builder.format.tombstones import is_removed, read_removed, write_tombstones
 from bank_builder.index.text import write_table
@@ -147,13 +148,17 @@ def _without_labels(ref: BankRef, m: Manifest, removed: np.ndarray):
 
 def _label_sums(ref: BankRef, m: Manifest, ids: np.ndarray) -> tuple[list[str], dict, dict]:
     """(labels, label → sum of the visual embeddings of `ids` that carry it, label → count), reading only the
-    row groups that hold them."""
+    row groups that hold them. Segments the index's curation dropped are in no label's sums, and count nowhere."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     by_ordinal = m.part_by_ordinal
     for ordinal in np.unique(ids >> parts.ROW_BITS).tolist():
         part = by_ordinal[ordinal]
-        wanted = set((ids[(ids >> parts.ROW_BITS) == ordinal]).tolist())
+        wanted = ids[(ids >> parts.ROW_BITS) == ordinal]
+        keep = keep_mask(ref, m.index.curation.get(part.name), part.rows)
+        if keep is not None:
+            wanted = wanted[keep[wanted & ((1 << parts.ROW_BITS) - 1)]]
+        wanted = set(wanted.tolist())
         for table in parts.iter_row_groups(ref, part.name, ["segment_id", "label", parts.VISUAL]):
             hit = np.array([i in wanted for i in table["segment_id"].to_pylist()], bool)
             if not hit.any():

@@ -27,6 +27,8 @@ SOURCE_TAG = "refbank-synthetic"
 CLASS_IGNORE = 255  # class masks: unlabeled pixels
 _SPLIT_STREAMS = {"train": 0, "heldout": 1}  # part of every sample's seed: the splits never share images
 _CAPTION_STREAM = 1  # appended to a sample's seed for its noisy caption, so captions never change the image
+_LABEL_STREAM = 2  # ... and for its wrong labels, so they change neither the image nor the caption
+_LABELLED_KINDS = (MaskKind.INSTANCE, MaskKind.RLE)  # kinds whose labels are per instance (wrong_label_rate)
 _IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
 
 
@@ -49,6 +51,10 @@ class CorpusConfig:
     captions: bool = False
     wrong_phrase_rate: float = 0.0
     missing_phrase_rate: float = 0.0
+    # chance that an instance's label (json `segments`, rle.json `label`) names another class, drawn uniformly;
+    # the true class of each such instance goes in the json's `label_truth` ({"<id>": class}); images, masks and
+    # captions stay the same bytes
+    wrong_label_rate: float = 0.0
 
 
 @dataclass
@@ -79,12 +85,17 @@ def _validate(config: CorpusConfig) -> CorpusConfig:
     if not 0 <= config.min_objects <= config.max_objects:
         raise ValueError(f"need 0 <= min_objects <= max_objects, got {config.min_objects}..{config.max_objects}")
     check_rates(config.wrong_phrase_rate, config.missing_phrase_rate)
+    if not 0.0 <= config.wrong_label_rate <= 1.0:
+        raise ValueError(f"wrong_label_rate={config.wrong_label_rate}: use a probability in [0, 1]")
     if not config.captions and (config.wrong_phrase_rate or config.missing_phrase_rate):
         raise ValueError("wrong / missing phrase rates apply to noisy captions: use captions=True (--captions)")
     # auto is how a build reads a mixed corpus; a corpus is written in one kind
     written = [k.value for k in MaskKind if k is not MaskKind.AUTO]
     if config.mask_kind not in written:
         raise ValueError(f"mask_kind={getattr(config.mask_kind, 'value', config.mask_kind)!r}: use one of {written}")
+    if config.wrong_label_rate and MaskKind(config.mask_kind) not in _LABELLED_KINDS:
+        raise ValueError(f"wrong_label_rate applies to labelled instances: use mask_kind instance or rle, not "
+                         f"{MaskKind(config.mask_kind).value}")
     return replace(config, mask_kind=MaskKind(config.mask_kind))
 
 
@@ -97,11 +108,23 @@ def _image_bytes(image: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def _rle_annotations(scene: Scene) -> list[dict[str, Any]]:
+def wrong_labels(rng: np.random.Generator, labels: dict[int, str], rate: float) -> dict[int, str]:
+    """`labels` (instance id → class) with each label replaced, with probability `rate`, by another class drawn
+    uniformly. Two draws per instance whatever the outcome: a higher rate flips a superset of the instances."""
+    names = class_names()
+    out = {}
+    for instance_id, label in labels.items():
+        flip, pick = rng.uniform(size=2)
+        others = [n for n in names if n != label]
+        out[instance_id] = others[int(pick * len(others))] if flip < rate else label
+    return out
+
+
+def _rle_annotations(scene: Scene, labels: dict[int, str]) -> list[dict[str, Any]]:
     """COCO / SA-1B style annotations of every instance: RLE counts as str, bbox XYWH pixels, area."""
     height, width = scene.instances.shape
     annotations = []
-    for instance_id, label in scene.labels.items():
+    for instance_id, label in labels.items():
         binary = scene.instances == instance_id
         rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
         rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
@@ -118,7 +141,7 @@ def _rle_annotations(scene: Scene) -> list[dict[str, Any]]:
     return annotations
 
 
-def _mask_member(scene: Scene, kind: MaskKind) -> tuple[str, bytes] | None:
+def _mask_member(scene: Scene, kind: MaskKind, labels: dict[int, str]) -> tuple[str, bytes] | None:
     """(extension, bytes) of the mask member for `kind`, or None for MaskKind.NONE."""
     if kind is MaskKind.INSTANCE:
         dtype = np.uint8 if max(scene.labels, default=0) <= 255 else np.uint16
@@ -132,12 +155,13 @@ def _mask_member(scene: Scene, kind: MaskKind) -> tuple[str, bytes] | None:
         objects = [i for i, label in scene.labels.items() if label not in BACKGROUND_CLASSES]
         return "mask.png", png_bytes(np.where(np.isin(scene.instances, objects), 255, 0).astype(np.uint8))
     if kind is MaskKind.RLE:
-        return "rle.json", json_bytes(_rle_annotations(scene))
+        return "rle.json", json_bytes(_rle_annotations(scene, labels))
     return None
 
 
-def _metadata(scene: Scene, kind: MaskKind, caption: Caption | None = None) -> dict[str, Any]:
-    """The sample's json: caption, phrases, source, the full class table, plus per-kind labels; with a noisy
+def _metadata(scene: Scene, kind: MaskKind, caption: Caption | None, labels: dict[int, str]) -> dict[str, Any]:
+    """The sample's json: caption, phrases, source, the full class table, plus per-kind labels (`labels`, which
+    may differ from the scene's: then `label_truth` holds the true class of each such instance); with a noisy
     `caption`, its text and phrases, and the truth about them in `caption_truth`."""
     meta: dict[str, Any] = {
         "caption": scene.caption,
@@ -147,23 +171,28 @@ def _metadata(scene: Scene, kind: MaskKind, caption: Caption | None = None) -> d
     }
     if caption is not None:
         meta.update(caption=caption.text, phrases=caption.phrases, caption_truth=caption.truth())
+    wrong = {str(i): scene.labels[i] for i, label in labels.items() if label != scene.labels[i]}
+    if wrong:
+        meta["label_truth"] = wrong
     if kind is MaskKind.INSTANCE:
-        meta["segments"] = [{"id": i, "label": label} for i, label in scene.labels.items()]
+        meta["segments"] = [{"id": i, "label": label} for i, label in labels.items()]
     elif kind is MaskKind.BINARY:
         meta["label"] = "foreground"
     return meta
 
 
 def encode_sample(key: str, scene: Scene, config: CorpusConfig = CorpusConfig(),
-                  caption: Caption | None = None) -> list[tuple[str, bytes]]:
+                  caption: Caption | None = None, labels: dict[int, str] | None = None) -> list[tuple[str, bytes]]:
     """The tar members (name, bytes) of one sample, in the order image, json, mask; a test can
-    build a shard from hand-made scenes with these. `caption`: a noisy caption replacing the clean one."""
+    build a shard from hand-made scenes with these. `caption`: a noisy caption replacing the clean one;
+    `labels`: the instance labels to write (default the scene's, i.e. the truth)."""
     config = _validate(config)
+    labels = scene.labels if labels is None else labels
     members = [
         (f"{key}.{config.image_format}", _image_bytes(scene.image, config.image_format)),
-        (f"{key}.json", json_bytes(_metadata(scene, config.mask_kind, caption))),
+        (f"{key}.json", json_bytes(_metadata(scene, config.mask_kind, caption, labels))),
     ]
-    mask = _mask_member(scene, config.mask_kind)
+    mask = _mask_member(scene, config.mask_kind, labels)
     if mask is not None:
         members.append((f"{key}.{mask[0]}", mask[1]))
     return members
@@ -172,6 +201,12 @@ def encode_sample(key: str, scene: Scene, config: CorpusConfig = CorpusConfig(),
 def iter_scenes(config: CorpusConfig, split: str = "train") -> Iterator[tuple[str, Scene, Caption | None]]:
     """(key, scene, noisy caption or None) of every sample `make_corpus(url, config)` writes in `split`
     ("train" or "heldout"), in shard order; each sample has its own seed, so shards are independent."""
+    for key, scene, caption, _ in _iter_samples(config, split):
+        yield key, scene, caption
+
+
+def _iter_samples(config: CorpusConfig, split: str) -> Iterator[tuple[str, Scene, Caption | None, dict[int, str]]]:
+    """`iter_scenes` with the instance labels each sample writes (wrong ones at `wrong_label_rate`)."""
     config = _validate(config)
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"split={split!r}: use one of {sorted(_SPLIT_STREAMS)}")
@@ -183,7 +218,11 @@ def iter_scenes(config: CorpusConfig, split: str = "train") -> Iterator[tuple[st
             if config.captions:
                 caption = noisy_caption(np.random.default_rng(seed + [_CAPTION_STREAM]), scene.labels,
                                         config.wrong_phrase_rate, config.missing_phrase_rate)
-            yield sample_key(split, shard, index), scene, caption
+            labels = scene.labels
+            if config.wrong_label_rate:
+                labels = wrong_labels(np.random.default_rng(seed + [_LABEL_STREAM]), scene.labels,
+                                      config.wrong_label_rate)
+            yield sample_key(split, shard, index), scene, caption, labels
 
 
 def make_corpus(url: str, config: CorpusConfig = CorpusConfig(), storage_options: dict | None = None) -> CorpusSummary:
@@ -199,9 +238,9 @@ def make_corpus(url: str, config: CorpusConfig = CorpusConfig(), storage_options
     for split in ("train", "heldout"):
         scenes: list[Scene] = []
         members: list[tuple[str, bytes]] = []
-        for key, scene, caption in iter_scenes(config, split):
+        for key, scene, caption, labels in _iter_samples(config, split):
             scenes.append(scene)
-            members.extend(encode_sample(key, scene, config, caption))
+            members.extend(encode_sample(key, scene, config, caption, labels))
             if len(scenes) == config.samples_per_shard:  # the shard is complete: one put per shard
                 name = f"{key.rsplit('-', 1)[0]}.tar"
                 fs.pipe_file(f"{root.rstrip('/')}/{name}", tar_bytes(members))
