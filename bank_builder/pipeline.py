@@ -50,8 +50,8 @@ class BuildReport:
     parts_skipped: int
     segments: int
     labelled: int  # segments with a label, in every part of the version
-    unlabelled: int
-    unlabelled_by_kind: dict[str, int]  # the unlabelled ones by what cut them: superpixel, instance, class, ...
+    unlabelled: int  # segments their masks left without a label (pairing may have labelled some: `paired`)
+    unlabelled_by_kind: dict[str, int]  # those by what cut them: superpixel, instance, class, ...
     part_labels: dict[str, dict[str, int]]  # part name → {"labelled": n, "unlabelled": m}
     samples: int
     rejects: int

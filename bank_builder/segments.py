@@ -307,5 +307,5 @@ def unlabelled_warning(labelled: int, unlabelled_by_kind: dict[str, int], mask_k
     why = "; ".join(f"{n} {cause}" for n, cause, _ in causes)
     fixes = "; ".join(fix for _, _, fix in causes)
     kind_hint = "" if mask_kind is MaskKind.AUTO else f" (or --mask-kind auto instead of {mask_kind.value})"
-    return (f"{unlabelled} of {labelled + unlabelled} segments have NO LABEL: {why}. Fix: {fixes}{kind_hint}; "
+    return (f"{unlabelled} of {labelled + unlabelled} segments have NO LABEL from their masks: {why}. Fix: {fixes}{kind_hint}; "
             "see docs/CORPUS.md")

@@ -19,7 +19,7 @@ from bank_builder.embed import embed_labels, encode_batch, prepare_image
 from bank_builder.encoders import EncoderSpec, load_encoder
 from bank_builder.ingest import iter_samples
 from bank_builder.pairing import candidate_phrases, pair_batch
-from bank_builder.records import Reject
+from bank_builder.records import LabelSource, Reject
 from bank_builder.segments import make_segments
 
 
@@ -158,6 +158,9 @@ def write_shard(
     info.reject_reasons = dict(Counter(r.reason.value for r in tail.rejects))
     info.labelled = sum(label is not None for label in rows.label)
     info.paired = sum(source == "paired" for source in rows.label_source)
-    info.unlabelled_by_kind = dict(Counter(k for k, label in zip(rows.mask_kind, rows.label) if label is None))
+    # what the masks left without a label, paired ones included: a corpus read as the wrong mask kind must still
+    # be reported when its captions' phrases then label some of its segments
+    info.unlabelled_by_kind = dict(Counter(k for k, source in zip(rows.mask_kind, rows.label_source)
+                                           if source != LabelSource.GROUND_TRUTH.value))
     part_io.write_rejects(ref, info.name, tail.rejects)
     return part_io.write_part(ref, table, info, spec)

@@ -39,7 +39,7 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     with interrupt_guard() as check, console_progress(config.pipeline.progress_interval_s) as printer:
         report = build_bank(config, on_progress=lambda progress: (check(), printer(progress)))
     show(report, as_json, build_text)
-    warning = unlabelled_warning(report.labelled, report.unlabelled_by_kind, config.ingest.mask_kind)
+    warning = unlabelled_warning(report.labelled - report.paired, report.unlabelled_by_kind, config.ingest.mask_kind)
     if warning:
         typer.secho(f"WARNING   {warning}", err=True, fg=typer.colors.RED, bold=True)
     return 0 if report.ok else 1
@@ -56,7 +56,8 @@ def build_text(report: Any) -> str:
         f"bank      {report.bank}: {state}",
         f"shards    {report.shards} ({report.parts_written} built, {report.parts_skipped} reused, {len(report.failed)} failed)",
         f"contents  {report.samples} images, {report.segments} segments, {report.rejects} rejects {report.reject_reasons or ''}",
-        f"labels    {report.labelled} labelled, {report.unlabelled} unlabelled" + (f" ({kinds})" if kinds else ""),
+        f"labels    {report.labelled - report.paired} labelled by their masks, {report.unlabelled} not"
+        + (f" ({kinds})" if kinds else "") + (f"; {report.paired} of those paired with a phrase" if report.paired else ""),
         f"speed     {report.seconds:.1f} s ({report.startup_s:.1f} s start-up), {report.images_per_s:.1f} images/s, "
         f"{report.segments_per_s:.1f} segments/s after start-up ({report.shard_retries} shard retries, "
         f"{report.actor_restarts} actor restarts)",

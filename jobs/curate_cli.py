@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import typer
 
-from jobs.build_cli import _connect
 from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, storage_options
 from jobs.console import setup_logging, show
 
@@ -43,12 +42,14 @@ def curate_cmd(
     near-duplicates; score every segment. Dropped segments stay in the parts with keep = false and a reason; the
     next `refbank index` takes kept segments only. Publishes the next version; prints a per-label report."""
     from bank_builder.curate import CurationConfig, curate_bank
+    from bank_builder.ray_runtime import init_ray
 
     setup_logging(verbose)
     config = CurationConfig(drop_unpaired=not keep_unpaired, outlier_z=None if no_outliers else outlier_z,
                             refine_rounds=refine_rounds, min_group=min_group, confusion_margin=confusion_margin,
                             synonym_cosine=synonym_cosine, duplicate_cosine=None if no_duplicates else duplicate_cosine)
-    _connect(ray_address)
+    if ray_address:  # else curate_bank starts a local Ray once the bank is opened
+        init_ray(ray_address)
     show(curate_bank(bank, config, storage_options(storage_option, endpoint_url)), as_json, curate_text)
 
 

@@ -86,7 +86,8 @@ class PartEntry:
     fingerprint: str
     labelled: int = 0  # segments with a label
     paired: int = 0  # of them, labelled by pairing with a caption phrase (label_source "paired")
-    unlabelled_by_kind: dict[str, int] = field(default_factory=dict)  # the others, by the mask kind that cut them
+    # segments their masks left without a label (the paired ones included), by the mask kind that cut them
+    unlabelled_by_kind: dict[str, int] = field(default_factory=dict)
     footer_sha256: str = ""  # of the Parquet footer + 8-byte trailer, checked on every footer read ("" = older part)
 
     def __post_init__(self) -> None:
