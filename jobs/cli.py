@@ -432,3 +432,4 @@ def demo_cmd(
 
 
 import jobs.lifecycle_cli  # noqa: E402,F401 - registers info, remove, compact, gc, pin, unpin on `app`
+import jobs.eval_cli  # noqa: E402,F401 - registers eval on `app`
