@@ -27,12 +27,14 @@ class DecodedBatch:
     """Encoder input for up to batch_size images of one shard.
 
     images (B, S, S, 3) uint8; soft_masks (n, g, g) float32 cell coverage; image_index (n,) int64 into images.
+    stream_bytes: bytes of the shard read up to the batch's last image (progress).
     """
 
     images: np.ndarray
     soft_masks: np.ndarray
     image_index: np.ndarray
     rows: part_io.SegmentRows
+    stream_bytes: int = 0
 
 
 @dataclass
@@ -62,15 +64,18 @@ class _BatchBuilder:
         self.soft: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         self.rows = part_io.SegmentRows()
+        self.stream_bytes = 0
 
-    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list) -> None:
+    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, stream_bytes: int) -> None:
+        self.stream_bytes = stream_bytes
         self.index.append(np.full(len(segments), len(self.images), dtype=np.int64))
         self.images.append(image)
         self.soft.append(soft)
         self.rows.add(key, segments)
 
     def take(self) -> DecodedBatch:
-        batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows)
+        batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows,
+                             self.stream_bytes)
         self.__init__()
         return batch
 
@@ -87,7 +92,7 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
             rejects.append(segments)
             continue
         image, soft = prepare_image(item.image, [s.mask for s in segments], spec)
-        builder.add(item.key, image, soft, segments)
+        builder.add(item.key, image, soft, segments, item.stream_bytes)
         samples += 1
         if len(builder.images) == config.pipeline.batch_size:
             yield builder.take()
@@ -118,7 +123,7 @@ class EncoderWorker:
             self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label, self.text_cache
         )
         encoded = EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images))
-        return {"images": len(batch.images), "segments": len(batch.rows)}, encoded
+        return {"images": len(batch.images), "segments": len(batch.rows), "stream_bytes": batch.stream_bytes}, encoded
 
 
 def write_shard(
