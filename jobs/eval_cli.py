@@ -1,16 +1,16 @@
-"""`refbank eval` (registered on jobs.cli.app): a thin layer over jobs.eval.evaluate."""
+"""`refbank eval` (registered on jobs.cli.app): a thin layer over jobs.eval.evaluate. Failures are raised and
+answered by jobs.group (one line, exit status as in jobs.errors)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from bank_builder.config import MaskKind
-from jobs.cli import AS_JSON, ENDPOINT_URL, STORAGE_OPTION, _setup_logging, _storage_options, app
+from jobs.cli import AS_JSON, ENDPOINT_URL, STORAGE_OPTION, VERBOSE, app, storage_options
+from jobs.console import setup_logging, show
 
 
 @app.command("eval")
@@ -59,38 +59,34 @@ def eval_cmd(
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
     as_json: bool = AS_JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Score retrieval segmentation on a labelled held-out corpus: mIoU, per-class IoU, pixel accuracy and a
     confusion matrix per mode; foreground IoU, F-measure, MAE; reference-mode precision of "no target"; with an
-    oracle row and ablations in the same run. Exit status: 0 ok, 2 bad options, bank or corpus.
+    oracle row and ablations in the same run (several banks, e.g. curated and uncurated, in one run with --bank).
     """
-    from bank_builder.format import BankError
     from jobs.eval import EvalConfig, Protocol, ReferenceTrials, Variant, evaluate, parse_ablations
     from jobs.eval.run import save_report
     from query.windows import WindowConfig
 
-    _setup_logging(False)
-    try:
-        base = Variant(regions=regions, k=k, labels_per_class=labels_per_class, prototypes=prototypes,
-                       prototype_neighbours=prototype_neighbours)
-        config = EvalConfig(
-            banks=(bank, *(more_banks or [])), heldout=heldout, modes=tuple(mode or ("vocabulary", "open_set")),
-            mask_kind=mask_kind, classes=tuple(c.strip() for c in classes.split(",")) if classes else None,
-            max_images=max_images, base=base, ablations=parse_ablations(ablate or [], base), oracle=oracle,
-            protocol=Protocol(windows=WindowConfig(short_side, crop, stride), working_side=working_side,
-                              ignore_index=ignore_index, reduce_zero_label=reduce_zero_label,
-                              background_threshold=background_threshold, background_class=background_class),
-            reference=ReferenceTrials(pool_images=reference_pool, shots=reference_shots, prompt=reference_prompt,
-                                      fpr=fpr),
-            foreground_threshold=foreground_threshold, weights=weights, device=device,
-            storage_options=_storage_options(storage_option, endpoint_url))
-        report = evaluate(config)
-    except (BankError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    setup_logging(verbose)
+    base = Variant(regions=regions, k=k, labels_per_class=labels_per_class, prototypes=prototypes,
+                   prototype_neighbours=prototype_neighbours)
+    config = EvalConfig(
+        banks=(bank, *(more_banks or [])), heldout=heldout, modes=tuple(mode or ("vocabulary", "open_set")),
+        mask_kind=mask_kind, classes=tuple(c.strip() for c in classes.split(",")) if classes else None,
+        max_images=max_images, base=base, ablations=parse_ablations(ablate or [], base), oracle=oracle,
+        protocol=Protocol(windows=WindowConfig(short_side, crop, stride), working_side=working_side,
+                          ignore_index=ignore_index, reduce_zero_label=reduce_zero_label,
+                          background_threshold=background_threshold, background_class=background_class),
+        reference=ReferenceTrials(pool_images=reference_pool, shots=reference_shots, prompt=reference_prompt,
+                                  fpr=fpr),
+        foreground_threshold=foreground_threshold, weights=weights, device=device,
+        storage_options=storage_options(storage_option, endpoint_url))
+    report = evaluate(config)
     if out is not None:
         save_report(report, out)
-    typer.echo(json.dumps(asdict(report), indent=1) if as_json else format_report(report))
+    show(report, as_json, format_report)
 
 
 def format_report(report: Any) -> str:

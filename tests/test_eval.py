@@ -146,14 +146,25 @@ def test_sliding_window_agrees_with_the_whole_image(world):
 
 
 def test_p_prototypes_per_class_are_clusters_of_the_class(world):
+    """P prototypes of "cat" are a k-means fixed point of the bank's cat segments nearest the class's mean: every
+    such segment is nearest one centroid, and each centroid is the normalised mean of its segments."""
     run = _Run(EvalConfig(banks=(world["bank"],), heldout=world["heldout"], device="cpu"))
-    segmenter, table = run.segmenter(0, "superpixel"), run.opened[0].table
-    (clustered,), matched = segmenter.class_prototypes(["cat"], VocabularyConfig(prototypes_per_class=3))
-    assert clustered.shape == (3, segmenter.encoder.spec.visual_dim)
+    segmenter, table, bank = run.segmenter(0, "superpixel"), run.opened[0].table, run.opened[0].bank
+    config = VocabularyConfig(prototypes_per_class=3)
+    (clustered,), matched = segmenter.class_prototypes(["cat"], config)
+    assert clustered.shape == (3, segmenter.encoder.spec.visual_dim) and matched["cat"][0][0] == "cat"
     np.testing.assert_allclose(np.linalg.norm(clustered, axis=1), 1, atol=1e-5)
-    nearest = np.argmax(clustered @ np.asarray(table.prototypes).T, axis=1)
-    assert [table.labels[j] for j in nearest] == ["cat"] * 3  # clusters of cat segments, not of others
-    assert matched["cat"][0][0] == "cat"
+    (mean,), _ = segmenter.class_prototypes(["cat"])
+    _, ids = segmenter.searcher.search(mean, config.prototype_neighbours)
+    ids = ids[0][ids[0] >= 0]
+    cats = ids[[label == "cat" for label in bank.labels(ids)]]
+    points = bank.visual_embeddings(cats).astype(np.float64)
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    assign = np.argmax(points @ clustered.T, axis=1)
+    assert len(cats) > 3 and set(assign.tolist()) == {0, 1, 2}
+    for c in range(3):
+        centroid = points[assign == c].sum(axis=0)
+        np.testing.assert_allclose(clustered[c], centroid / np.linalg.norm(centroid), atol=1e-4)
     bare = type(segmenter)(segmenter.encoder, segmenter.searcher, segmenter.metadata, table)
     with pytest.raises(ValueError, match="vectors="):
         bare.class_prototypes(["cat"], VocabularyConfig(prototypes_per_class=2))

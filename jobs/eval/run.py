@@ -20,7 +20,7 @@ import numpy as np
 
 from bank_builder.config import IngestConfig
 from bank_builder.encoders import Encoder, load_encoder
-from bank_builder.format import BankMismatchError
+from bank_builder.format import BankNotIndexedError
 from bank_builder.ingest import iter_samples, list_shards
 from bank_builder.records import Reject, Sample
 from jobs.eval.config import EvalConfig, Variant
@@ -131,7 +131,7 @@ class _Run:
     def _open(self, uri: str) -> _Opened:
         bank = open_bank(uri, storage_options=self.config.storage_options, expected_encoder=self.encoder.spec)
         if bank.index is None:
-            raise BankMismatchError(f"bank {uri} version {bank.version} has no index; run `refbank index {uri}`")
+            raise BankNotIndexedError(f"bank {uri} version {bank.version} has no index; run `refbank index {uri}`")
         return _Opened(bank, BankSearcher(bank), PartReader(bank), label_table(bank))
 
     def segmenter(self, bank: int, regions: str) -> Segmenter:
