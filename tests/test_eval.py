@@ -58,7 +58,8 @@ def report(world):
 
 
 def test_measured_targets(report):
-    """The figures docs/QUALITY.md reports for this setting, with margin (measured: see that page)."""
+    """Lower bounds, with margin, under the figures measured on this small corpus; docs/QUALITY.md gives a larger
+    run's figures. The issue's targets (ratio 0.9, "no target" 0.95) are not met: the bounds say so."""
     base, oracle = report.row("base")["modes"], report.row("oracle")["modes"]
     assert report.heldout["images"] == 32 and report.encoder["name"] == "synthetic-clip"
     assert 0.55 <= base["vocabulary"]["miou"] < oracle["vocabulary"]["miou"]
