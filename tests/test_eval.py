@@ -63,7 +63,7 @@ def test_measured_targets(report):
     base, oracle = report.row("base")["modes"], report.row("oracle")["modes"]
     assert report.heldout["images"] == 32 and report.encoder["name"] == "synthetic-clip"
     assert 0.55 <= base["vocabulary"]["miou"] < oracle["vocabulary"]["miou"]
-    assert report.oracle_ratio("base") >= 0.65  # the target is 0.9: NOT met (docs/QUALITY.md)
+    assert report.oracle_ratio("base") >= 0.6  # measured 0.659; the target is 0.9: NOT met (docs/QUALITY.md)
     hierarchy = report.row("regions=hierarchy")["modes"]["vocabulary"]["miou"]
     assert hierarchy >= base["vocabulary"]["miou"] - 0.05
     assert report.row("ceiling:hierarchy")["modes"]["vocabulary"]["miou"] > report.row(
@@ -71,7 +71,8 @@ def test_measured_targets(report):
     assert base["open_set"]["miou"] >= 0.5
     ref = base["reference"]
     assert ref["trials"] >= 40 and ref["present"] == ref["absent"]
-    assert ref["no_target_precision"] >= 0.65 and ref["no_target_recall"] >= 0.75  # target 0.95: NOT met
+    # measured 0.732 / 0.901 (182 trials); the target 0.95 is NOT met
+    assert ref["no_target_precision"] >= 0.65 and ref["no_target_recall"] >= 0.8
     fg = base["foreground"]
     assert fg["iou"] >= 0.6 and fg["f_measure"] >= 0.75 and fg["mae"] <= 0.12
 
