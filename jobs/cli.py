@@ -257,3 +257,4 @@ def demo_cmd(
 import jobs.build_cli  # noqa: E402,F401 - registers build and index on `app`
 import jobs.lifecycle_cli  # noqa: E402,F401 - registers info, remove, compact, gc, pin, unpin on `app`
 import jobs.curate_cli  # noqa: E402,F401 - registers curate on `app`
+import jobs.eval_cli  # noqa: E402,F401 - registers eval on `app`

@@ -1,23 +1,27 @@
 """Query regions: an image cut into regions (superpixels or the encoder's patch grid), reference prompts
 (mask, box, scribble) turned into masks, and region embeddings pooled exactly as the builder pools segments.
 
-Region embeddings go through `bank_builder.embed.encode_batch`, the builder's own call (squash to the
-encoder's S×S input, exact area-weighted soft masks on the g×g grid, mask pooling, float16), so a query
-region and a bank segment with the same pixels get the same vector.
+Region embeddings go through the builder's own calls (`bank_builder.embed.prepare_image`: squash to the
+encoder's S×S input, exact area-weighted soft masks on the g×g grid; the encoder's dense features;
+`pool_segments`: mask pooling, float16), as `encode_batch` makes them, so a query region and a bank segment
+with the same pixels get the same vector. With merge thresholds, the regions also carry a hierarchy of
+larger regions merged from them (query.hierarchy), pooled from the same forward pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from bank_builder.config import SegmentConfig
-from bank_builder.embed import encode_batch, prepare_image
+from bank_builder.embed import pool_segments, prepare_image
 from bank_builder.encoders import Encoder
 from bank_builder.segments import superpixel_labels
+from query.hierarchy import RegionLevel, adjacent_pairs, check_thresholds, merge_levels
 
 RegionKind = Literal["superpixel", "grid"]
 Box = tuple[float, float, float, float]  # XYXY pixels, max exclusive
@@ -36,16 +40,21 @@ class RegionConfig:
     that is larger, before regions are cut, masked and pooled; results are upsampled nearest to the image's size.
     The encoder sees an S×S squash and superpixels are cut at ≤ superpixel_max_side anyway, so little is lost,
     and the masks cost n × working_side² bytes instead of n × H × W.
+    merge_thresholds: strictly descending cosines; when given, adjacent regions are merged greedily by the cosine
+    of their pooled features and the merge is cut at each threshold (query.hierarchy), and the modes score a
+    region by the mean of its scores at those levels. () = regions scored on their own.
     """
 
     kind: RegionKind = "superpixel"
     segments: SegmentConfig = field(default_factory=SegmentConfig)
     superpixel_max_side: int = 160
     working_side: int = 256
+    merge_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("superpixel", "grid"):
             raise ValueError(f"RegionConfig.kind={self.kind!r}: use 'superpixel' or 'grid'")
+        object.__setattr__(self, "merge_thresholds", check_thresholds(self.merge_thresholds))
         for name in ("superpixel_max_side", "working_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RegionConfig.{name} must be ≥ 1 pixel, got {getattr(self, name)}")
@@ -56,12 +65,14 @@ class Regions:
     """Regions of one image. masks: (n, h, w) bool, disjoint, covering the image at its working size; embeddings:
     (n, C) float32 L2-normalised (the builder's float16 values widened, so norms are 1 ± 1e-3); labels: the same
     regions as an (h, w) int64 map of region numbers 0..n-1 (None: derived from the masks when needed); size:
-    the (H, W) of the image they describe when the masks were made smaller (None: the masks' own size)."""
+    the (H, W) of the image they describe when the masks were made smaller (None: the masks' own size);
+    levels: the cuts of a region hierarchy over them (RegionConfig.merge_thresholds), () = none."""
 
     masks: np.ndarray
     embeddings: np.ndarray
     labels: np.ndarray | None = None
     size: tuple[int, int] | None = None
+    levels: tuple[RegionLevel, ...] = ()
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -133,7 +144,14 @@ def region_masks(image: np.ndarray, config: RegionConfig, grid: int) -> np.ndarr
 
 def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 image + n (H, W) bool non-empty masks → (n, C) float32, pooled by the builder's own
-    path (prepare_image + encode_batch: one encoder call, float16 values widened to float32)."""
+    path (prepare_image, one encoder call, pool_segments: float16 values widened to float32)."""
+    return _pool(encoder, image, masks)[0]
+
+
+def _pool(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray,
+          sums: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, C) float32 embeddings as `embed_masks`, and with `sums` each mask's (n, C) float64 unnormalised
+    coverage-weighted sum of cell features (what query.hierarchy merges), from the same forward pass."""
     image = check_image(image)
     masks = list(masks)
     for i, mask in enumerate(masks):
@@ -142,11 +160,13 @@ def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray]
         if not np.any(mask):
             raise ValueError(f"mask {i} is empty; every region must cover at least one pixel")
     if not masks:
-        return np.zeros((0, encoder.spec.visual_dim), np.float32)
+        return np.zeros((0, encoder.spec.visual_dim), np.float32), np.zeros((0, encoder.spec.visual_dim))
     resized, soft = prepare_image(image, [np.asarray(m, dtype=bool) for m in masks], encoder.spec)
-    index = np.zeros(len(masks), dtype=np.int64)
-    out = encode_batch(encoder, np.stack([resized]), soft, index, [None] * len(masks), {})
-    return out.visual.astype(np.float32)
+    features = encoder.encode_dense(np.stack([resized]))  # what encode_batch does for one image
+    with torch.inference_mode():
+        visual, _ = pool_segments(features, torch.as_tensor(soft), torch.zeros(len(masks), dtype=torch.int64))
+        cells = features[0].double().reshape(features.shape[1], -1).cpu().numpy()  # (C, g·g)
+    return visual.astype(np.float32), (soft.reshape(len(masks), -1).astype(np.float64) @ cells.T if sums else None)
 
 
 def working_image(image: np.ndarray, side: int) -> np.ndarray:
@@ -167,8 +187,10 @@ def image_regions(encoder: Encoder, image: np.ndarray, config: RegionConfig = Re
     work = working_image(image, max(config.working_side, encoder.spec.image_size))
     labels = region_labels(work, config, encoder.spec.grid)
     masks = masks_from_labels(labels)
-    return Regions(masks=masks, embeddings=embed_masks(encoder, work, masks), labels=labels,
-                   size=(height, width) if work is not image else None)
+    embeddings, sums = _pool(encoder, work, masks, sums=bool(config.merge_thresholds))
+    levels = tuple(merge_levels(sums, adjacent_pairs(labels), config.merge_thresholds)) if sums is not None else ()
+    return Regions(masks=masks, embeddings=embeddings, labels=labels,
+                   size=(height, width) if work is not image else None, levels=levels)
 
 
 # ----------------------------------------------------------------------------------------- prompts
@@ -254,3 +276,24 @@ def _check_points(points: Sequence[Point], shape: tuple[int, int]) -> list[tuple
         raise ValueError(f"scribble point {tuple(array[np.argmax(outside)])} lies outside the {width}x{height} "
                          "(W x H) image; points are (x, y) pixels")
     return [(float(x), float(y)) for x, y in array]
+
+
+# ----------------------------------------------------------------------------------------- presets
+
+# Named region configurations (`refbank eval --ablate regions=...`): the service's default superpixels, the
+# encoder's patch grid, and a hierarchy over finer superpixels (Felzenszwalb scale 50, min size 20: boundaries
+# of small objects kept) merged at four cosine levels; chosen on held-out images of a generated corpus of seed 21
+# and 22 (docs/QUALITY.md, "Evaluation").
+REGION_PRESETS: dict[str, RegionConfig] = {
+    "superpixel": RegionConfig(),
+    "grid": RegionConfig(kind="grid"),
+    "hierarchy": RegionConfig(segments=SegmentConfig(superpixel_scale=50.0, superpixel_min_size=20),
+                              merge_thresholds=(0.8, 0.6, 0.4, 0.2)),
+}
+
+
+def region_preset(name: str, working_side: int = RegionConfig.working_side) -> RegionConfig:
+    """The named region configuration (REGION_PRESETS) at `working_side`; ValueError listing the names."""
+    if name not in REGION_PRESETS:
+        raise ValueError(f"unknown regions {name!r}; use one of: {', '.join(REGION_PRESETS)}")
+    return replace(REGION_PRESETS[name], working_side=working_side)

@@ -12,90 +12,31 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from bank_builder.embed import TEXT_TEMPLATE
 from bank_builder.encoders import Encoder
-from bank_builder.synthetic import BACKGROUND_CLASSES
+from query.interfaces import (
+    BACKGROUND_LABELS, ForegroundScorer, LabelTable, Searcher, SegmentMetadata, SegmentVectors,
+)
+from query.prototypes import BankAccess, VocabularyConfig, class_prototypes
 from query.regions import Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask
 from query.render import Mode, RegionResult, SegmentationResult, assemble_result
+from query.votes import KnnForegroundScorer, knn_votes
 
 __all__ = [
     "BACKGROUND_LABELS", "ForegroundConfig", "ForegroundScorer", "KnnForegroundScorer", "LabelTable", "Mode",
     "OpenSetConfig", "Reference", "ReferenceConfig", "ReferencePrototype", "RegionConfig", "RegionResult", "Regions",
-    "Searcher", "SegmentMetadata", "SegmentationResult", "Segmenter", "VocabularyConfig", "knn_votes",
+    "Searcher", "SegmentMetadata", "SegmentVectors", "SegmentationResult", "Segmenter", "VocabularyConfig",
+    "knn_votes",
 ]
 
 _TEXT_CACHE_SIZE = 4096  # class names whose text embedding a Segmenter keeps
 
-# Labels that are scene "stuff" rather than objects (COCO-Stuff style names, plus the synthetic corpus's
-# background textures): the foreground mode's default background set.
-BACKGROUND_LABELS: frozenset[str] = frozenset({
-    "background", "sky", "grass", "gravel", "brick", "wall", "wall-brick", "floor", "ground", "road", "pavement",
-    "sand", "snow", "dirt", "water", "sea", "river", "mountain", "hill", "tree", "bush", "ceiling", "fence",
-    "field", "rock", "stone", "leaves", "building", *BACKGROUND_CLASSES,
-})
-
-
-# ----------------------------------------------------------------------------------------- bank interfaces
-
-
-@runtime_checkable
-class Searcher(Protocol):
-    """kNN over the bank's visual embeddings."""
-
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, C) float32 L2-normalised → scores (n, k) float32 inner products, best first; ids (n, k) int64, -1 where
-        fewer than k were found."""
-
-
-@runtime_checkable
-class SegmentMetadata(Protocol):
-    """Metadata lookup by bank segment id."""
-
-    def labels(self, ids: np.ndarray) -> list[str | None]:
-        """Label of each segment id (flat int64 array); None for unlabelled segments and for id -1."""
-
-
-@runtime_checkable
-class LabelTable(Protocol):
-    """The bank's text index: one row per unique label.
-
-    labels: L unique label strings; text: (L, D) float32 L2-normalised embeddings of TEXT_TEMPLATE.format(label);
-    prototypes: (L, C) float32 L2-normalised mean visual embedding of the label's segments; counts: (L,) segments.
-    """
-
-    labels: list[str]
-    text: np.ndarray
-    prototypes: np.ndarray
-    counts: np.ndarray
-
-
-@runtime_checkable
-class ForegroundScorer(Protocol):
-    """Foreground probability of regions. With RegionConfig(kind="grid") a region is one patch token, so a
-    RAG-SEG token-level bank (patch embedding → mask value) implements this directly."""
-
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, C) float32 L2-normalised region embeddings → (n,) float32 foreground scores in [0, 1]."""
-
 
 # ----------------------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class VocabularyConfig:
-    """Vocabulary mode: each class takes its `labels_per_class` nearest bank labels by text cosine, weighted by
-    softmax(cosine / text_temperature); combine "mean" = one prototype (weighted mean of their visual prototypes),
-    "max" = one prototype per label (those with weight ≥ 0.1 × the best), region score = max cosine.
-    background_threshold: regions whose best score is below it are background (0); None = every region labelled."""
-
-    labels_per_class: int = 3
-    text_temperature: float = 0.01
-    combine: Literal["mean", "max"] = "mean"
-    background_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,57 +90,6 @@ class ReferencePrototype:
     bank_labels: list[str]
 
 
-# ----------------------------------------------------------------------------------------- kNN votes
-
-
-def knn_votes(searcher: Searcher, metadata: SegmentMetadata, vectors: np.ndarray, k: int,
-              temperature: float) -> tuple[list[str | None], np.ndarray]:
-    """(n, C) float32 → (candidate labels U, None = unlabelled; shares (n, U) float32 rows summing to 1, or 0 with
-    no neighbour): each of the k nearest segments votes softmax(cosine / temperature) for its label."""
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"k must be ≥ 1 and temperature > 0, got k={k}, temperature={temperature}")
-    scores, ids = searcher.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-    valid = ids >= 0
-    labels = metadata.labels(ids.ravel())
-    candidates = sorted(set(labels) - {None}) + [None]
-    column = {label: j for j, label in enumerate(candidates)}
-    index = np.array([column[label] for label in labels], dtype=np.int64).reshape(ids.shape)
-    logits = np.where(valid, scores.astype(np.float64) / temperature, -np.inf)
-    top = logits.max(axis=1, keepdims=True)
-    weights = np.where(valid, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0.0)
-    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
-    shares = np.zeros((len(ids), len(candidates)), dtype=np.float64)
-    np.add.at(shares, (np.repeat(np.arange(len(ids)), ids.shape[1]), index.ravel()), weights.ravel())
-    return candidates, shares.astype(np.float32)
-
-
-class KnnForegroundScorer:
-    """Foreground score = kNN vote share (softmax(cosine / temperature) weights) of neighbours whose label is
-    foreground, among labelled neighbours; 0 when none is labelled."""
-
-    def __init__(self, searcher: Searcher, metadata: SegmentMetadata, foreground_labels: frozenset[str] | None = None,
-                 background_labels: frozenset[str] = BACKGROUND_LABELS, k: int = 10, temperature: float = 0.05):
-        self.searcher, self.metadata, self.k, self.temperature = searcher, metadata, k, temperature
-        self.foreground_labels, self.background_labels = foreground_labels, frozenset(background_labels)
-
-    def is_foreground(self, label: str) -> bool:
-        """Whether a bank label counts as foreground."""
-        if self.foreground_labels is not None:
-            return label in self.foreground_labels
-        return label not in self.background_labels
-
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, C) float32 L2-normalised → (n,) float32 in [0, 1]."""
-        if not len(embeddings):
-            return np.zeros(0, np.float32)
-        candidates, shares = knn_votes(self.searcher, self.metadata, embeddings, self.k, self.temperature)
-        labelled = shares[:, :-1]  # the last candidate is None
-        fg = np.array([self.is_foreground(c) for c in candidates[:-1]], dtype=bool)
-        total = labelled.sum(axis=1)
-        fraction = labelled[:, fg].sum(axis=1) / np.where(total > 0, total, 1)
-        return np.clip(np.where(total > 0, fraction, 0.0), 0.0, 1.0).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------------------- the segmenter
 
 
@@ -207,17 +97,21 @@ class Segmenter:
     """Retrieval segmentation over one bank: built once (encoder, bank interfaces), queried per image.
 
     encoder: the bank's encoder (same spec); searcher / metadata / table: the bank's kNN, id → label lookup and
-    label table; regions: how query images are cut; foreground: a custom ForegroundScorer (default: kNN vote).
+    label table; regions: how query images are cut; foreground: a custom ForegroundScorer (default: kNN vote);
+    vectors: the bank's stored vectors by id (only VocabularyConfig.prototypes_per_class > 1 reads them).
+    Regions with hierarchy levels (RegionConfig.merge_thresholds) are scored, in the vocabulary, open-set and
+    foreground modes, by the mean of their scores over the levels (query.hierarchy).
     """
 
     def __init__(self, encoder: Encoder, searcher: Searcher, metadata: SegmentMetadata, table: LabelTable,
-                 regions: RegionConfig = RegionConfig(), foreground: ForegroundScorer | None = None) -> None:
+                 regions: RegionConfig = RegionConfig(), foreground: ForegroundScorer | None = None,
+                 vectors: SegmentVectors | None = None) -> None:
         dim = encoder.spec.visual_dim
         if np.shape(table.prototypes) != (len(table.labels), dim):
             raise ValueError(f"label table prototypes are {np.shape(table.prototypes)}, expected ({len(table.labels)}, "
                              f"{dim}) for encoder {encoder.spec.name!r}; open the bank with the encoder that built it")
         self.encoder, self.searcher, self.metadata, self.table = encoder, searcher, metadata, table
-        self.region_config, self.foreground_scorer = regions, foreground
+        self.region_config, self.foreground_scorer, self.vectors = regions, foreground, vectors
         self._text: dict[str, np.ndarray] = {}  # class name → (D,) float32 text embedding
         self._text_lock = threading.Lock()
 
@@ -232,6 +126,9 @@ class Segmenter:
                                  f"got {np.shape(image.labels)}")
             if image.size is not None and not all(s >= m for s, m in zip(image.size, image.masks.shape[1:])):
                 raise ValueError(f"regions size {image.size} must be at least the masks' {image.masks.shape[1:]}")
+            for level in image.levels:
+                if np.shape(level.group) != (len(image),) or len(level.embeddings) <= np.max(level.group, initial=-1):
+                    raise ValueError(f"a regions level must map each of the {len(image)} regions to one of its rows")
             return image
         return image_regions(self.encoder, image, self.region_config)
 
@@ -261,33 +158,15 @@ class Segmenter:
             raise ValueError(f"encoder {self.encoder.spec.name!r} has no text tower; use open_set or reference mode")
         if not self.table.labels:
             raise ValueError("the bank has no labelled segments, so vocabulary mode has nothing to match")
-        if config.labels_per_class < 1 or config.text_temperature <= 0:
-            raise ValueError("labels_per_class must be ≥ 1 and text_temperature > 0")
-        sims = self.text_embeddings(names) @ np.asarray(self.table.text, dtype=np.float32).T  # (K, L)
-        k = min(config.labels_per_class, len(self.table.labels))
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        prototypes, matched = [], {}
-        for c, name in enumerate(names):
-            logits = sims[c, top[c]].astype(np.float64) / config.text_temperature
-            weights = np.exp(logits - logits.max())
-            weights /= weights.sum()
-            rows = np.asarray(self.table.prototypes, dtype=np.float32)[top[c]]
-            if config.combine == "mean":
-                proto = _normalise((weights[:, None] * rows).sum(axis=0, keepdims=True))
-            elif config.combine == "max":
-                proto = rows[weights >= 0.1 * weights.max()]
-            else:
-                raise ValueError(f"combine={config.combine!r}: use 'mean' or 'max'")
-            prototypes.append(proto.astype(np.float32))
-            matched[name] = [(self.table.labels[j], round(float(w), 6)) for j, w in zip(top[c], weights)]
-        return prototypes, matched
+        return class_prototypes(self.table, self.text_embeddings(names), names, config,
+                                BankAccess(self.searcher, self.metadata, self.vectors))
 
     def vocabulary(self, image: np.ndarray | Regions, classes: Sequence[str],
                    config: VocabularyConfig = VocabularyConfig()) -> SegmentationResult:
         """Label each region with the class whose prototypes it is most similar to (max cosine)."""
         prototypes, matched = self.class_prototypes(classes, config)
         regions = self.regions(image)
-        scores = np.stack([(regions.embeddings @ p.T).max(axis=1) for p in prototypes], axis=1)  # (n, K)
+        scores = self.vocabulary_scores(regions, prototypes)
         best = scores.argmax(axis=1)
         score = scores[np.arange(len(best)), best]
         assigned = best + 1
@@ -296,12 +175,23 @@ class Segmenter:
         return self._result("vocabulary", regions, assigned, score, list(matched),
                             details={"prototypes": matched})
 
+    def vocabulary_scores(self, regions: Regions, prototypes: list[np.ndarray]) -> np.ndarray:
+        """(n, K) float32: each region's max cosine to each class's (m, C) prototypes (`class_prototypes`)."""
+        return self._level_mean(regions, lambda e: np.stack([(e @ p.T).max(axis=1) for p in prototypes], axis=1))
+
+    def _level_mean(self, regions: Regions, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """score((m, C) embeddings) → (m, ...) per region; with hierarchy levels, each region gets the mean over the
+        levels of the score of the level region holding it."""
+        if not regions.levels:
+            return score(regions.embeddings)
+        return np.mean([score(level.embeddings)[level.group] for level in regions.levels], axis=0)
+
     # ------------------------------------------------------------------------------------- open set
 
     def open_set(self, image: np.ndarray | Regions, config: OpenSetConfig = OpenSetConfig()) -> SegmentationResult:
         """Label each region by the similarity-weighted vote of its k nearest bank segments; score = vote share."""
         regions = self.regions(image)
-        candidates, shares = knn_votes(self.searcher, self.metadata, regions.embeddings, config.k, config.temperature)
+        candidates, shares = self.open_set_shares(regions, config)
         best = shares.argmax(axis=1)
         share = shares[np.arange(len(best)), best]
         winners = [candidates[j] for j in best]
@@ -309,6 +199,21 @@ class Segmenter:
         classes = sorted({w for w, ok in zip(winners, keep) if ok})
         assigned = np.array([classes.index(w) + 1 if ok else 0 for w, ok in zip(winners, keep)], dtype=np.int64)
         return self._result("open_set", regions, assigned, share, classes)
+
+    def open_set_shares(self, regions: Regions, config: OpenSetConfig = OpenSetConfig()
+                        ) -> tuple[list[str | None], np.ndarray]:
+        """(candidate labels U, last = None for unlabelled; (n, U) float32 vote shares) of the regions' kNN votes
+        (`knn_votes`); with hierarchy levels, the mean over the levels of the votes of the level region."""
+        levels = regions.levels
+        groups = [level.group for level in levels] or [np.arange(len(regions))]
+        runs = [knn_votes(self.searcher, self.metadata, e, config.k, config.temperature)
+                for e in ([level.embeddings for level in levels] or [regions.embeddings])]
+        candidates = sorted({c for labels, _ in runs for c in labels} - {None}) + [None]
+        column = {label: j for j, label in enumerate(candidates)}
+        total = np.zeros((len(regions), len(candidates)), np.float64)
+        for (labels, shares), group in zip(runs, groups):
+            total[:, [column[label] for label in labels]] += shares[group]
+        return candidates, (total / len(runs)).astype(np.float32)
 
     # ------------------------------------------------------------------------------------- reference
 
@@ -368,7 +273,8 @@ class Segmenter:
 
         A region matches a reference when (1) its cosine to the prototype is ≥ the calibrated threshold and
         (2) it is closer to the prototype than to every label prototype of the bank outside the reference's own
-        labels (nearest-prototype rule, the reference as one more class). Region score = cosine to the best
+        labels (nearest-prototype rule, the reference as one more class); with hierarchy levels, both cosines
+        are the means over the levels. Region score = cosine to the best
         reference − cosine to the nearest such other label (> 0: closer to the reference). A region takes the
         matching class with the highest score, else background; exists = any region matched. Pass
         `prepare_references` output to reuse prototypes (and their calibration) across targets.
@@ -380,13 +286,18 @@ class Segmenter:
         prepared = [r if isinstance(r, ReferencePrototype) else next(fresh) for r in references]  # order kept
         classes = list(dict.fromkeys(p.label for p in prepared))
         regions = self.regions(target)
-        cosines = regions.embeddings @ np.stack([p.vector for p in prepared]).T  # (n, R)
-        to_labels = regions.embeddings @ np.asarray(self.table.prototypes, dtype=np.float32).T  # (n, L)
-        relative = np.empty_like(cosines)
-        for r, proto in enumerate(prepared):
-            others = np.array([label not in proto.bank_labels for label in self.table.labels], dtype=bool)
-            nearest_other = to_labels[:, others].max(axis=1) if others.any() else -1.0
-            relative[:, r] = cosines[:, r] - nearest_other
+        vectors = np.stack([p.vector for p in prepared])
+        others = [np.array([label not in p.bank_labels for label in self.table.labels], dtype=bool) for p in prepared]
+        label_prototypes = np.asarray(self.table.prototypes, dtype=np.float32)
+
+        def cosines_and_relative(embeddings: np.ndarray) -> np.ndarray:
+            cosines = embeddings @ vectors.T  # (m, R)
+            to_labels = embeddings @ label_prototypes.T  # (m, L)
+            nearest = np.stack([to_labels[:, o].max(axis=1) if o.any() else np.full(len(embeddings), -1.0)
+                                for o in others], axis=1)
+            return np.stack([cosines, cosines - nearest], axis=1)  # (m, 2, R)
+
+        cosines, relative = self._level_mean(regions, cosines_and_relative).transpose(1, 0, 2)
         thresholds = np.array([p.threshold for p in prepared], dtype=np.float32)
         key = np.where((cosines >= thresholds) & (relative > 0), relative, -np.inf)
         owner = np.array([classes.index(p.label) for p in prepared])
@@ -407,15 +318,25 @@ class Segmenter:
     def foreground(self, image: np.ndarray | Regions,
                    config: ForegroundConfig = ForegroundConfig()) -> SegmentationResult:
         """Binary segmentation: class "foreground" (1) where the region's foreground score ≥ threshold."""
+        regions = self.regions(image)
+        score = self.foreground_scores(regions, config)
+        assigned = (score >= config.threshold).astype(np.int64)
+        return self._result("foreground", regions, assigned, score, ["foreground"])
+
+    def foreground_scores(self, regions: Regions, config: ForegroundConfig = ForegroundConfig()) -> np.ndarray:
+        """(n,) float32 foreground scores in [0, 1] of the regions (the Segmenter's scorer, else the kNN vote)."""
         scorer = self.foreground_scorer or KnnForegroundScorer(
             self.searcher, self.metadata, config.foreground_labels, config.background_labels, config.k,
             config.temperature)
-        regions = self.regions(image)
-        score = np.asarray(scorer.score(regions.embeddings), dtype=np.float32)
-        if score.shape != (len(regions),) or not np.all((score >= 0) & (score <= 1)):
-            raise ValueError(f"foreground scorer must return ({len(regions)},) scores in [0, 1], got {score.shape}")
-        assigned = (score >= config.threshold).astype(np.int64)
-        return self._result("foreground", regions, assigned, score, ["foreground"])
+
+        def score(embeddings: np.ndarray) -> np.ndarray:
+            values = np.asarray(scorer.score(embeddings), dtype=np.float32)
+            if values.shape != (len(embeddings),) or not np.all((values >= 0) & (values <= 1)):
+                raise ValueError(f"foreground scorer must return ({len(embeddings)},) scores in [0, 1], "
+                                 f"got {values.shape}")
+            return values
+
+        return self._level_mean(regions, score).astype(np.float32)
 
     def _result(self, mode: Mode, regions: Regions, assigned: np.ndarray, scores: np.ndarray, classes: list[str],
                 **extra) -> SegmentationResult:
@@ -434,8 +355,3 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
         raise ValueError(f"class names must be unique, got {names}")
     return names
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1)
