@@ -127,7 +127,7 @@ class PipelineConfig:
     max_shards_in_flight: int | None = None  # None: 2 per encoder actor + 1, or one per CPU left for decode
     max_calls_per_encoder: int = 2  # queued encoder calls per actor (backpressure)
     max_attempts: int = 3  # a shard that fails this many times is reported as failed
-    progress_interval_s: float = 2.0
+    progress_interval_s: float = 10.0  # plain console lines: one per finished shard, else at most this often
     encoder_start_timeout_s: float = 600.0  # longest wait for an encoder actor to be placed and loaded
     # Import path of a module whose `decode_shard` and `EncoderWorker` replace the real ones (same signatures):
     # bench/driver_scale.py measures the driver alone with it. No CLI option sets it; the manifest records it.
@@ -195,3 +195,15 @@ def fingerprint_fields(config: BuildConfig) -> dict[str, Any]:
         "encoder": {f.name: getattr(config.encoder, f.name) for f in fields(config.encoder)
                     if f.name not in ("device", "entry")},
     }
+
+
+def option_differences(recorded: dict[str, Any], config: BuildConfig) -> list[str]:
+    """'<section>.<option>: bank X, this build Y' for each option of `fingerprint_fields` whose value differs
+    from the build options a manifest records (`recorded`); [] when they all agree."""
+    out = []
+    for section, values in fingerprint_fields(config).items():
+        had = recorded.get(section) or {}
+        for key, value in values.items():
+            if had.get(key) != value:
+                out.append(f"{section}.{key}: bank {had.get(key)!r}, this build {value!r}")
+    return out

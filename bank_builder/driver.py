@@ -51,12 +51,11 @@ class _ShardRun:
     tail: ray.ObjectRef | None = None
     chunks: int = 0
     encoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
-    images: int = 0
 
     def reset(self) -> None:
         """Forget the current attempt's outputs and start counting the next one."""
         self.attempt += 1
-        self.gen, self.held, self.tail, self.chunks, self.encoded, self.images = None, None, None, 0, {}, 0
+        self.gen, self.held, self.tail, self.chunks, self.encoded = None, None, None, 0, {}
 
 
 def _stages(stand_in: str | None) -> tuple[Callable[..., Any], type]:
@@ -193,9 +192,7 @@ class Driver:
         if attempt != run.attempt:
             return
         run.encoded[chunk] = encoded
-        run.images += stats["images"]
-        self.progress.images += stats["images"]
-        self.progress.segments += stats["segments"]
+        self.progress.batch_encoded(run.info.source, stats)
         self._maybe_write(run)
 
     def _maybe_write(self, run: _ShardRun) -> None:
@@ -214,9 +211,7 @@ class Driver:
             self._retry_or_fail(run, attempt, exc)
             return
         self.written.append(info)
-        self.progress.shards_done += 1
-        self.progress.rejects += info.rejects
-        self.progress.images_in_done_shards += run.images
+        self.progress.shard_written(run.info.source, info.rejects)
 
     def _abandon(self, run: _ShardRun) -> None:
         """Stop the shard's current attempt: its decode task is cancelled, its outputs are ignored from now on."""
@@ -236,10 +231,10 @@ class Driver:
         if run.failures >= self.config.pipeline.max_attempts:
             log.error("shard %s failed %d times: %s", run.info.source, run.failures, cause)
             self.failed.append(ShardFailure(run.info.source, f"{type(cause).__name__}: {cause}"))
-            self.progress.shards_failed += 1
+            self.progress.shard_restarted(run.info.source, failed=True)
         else:
             log.warning("shard %s attempt %d failed (%s); retrying", run.info.source, run.failures, cause)
-            self.progress.shard_retries += 1
+            self.progress.shard_restarted(run.info.source, failed=False)
             self.queue.appendleft(run)
 
     def _unstall(self) -> None:
@@ -257,6 +252,7 @@ class Driver:
                         "their CPUs", len(decoding))
         for run in decoding:
             self._abandon(run)
+            self.progress.shard_reset(run.info.source)
             self.queue.appendleft(run)
         self.holding = True
 

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from bank_builder.config import EncoderConfig, PipelineConfig
 from bank_builder.embed import encode_batch
 from bank_builder.encoders import load_encoder
-from bank_builder.workers import DecodedBatch, EncodedBatch
+from bank_builder.workers import DecodedBatch, EncodedBatch, chunk_stats
 
 log = logging.getLogger("refbank.build")
 
@@ -95,7 +95,7 @@ class EncoderWorker:
             out = encode_batch(self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label,
                                self.text_cache)
             encoded.append(EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images)))
-        return {"images": sum(len(b.images) for b in chunk), "segments": sum(len(b.rows) for b in chunk)}, encoded
+        return chunk_stats(chunk), encoded
 
 
 @dataclass

@@ -18,6 +18,8 @@ from braceexpand import braceexpand
 
 from bank_builder.config import MASK_PROBE_SAMPLES, IngestConfig, MaskKind, OnMissingMask
 from bank_builder.decode import decode_sample
+from bank_builder.format.retries import retrying
+from bank_builder.format.storage import one_try_fs
 from bank_builder.records import Reject, RejectReason, Sample
 
 
@@ -32,37 +34,55 @@ _GLOB_CHARS = frozenset("*?[")
 _LIST_FOLDER_FROM = 8
 
 
+class SourceError(ValueError):
+    """A shard pattern that names no shard: nothing matches, or named shards are missing."""
+
+
+class SourceIsFolderError(SourceError):
+    """The pattern is a folder (the corpus folder given instead of a pattern of its shards)."""
+
+
 def list_shards(pattern: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Sorted, de-duplicated shard URLs matching `pattern` ({a..b}/{x,y} braces, then * ? [] globs).
 
     URLs keep the pattern's scheme (s3://bucket/key); a pattern without a scheme gives absolute local
-    paths. Raises ValueError when nothing matches, or when a name spelled out without a glob is missing.
+    paths. Raises SourceError when nothing matches or a name spelled out without a glob is missing
+    (SourceIsFolderError when the pattern is a folder); StorageError when the store cannot be listed.
     """
+    return sorted(shard_sizes(pattern, storage_options))
+
+
+def shard_sizes(pattern: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """{shard URL: size in bytes} of the shards `list_shards` lists (the sizes come with the listing)."""
     expanded = list(dict.fromkeys(braceexpand(pattern)))
     found, missing = _match(expanded, storage_options or {})
     if not found:
+        folder = _folder_given(expanded, storage_options or {})
+        if folder:
+            raise SourceIsFolderError(f"{pattern!r} is a folder, not a shard pattern; give its shards, e.g. "
+                              f"'{folder.rstrip('/')}/*.tar' (quoted, so the shell leaves the * alone)")
         tried = ", ".join(expanded[:5]) + (f", … ({len(expanded)} in all)" if len(expanded) > 5 else "")
-        raise ValueError(
+        raise SourceError(
             f"no shard matches {pattern!r} (tried {tried}); check the path, the bucket and storage_options "
             "(e.g. endpoint_url)"
         )
     if missing:
-        raise ValueError(
+        raise SourceError(
             f"{len(missing)} of the shards named by {pattern!r} do not exist (first: {missing[0]}); fix the "
             "range, or use a glob (*) to take whatever exists"
         )
-    return sorted(found)
+    return found
 
 
-def _match(urls: list[str], options: dict[str, Any]) -> tuple[set[str], list[str]]:
-    """(URLs found, URLs named without a glob that do not exist); named ones are checked per folder."""
-    found: set[str] = set()
+def _match(urls: list[str], options: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
+    """({URL found: bytes}, URLs named without a glob that do not exist); named ones are checked per folder."""
+    found: dict[str, int] = {}
     named: dict[tuple[int, str], list[tuple[Any, str, bool]]] = {}  # (filesystem, folder) → its names
     for url in urls:
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        fs, path = one_try_fs(url, options)
         keep_scheme = "://" in url or "::" in url
         if _GLOB_CHARS & set(path):
-            found.update(_as_url(fs, p, keep_scheme) for p in _glob_files(fs, path))
+            found.update((_as_url(fs, p, keep_scheme), n) for p, n in _glob_files(fs, path, url).items())
         else:
             named.setdefault((id(fs), fs._parent(path)), []).append((fs, path, keep_scheme))
     missing = []
@@ -70,29 +90,61 @@ def _match(urls: list[str], options: dict[str, Any]) -> tuple[set[str], list[str
         present = _existing_files(entries[0][0], folder, [path for _, path, _ in entries])
         for fs, path, keep_scheme in entries:
             if path in present:
-                found.add(_as_url(fs, path, keep_scheme))
+                found[_as_url(fs, path, keep_scheme)] = present[path]
             else:
                 missing.append(_as_url(fs, path, keep_scheme))
     return found, missing
 
 
-def _glob_files(fs: Any, path: str) -> list[str]:
-    """Files (not folders) matching a glob; none when the folder or bucket does not exist."""
-    try:
-        return [p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
-    except FileNotFoundError:
-        return []
+def _glob_files(fs: Any, path: str, url: str) -> dict[str, int]:
+    """{path: bytes} of the files (not folders) matching a glob; none when the folder or bucket does not exist."""
+    def glob() -> dict[str, int]:
+        try:
+            return {p: int(info.get("size") or 0) for p, info in fs.glob(path, detail=True).items()
+                    if info.get("type") == "file"}
+        except FileNotFoundError:
+            return {}
+
+    return retrying("list", url, glob)
 
 
-def _existing_files(fs: Any, folder: str, paths: list[str]) -> set[str]:
-    """Those of `paths` (all in `folder`) that exist as files; one listing when there are many."""
+def _existing_files(fs: Any, folder: str, paths: list[str]) -> dict[str, int]:
+    """{path: bytes} of those of `paths` (all in `folder`) that exist as files; one listing when there are many.
+    Only "not found" means missing: fsspec's isfile would also say False for a store it cannot reach."""
     if len(paths) < _LIST_FOLDER_FROM:
-        return {p for p in paths if fs.isfile(p)}
+        sizes = {p: retrying("stat", fs.unstrip_protocol(p), lambda p=p: _file_size(fs, p)) for p in paths}
+        return {p: n for p, n in sizes.items() if n is not None}
+
+    def listing() -> dict[str, int]:
+        try:
+            return {info["name"]: int(info.get("size") or 0) for info in fs.ls(folder, detail=True)
+                    if info.get("type") == "file"}
+        except FileNotFoundError:
+            return {}
+
+    listed = retrying("list", fs.unstrip_protocol(folder), listing)
+    return {p: listed[p] for p in paths if p in listed}
+
+
+def _file_size(fs: Any, path: str) -> int | None:
+    """Bytes of the file at `path`; None when there is none (or it is a folder)."""
     try:
-        listed = {info["name"] for info in fs.ls(folder, detail=True) if info.get("type") == "file"}
+        info = fs.info(path)
     except FileNotFoundError:
-        return set()
-    return set(paths) & listed
+        return None
+    return int(info.get("size") or 0) if info.get("type") == "file" else None
+
+
+def _folder_given(urls: list[str], options: dict[str, Any]) -> str | None:
+    """The pattern itself when it is one existing folder (a common slip: the corpus folder instead of its shards)."""
+    if len(urls) != 1 or _GLOB_CHARS & set(urls[0]):
+        return None
+    fs, path = one_try_fs(urls[0], options)
+    try:
+        is_folder = retrying("stat", urls[0], lambda: fs.info(path).get("type") == "directory")
+    except FileNotFoundError:
+        return None
+    return urls[0] if is_folder else None
 
 
 def _as_url(fs: Any, path: str, keep_scheme: bool) -> str:
@@ -160,6 +212,19 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
+class _CountedReader:
+    """A shard's stream that counts the bytes read through it: how far into the shard (as stored, so compressed
+    for .tar.gz) the build is, for progress and ETA."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
 Groups = Iterator[tuple[str, dict[str, bytes]]]  # (key, {extension: bytes}) per sample, in shard order
 
 
@@ -174,7 +239,8 @@ def iter_samples(
     Raises ShardReadError when the shard cannot be opened, is not a tar, or its stream fails for a
     reason other than cut/corrupt data; a cut or corrupt tail ends the shard with one TRUNCATED_MEMBER.
     """
-    with open_shard(shard, storage_options) as stream:
+    with open_shard(shard, storage_options) as raw:
+        stream = _CountedReader(raw)
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
         except Exception as exc:  # ReadError, CompressionError, or the stream's own errors
@@ -184,7 +250,10 @@ def iter_samples(
             on_missing, groups = _missing_mask_policy(config, groups)
             try:
                 for index, (key, members) in enumerate(groups):
-                    yield decode_sample(shard, key, index, members, config, on_missing)
+                    item = decode_sample(shard, key, index, members, config, on_missing)
+                    if isinstance(item, Sample):
+                        item.stream_bytes = stream.count
+                    yield item
             except _TruncatedShard as cut:
                 yield Reject(shard=shard, key=cut.key, reason=RejectReason.TRUNCATED_MEMBER, detail=cut.detail)
 

@@ -14,10 +14,10 @@ from typing import Any
 from bank_builder.format import BankMismatchError, BankRef, ConcurrentUpdateError, Current, Manifest, PartEntry
 from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, totals
 from bank_builder.format import storage
-from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields
+from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields, option_differences
 from bank_builder.driver import Driver, ShardFailure
 from bank_builder.encoders import EncoderSpec, resolve_spec
-from bank_builder.ingest import list_shards
+from bank_builder.ingest import shard_sizes
 from bank_builder.progress import BuildProgress, ProgressCallback
 from bank_builder.ray_runtime import init_ray
 
@@ -26,10 +26,12 @@ log = logging.getLogger("refbank.build")
 
 @dataclass
 class BuildReport:
-    """What a build did; `version` is None when nothing was published (failures, or already up to date)."""
+    """What a build did. `version`: the bank's version that holds every shard — the one this build published
+    (`published`), or the one it found up to date; None when shards failed (nothing published)."""
 
     bank: str
     version: str | None
+    published: bool
     up_to_date: bool
     shards: int
     parts_written: int
@@ -78,9 +80,10 @@ def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards:
     current = read_current(ref)
     parent = read_manifest(ref, current.version) if current.version else None
     if parent is not None and parent.fingerprint != fingerprint:
+        differ = option_differences(parent.build, config) or _spec_differences(parent.encoder, spec.to_dict())
         raise BankMismatchError(
-            f"bank {ref} version {parent.version} was built with other options or another encoder "
-            f"({parent.encoder['name']}, weights {parent.encoder['weights']}); build into a new bank URI."
+            f"bank {ref} version {parent.version} was built with other options: {'; '.join(differ)}. Build with "
+            "the bank's options, or into a new bank URI."
         )
     known = {p.source: p for p in (parent.parts if parent else [])}
     next_ordinal = max((p.ordinal for p in known.values()), default=-1) + 1
@@ -102,6 +105,17 @@ def plan_build(config: BuildConfig, spec: EncoderSpec, fingerprint: str, shards:
     return _Plan(done=done, todo=todo, parent=parent, current=current)
 
 
+def _spec_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """'encoder <field>: bank X, this build Y' per encoder-spec field that differs (the entry only by name)."""
+    out = []
+    for key in sorted(set(recorded) | set(wanted)):
+        have, want = recorded.get(key), wanted.get(key)
+        if have != want:
+            out.append(f"encoder {key}: the registry entry differs" if key == "entry" else
+                       f"encoder {key}: bank {have!r}, this build {want!r}")
+    return out or ["the build fingerprint differs (a bank written by another refbank version?)"]
+
+
 MAX_REPLANS = 5  # publishes lost to concurrent writers before a build gives up
 
 
@@ -114,10 +128,12 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     lost and no segment id means two segments. A bank whose new version has other options is refused."""
     spec, calls = resolve_spec(config.encoder), storage.counters()
     fingerprint = build_fingerprint(config, spec)
-    shards = list_shards(config.source, config.storage_options)
+    sizes = shard_sizes(config.source, config.storage_options)
+    shards = sorted(sizes)
     plan = plan_build(config, spec, fingerprint, shards)
     init_ray()  # after the cheap checks above, so a bad option fails in milliseconds, not after Ray starts
-    progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done))
+    progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done),
+                             shard_bytes={p.source: sizes[p.source] for p in plan.todo})
     log.info("%d shards: %d already committed, %d to build", len(shards), len(plan.done), len(plan.todo))
     written, failed = Driver(config, spec, plan.todo, progress, on_progress).run() if plan.todo else ([], [])
     pending = {p.source: p for p in _unpublished(plan) + written}  # parts the parent lacks, by shard
@@ -136,12 +152,15 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
             log.warning("%s; planning again on top of it", str(exc).split(";")[0])
             plan = plan_build(config, spec, fingerprint, shards)
             pending = _renumber(config, spec, plan, pending)
+    published = version is not None
+    if up_to_date:
+        version = plan.parent.version
     counts = totals(parts)
     unlabelled: Counter[str] = Counter()
     for p in parts:
         unlabelled.update(p.unlabelled_by_kind)
     return BuildReport(
-        bank=config.bank, version=version, up_to_date=up_to_date, shards=len(shards),
+        bank=config.bank, version=version, published=published, up_to_date=up_to_date, shards=len(shards),
         parts_written=len(written), parts_skipped=len(plan.done), segments=counts["segments"],
         labelled=sum(p.labelled for p in parts), unlabelled=sum(unlabelled.values()),
         unlabelled_by_kind=dict(sorted(unlabelled.items())),

@@ -47,7 +47,8 @@ class Sample:
     image: (H, W, 3) uint8 RGB. mask_kind: how the mask is read (instance / class / binary / rle), None
     when the sample has no usable mask (it is cut into superpixels). mask: (H, W) uint8/uint16 raw pixel
     values of `mask.png`, or None. annotations: the parsed `rle.json` list (COCO / SA-1B style), or None.
-    meta: the parsed `json` member, {} when absent.
+    meta: the parsed `json` member, {} when absent. stream_bytes: how far into the shard's stored bytes the
+    reader was when it yielded this sample (progress only).
     """
 
     shard: str
@@ -58,6 +59,7 @@ class Sample:
     mask: np.ndarray | None = None
     annotations: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    stream_bytes: int = 0  # bytes of the shard read up to this sample (as stored): the build's progress in bytes
 
 
 @dataclass

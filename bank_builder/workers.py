@@ -27,12 +27,14 @@ class DecodedBatch:
     """Encoder input for up to batch_size images of one shard.
 
     images (B, S, S, 3) uint8; soft_masks (n, g, g) float32 cell coverage; image_index (n,) int64 into images.
+    stream_bytes: bytes of the shard read up to the batch's last image (progress).
     """
 
     images: np.ndarray
     soft_masks: np.ndarray
     image_index: np.ndarray
     rows: part_io.SegmentRows
+    stream_bytes: int = 0
 
 
 @dataclass
@@ -62,15 +64,18 @@ class _BatchBuilder:
         self.soft: list[np.ndarray] = []
         self.index: list[np.ndarray] = []
         self.rows = part_io.SegmentRows()
+        self.stream_bytes = 0
 
-    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list) -> None:
+    def add(self, key: str, image: np.ndarray, soft: np.ndarray, segments: list, stream_bytes: int) -> None:
+        self.stream_bytes = stream_bytes
         self.index.append(np.full(len(segments), len(self.images), dtype=np.int64))
         self.images.append(image)
         self.soft.append(soft)
         self.rows.add(key, segments)
 
     def take(self) -> DecodedBatch:
-        batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows)
+        batch = DecodedBatch(np.stack(self.images), np.concatenate(self.soft), np.concatenate(self.index), self.rows,
+                             self.stream_bytes)
         self.__init__()
         return batch
 
@@ -90,7 +95,7 @@ def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry) -> It
             rejects.append(segments)
             continue
         image, soft = prepare_image(item.image, [s.mask for s in segments], geometry)
-        builder.add(item.key, image, soft, segments)
+        builder.add(item.key, image, soft, segments, item.stream_bytes)
         samples += 1
         if len(builder.images) == batch_size:
             chunk.append(builder.take())
@@ -102,6 +107,12 @@ def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry) -> It
     if chunk:
         yield chunk
     yield ShardTail(samples=samples, rejects=rejects)
+
+
+def chunk_stats(chunk: list[DecodedBatch]) -> dict[str, int]:
+    """What the driver counts of an encoded chunk: images, segments, and how far into its shard it reached."""
+    return {"images": sum(len(b.images) for b in chunk), "segments": sum(len(b.rows) for b in chunk),
+            "stream_bytes": max((b.stream_bytes for b in chunk), default=0)}
 
 
 def write_shard(

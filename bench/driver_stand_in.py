@@ -18,7 +18,7 @@ import numpy as np
 from bank_builder.config import BuildConfig, EncoderConfig
 from bank_builder.format import parts as part_io
 from bank_builder.prepare import InputGeometry
-from bank_builder.workers import DecodedBatch, EncodedBatch, ShardTail
+from bank_builder.workers import DecodedBatch, EncodedBatch, ShardTail, chunk_stats
 
 SPEED_ENV = "REFBANK_STAND_IN_IMAGES_PER_S"
 
@@ -71,4 +71,4 @@ class EncoderWorker:
         unit = np.full(self.dim, 1 / np.sqrt(self.dim), np.float16)
         out = [EncodedBatch(b.rows, np.broadcast_to(unit, (len(b.rows), self.dim)), np.ones(len(b.rows), np.float32),
                             [None] * len(b.rows), images=len(b.images)) for b in chunk]
-        return {"images": images, "segments": sum(len(b.rows) for b in chunk)}, out
+        return chunk_stats(chunk), out

@@ -16,8 +16,8 @@ vectors. Sections of the JSON it prints:
            `per_candidate`: the refine vectors fetched per candidate by range instead of with their lists.
   cold_s3  the same on the moto S3 server on 127.0.0.1: GET requests and bytes of open and of the first query.
   budget   a list budget of --budget-share of the index: batch-1 QPS on a stream drawn from one region of the
-           bank (queries around --region-clusters neighbouring cluster centers, spread --region-spread) and on a
-           uniform stream (first pass, then steady), the bytes of the lists each stream touches, resident bytes
+           bank (queries around --region-clusters neighbouring cluster centers, spread --region-spread; one stream
+           per size given, each with the bytes of the lists it touches against the budget) and on a uniform stream (first pass, then steady), the bytes of the lists each stream touches, resident bytes
            sampled after every query; against the whole-index QPS and LanceDB's on the same streams.
   warm     a budget that holds the index, every list resident: QPS of refbank ÷ the monolithic index (batch 1
            and 64), ids equal.
@@ -54,7 +54,7 @@ from query.lists import CacheConfig  # noqa: E402
 from query.search import BankSearcher  # noqa: E402
 
 QUICK = {"vectors": 100_000, "parts": 10, "clusters": 200, "factory": "IVF1024,PQ32", "queries": 500,
-         "stream": 1000, "repeat": 2, "cold_trials": 5, "region_clusters": 4}
+         "stream": 1000, "repeat": 2, "cold_trials": 5, "region_clusters": [2, 4, 8]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall and warm QPS")
     p.add_argument("--stream", type=int, default=2000, help="queries per stream in the budget section")
-    p.add_argument("--region-clusters", type=int, default=20, help="clusters the regional stream is drawn from: "
-                   "the cluster of a random center and its nearest neighbours")
+    p.add_argument("--region-clusters", type=int, nargs="+", default=[5, 10, 20],
+                   help="sizes of the regional streams, one stream each: clusters it is drawn from (the cluster of a "
+                   "random center and its nearest neighbours); the JSON says which fit the budget")
     p.add_argument("--region-spread", type=float, default=0.5, help="spread of the regional stream's queries")
     p.add_argument("--budget-share", type=float, default=0.25, help="the budget section's share of the index")
     p.add_argument("--cold-trials", type=int, default=9)
@@ -165,9 +166,10 @@ def cold_section(args, bank, queries, lance) -> dict:
 
 def budget_section(args, bank, centers, lance) -> dict:
     rng = np.random.default_rng(31)
-    region = np.argsort(-(centers @ centers[rng.integers(len(centers))]))[:args.region_clusters]
-    streams = {"regional": synthetic.clustered(rng, centers[region], args.stream, args.region_spread),
-               "uniform": synthetic.clustered(rng, centers, args.stream, args.spread)}
+    nearest = np.argsort(-(centers @ centers[rng.integers(len(centers))]))  # one region, grown cluster by cluster
+    streams = {f"regional_{n}": synthetic.clustered(rng, centers[nearest[:n]], args.stream, args.region_spread)
+               for n in args.region_clusters}
+    streams["uniform"] = synthetic.clustered(rng, centers, args.stream, args.spread)
     whole = searcher(bank)
     whole.search(streams["uniform"][:100], args.k, whole.nlist)  # every list resident: the whole-index baseline
     budget = int(args.budget_share * whole.cache.whole_bytes)
@@ -175,6 +177,7 @@ def budget_section(args, bank, centers, lance) -> dict:
     for name, queries in streams.items():  # the lists a stream touches, against the budget
         touched = np.unique(whole.ivf.quantizer.search(queries, args.nprobe)[1])
         out[f"{name}_touched_bytes"] = int(whole.cache.charge[touched].sum())
+        out[f"{name}_fits_budget"] = out[f"{name}_touched_bytes"] <= budget
     for name, queries in streams.items():
         s = searcher(bank, budget)
         peak = {"bytes": 0}

@@ -101,7 +101,7 @@ def add_new_parts(bank: str, centers: np.ndarray, args: argparse.Namespace) -> N
 def build_section(bank: str, centers: np.ndarray, args: argparse.Namespace) -> dict:
     config = IndexConfig(factory=args.factory, flat_below=0, refine=True, refine_factor=4)
     init_ray()  # started once, before both builds: its start-up is in neither figure
-    full = build_index(bank, config)
+    full = build_index(bank, config, retrain=True)  # from scratch even if the base bank was indexed before
     add_new_parts(bank, centers, args)
     delta = build_index(bank, config)
     ray.shutdown()

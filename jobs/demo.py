@@ -123,7 +123,7 @@ def demo_encoder(config: DemoConfig) -> EncoderConfig:
 
 def run_demo(config: DemoConfig) -> int:
     """Run every stage in order with console output; returns the process exit status."""
-    from jobs.cli import run_build, run_index
+    from jobs.build_cli import run_build, run_index
 
     started, corpus = time.perf_counter(), config.workdir / "corpus"
     summary = make_corpus(str(corpus), CorpusConfig(shards=config.shards, samples_per_shard=config.samples_per_shard,

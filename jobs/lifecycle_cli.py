@@ -2,35 +2,18 @@
 
 Each is a thin layer over a library function (bank_builder.lifecycle, bank_builder.index.compact) and publishes
 through the same compare-and-swap as build and index: a concurrent writer makes it fail with a message, never
-half-publish. Exit status: 0 done (or nothing to do), 2 bad options, a bank without that version, a selector
-that matches nothing, or a concurrent writer (re-run).
+half-publish. Failures are raised and answered by jobs.group (one line, exit status as in jobs.errors).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from jobs.cli import AS_JSON, ENDPOINT_URL, STORAGE_OPTION, VERBOSE, _setup_logging, _storage_options, app
-
-
-def _run(job: Any, as_json: bool, show: Any) -> None:
-    """Run `job`, print its result (JSON or `show`), exit 2 with one line on a bank or option error."""
-    from bank_builder.format import BankError
-
-    try:
-        result = job()
-    except (BankError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if as_json:
-        typer.echo(json.dumps(result if isinstance(result, dict) else asdict(result), indent=1))
-    else:
-        show(result)
+from jobs.cli import AS_JSON, ENDPOINT_URL, STORAGE_OPTION, VERBOSE, app, storage_options
+from jobs.console import setup_logging, show
 
 
 @app.command("info")
@@ -45,10 +28,10 @@ def info_cmd(
     deltas, tombstones, sizes on storage and the encoder."""
     from bank_builder.lifecycle import bank_info
 
-    _run(lambda: bank_info(bank, version, _storage_options(storage_option, endpoint_url)), as_json, _show_info)
+    show(bank_info(bank, version, storage_options(storage_option, endpoint_url)), as_json, _info_text)
 
 
-def _show_info(info: dict) -> None:
+def _info_text(info: dict) -> str:
     totals, index, size = info["totals"], info["index"], info["storage"]
     lines = [f"bank      {info['bank']}: version {info['version']} (CURRENT {info['current']})"]
     for v in info["versions"]:
@@ -69,7 +52,7 @@ def _show_info(info: dict) -> None:
                  f"{tombstones['reasons'] or ''}")
     lines.append(f"storage   {size['version_bytes'] / 2**20:.1f} MiB used by this version, "
                  f"{size['bank_bytes'] / 2**20:.1f} MiB in {size['bank_objects']} objects in all")
-    typer.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 @app.command("remove")
@@ -89,15 +72,12 @@ def remove_cmd(
     rebuild). A service following CURRENT honours it from its next request after the switch."""
     from bank_builder.lifecycle import Removal, remove_segments
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
-    def job():
-        ids = _read_ids(segment_ids) if segment_ids else ()
-        removal = Removal(shards=tuple(shard or ()), image_keys=tuple(image_key or ()), labels=tuple(label or ()),
-                          segment_ids=ids, reason=reason)
-        return remove_segments(bank, removal, _storage_options(storage_option, endpoint_url))
-
-    _run(job, as_json, lambda r: typer.echo(
+    ids = _read_ids(segment_ids) if segment_ids else ()
+    removal = Removal(shards=tuple(shard or ()), image_keys=tuple(image_key or ()), labels=tuple(label or ()),
+                      segment_ids=ids, reason=reason)
+    show(remove_segments(bank, removal, storage_options(storage_option, endpoint_url)), as_json, lambda r: (
         f"removed   {r.removed} segments ({r.already_removed} were removed already) from {r.bank}: "
         + (f"published version {r.version}" if r.version else "nothing new, nothing published")))
 
@@ -131,9 +111,9 @@ def compact_cmd(
     """Fold the index's deltas and the tombstones into new base lists (same quantizer) as a new version."""
     from bank_builder.index.compact import compact_index
 
-    _setup_logging(verbose)
-    _run(lambda: compact_index(bank, _storage_options(storage_option, endpoint_url), object_mb << 20), as_json,
-         lambda r: typer.echo(
+    setup_logging(verbose)
+    show(compact_index(bank, storage_options(storage_option, endpoint_url), object_mb << 20), as_json,
+         lambda r: (
              f"compact   {r.bank}: " + (f"published version {r.version}, index {r.index_id}: {r.folded_deltas} "
                                         f"deltas folded, {r.removed_vectors} removed vectors dropped, {r.vectors} "
                                         f"vectors in {r.objects} objects ({r.seconds:.1f} s)" if r.version else
@@ -154,9 +134,9 @@ def gc_cmd(
     """Delete the objects no retained version uses (older versions, replaced indexes, unpublished leftovers)."""
     from bank_builder.lifecycle import collect_garbage
 
-    _run(lambda: collect_garbage(bank, keep, grace_minutes * 60, dry_run,
-                                 _storage_options(storage_option, endpoint_url)), as_json,
-         lambda r: typer.echo(
+    show(collect_garbage(bank, keep, grace_minutes * 60, dry_run, storage_options(storage_option, endpoint_url)),
+         as_json,
+         lambda r: (
              f"gc        {r.bank}: {'would delete' if r.dry_run else 'deleted'} {len(r.deleted)} objects "
              f"({r.deleted_bytes / 2**20:.1f} MiB); kept {r.kept_objects} ({r.kept_bytes / 2**20:.1f} MiB) of "
              f"versions {', '.join(r.retained_versions)} and {len(r.kept_young)} younger than the grace period"))
@@ -172,8 +152,8 @@ def pin_cmd(
     """Keep a version from garbage collection until `refbank unpin`."""
     from bank_builder.format import BankRef, pin
 
-    _run(lambda: pin(BankRef(bank, _storage_options(storage_option, endpoint_url)), version) or {}, False,
-         lambda _: typer.echo(f"pinned    {version} of {bank}"))
+    show(pin(BankRef(bank, storage_options(storage_option, endpoint_url)), version) or {}, False,
+         lambda _: f"pinned    {version} of {bank}")
 
 
 @app.command("unpin")
@@ -186,5 +166,5 @@ def unpin_cmd(
     """Let garbage collection take a pinned version again."""
     from bank_builder.format import BankRef, unpin
 
-    _run(lambda: {"unpinned": unpin(BankRef(bank, _storage_options(storage_option, endpoint_url)), version)}, False,
-         lambda r: typer.echo(f"unpinned  {version} of {bank}" if r["unpinned"] else f"{version} was not pinned"))
+    show({"unpinned": unpin(BankRef(bank, storage_options(storage_option, endpoint_url)), version)}, False,
+         lambda r: f"unpinned  {version} of {bank}" if r["unpinned"] else f"{version} was not pinned")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from bank_builder.encoders.base import EncoderSpec
 from bank_builder.format import BankMismatchError, BankRef, IndexCorruptError, IndexEntry, Manifest, PartEntry
-from bank_builder.format import current_version, list_versions, parts as part_io, read_manifest
+from bank_builder.format import current_version, list_versions, no_version_error, parts as part_io, read_manifest
 from bank_builder.format.index_layout import LabelTable, read_label_table
 from bank_builder.format.parts import matrix
 from bank_builder.format.tombstones import is_removed, read_removed
@@ -70,7 +70,7 @@ def open_bank(uri: str | BankRef, version: str | None = None, storage_options: d
     current = current_version(ref)
     version = version or current
     if version is None:
-        raise BankMismatchError(f"{ref} has no published version (no CURRENT); build it first (`refbank build`)")
+        raise no_version_error(ref)
     if version not in versions:
         raise BankMismatchError(f"bank {ref} has no version {version!r}; available: {', '.join(versions) or 'none'}"
                                 f" (CURRENT: {current})")

@@ -24,11 +24,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -54,7 +55,7 @@ from query.api_models import (
 )
 from query.answers import bank_answer, labels_answer, search_answer, segment_answer
 from query.middleware import BodyLimit, Metrics, MetricsMiddleware, SafeJSONResponse, install_error_handlers
-from query.serving import ApiError, ServiceConfig, ServiceState
+from query.serving import ApiError, ServiceConfig, ServiceState, Snapshot
 
 __all__ = ["ApiError", "ServiceConfig", "create_app", "serve"]
 
@@ -108,13 +109,24 @@ def create_app(config: ServiceConfig) -> FastAPI:
     return app
 
 
-def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Load the bank and its encoder (failing fast with the loader's message), then serve with uvicorn."""
+def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          on_listening: Callable[[str, Snapshot], None] | None = None) -> None:
+    """Load the bank and its encoder (failing fast with the loader's message), listen on host:port (0: a free
+    port), call `on_listening(url, snapshot)` once connections queue, then serve with uvicorn until stopped."""
     import uvicorn
 
     app = create_app(config)
-    app.state.service.load()
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    snapshot = app.state.service.load()
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    bound = sock.getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+    log.info("listening on %s (the page is at %s/, the API at %s/docs)", url, url, url)
+    if on_listening is not None:
+        on_listening(url, snapshot)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the signal again after its clean shutdown: a stop, not a failure
+        log.info("stopped")
 
 
 def _load_logged(state: ServiceState) -> None:

@@ -35,6 +35,7 @@ from bank_builder.format import (
     BankError,
     BankFormatError,
     BankMismatchError,
+    BankNotIndexedError,
     BankRef,
     StorageError,
     current_version,
@@ -170,7 +171,7 @@ class SerialEncoder(Encoder):
 
 def servable_version(ref: BankRef, wanted: str | None) -> tuple[str | None, str | None]:
     """(version to serve, note): `wanted` when given; else CURRENT if it has an index, else the newest version
-    before CURRENT that has one, with a note saying why (BankMismatchError when none has). (None, None) for a
+    before CURRENT that has one, with a note saying why (BankNotIndexedError when none has). (None, None) for a
     bank without CURRENT (open_bank says so)."""
     if wanted is not None:
         return wanted, None
@@ -181,8 +182,8 @@ def servable_version(ref: BankRef, wanted: str | None) -> tuple[str | None, str 
         if read_manifest(ref, version).index is not None:
             return version, (f"CURRENT is {current}, which has no index yet (run `refbank index {ref}`); serving "
                              f"{version}, the newest version with an index")
-    raise BankMismatchError(f"bank {ref}: CURRENT {current} has no index and no earlier version has one; run "
-                            f"`refbank index {ref}` first")
+    raise BankNotIndexedError(f"bank {ref}: CURRENT {current} has no index and no earlier version has one; run "
+                              f"`refbank index {ref}` first")
 
 
 def label_table(bank: Bank) -> LabelTable:
@@ -250,6 +251,9 @@ class ServiceState:
                 start = time.perf_counter()
                 version, note = servable_version(self.ref, self.config.version)
                 recorded = open_bank(self.ref, version)
+                if recorded.manifest.index is None:  # before the encoder loads: seconds, and its log lines
+                    raise BankNotIndexedError(f"bank {self.config.bank} version {recorded.version} has no index; run "
+                                              f"`refbank index {self.config.bank}`, or serve a version that has one")
                 self.encoder = SerialEncoder(load_encoder(encoder_config(recorded.manifest.encoder,
                                                                          self.config.weights, self.config.device)))
                 self._live = self._open(recorded.version, note)

@@ -74,6 +74,7 @@ class _State:
     rules: list[Rule] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     injected: Counter = field(default_factory=Counter)
+    strip_conditions: bool = False  # drop If-Match / If-None-Match: a store that ignores conditional writes
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -106,10 +107,16 @@ class FaultProxy:
             self.state.rules.append(rule)
         return rule
 
-    def reset(self) -> None:
-        """No faults, no rules, counters at zero."""
+    def ignore_conditions(self, on: bool = True) -> None:
+        """Forward conditional PUTs without their If-Match / If-None-Match headers, as an S3-compatible store
+        that does not implement conditional writes does (it applies them as plain PUTs)."""
         with self.state.lock:
-            self.state.rate, self.state.rules = 0.0, []
+            self.state.strip_conditions = on
+
+    def reset(self) -> None:
+        """No faults, no rules, counters at zero, conditions forwarded."""
+        with self.state.lock:
+            self.state.rate, self.state.rules, self.state.strip_conditions = 0.0, [], False
             self.state.requests.clear()
             self.state.injected.clear()
 
@@ -199,7 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Send the request to moto (one connection per request: moto's server is cheap to reach)."""
         conn = http.client.HTTPConnection(*self.upstream, timeout=60)
         try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            dropped = _HOP_BY_HOP | ({"if-match", "if-none-match"} if self.state.strip_conditions else set())
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 headers["Content-Length"] = str(len(body))
             conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,

@@ -16,16 +16,9 @@ from bank_builder.encoders import get_encoder_entry
 from bank_builder.format import BankRef, current_version, read_manifest
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, make_corpus
-from jobs.cli import run_build
+from jobs.build_cli import run_build
 from tests.build_helpers import assert_same_bank, read_bank, tiny_config
-
-TINY = ["--encoder", "tiny-clip", "--weights", "untrained", "--batch-size", "4", "--min-area", "32"]
-
-
-def refbank(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the installed console script."""
-    exe = Path(sys.executable).with_name("refbank")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+from tests.cli_helpers import TINY, refbank
 
 
 def test_help_explains_the_commands():

@@ -297,8 +297,11 @@ def test_build_on_s3_then_read_back_and_search(ray_local, s3):
 
 
 def test_index_needs_a_published_bank(tmp_path):
-    with pytest.raises(BankMismatchError, match="refbank build"):
+    with pytest.raises(BankMismatchError, match="no bank at .*nothing is stored there; check the path"):
         build_index(str(tmp_path / "empty"))
+    (tmp_path / "started" / "parts").mkdir(parents=True)  # a first build that has not published yet
+    with pytest.raises(BankMismatchError, match="has no published version .*refbank build"):
+        build_index(str(tmp_path / "started"))
     with pytest.raises(BankMismatchError, match="no index"):
         make_bank(str(tmp_path / "b"), part_rows=(50,))
         _searcher(str(tmp_path / "b"))

@@ -325,7 +325,7 @@ def test_version_switch_under_load_drops_no_request(server, client, world):
 
 def test_not_ready_without_a_bank_and_serve_fails_fast(tmp_path):
     config = ServiceConfig(bank=str(tmp_path / "no-bank"))
-    with pytest.raises(ValueError, match="no published version"):
+    with pytest.raises(ValueError, match="no bank at .*nothing is stored there"):
         serve(config, port=1)  # loads before binding: a wrong bank URI stops `refbank serve` at once
     running = Server(create_app(config))
     try:
@@ -339,7 +339,7 @@ def test_not_ready_without_a_bank_and_serve_fails_fast(tmp_path):
                 pass  # not listening yet
             except RefbankError as exc:
                 assert exc.status == 503 and exc.error == "not_ready"
-                if "no published version" in exc.detail:
+                if "nothing is stored there" in exc.detail:
                     break
             assert time.monotonic() < deadline, "readyz never reported the load failure"
             time.sleep(0.1)

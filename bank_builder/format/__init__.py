@@ -6,6 +6,7 @@ The builder writes through it and the query service reads only through it.
   storage.py       fsspec I/O: atomic writes, conditional writes (create-if-absent, compare-and-swap), ranges
   manifest.py      the typed manifest: Manifest, PartEntry, IndexEntry, ObjectEntry; format versions
   versions.py      CURRENT, published versions, compare-and-swap publish
+  lease.py         the bank's lease: one writer at a time where the store has no conditional writes
   parts.py         Parquet parts: schema, segment ids, names, commit markers, rejects, row-group reads
   index_layout.py  index objects: trained quantizer, list directory, list objects, label table
   tombstones.py    removals: tombstone objects of removed segment ids, read back as one sorted array
@@ -21,6 +22,8 @@ from bank_builder.format.errors import (
     BankError,
     BankFormatError,
     BankMismatchError,
+    BankNotFoundError,
+    BankNotIndexedError,
     ConcurrentUpdateError,
     IndexCorruptError,
     StorageError,
@@ -44,6 +47,7 @@ from bank_builder.format.versions import (
     current_version,
     list_pins,
     list_versions,
+    no_version_error,
     pin,
     publish,
     published_record,
@@ -53,9 +57,9 @@ from bank_builder.format.versions import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankRef",
-    "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError", "IndexEntry", "Manifest", "ObjectEntry",
-    "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError", "check_name", "current_version", "list_pins",
-    "list_versions", "make_manifest", "pin", "publish", "published_record", "read_current", "read_manifest",
-    "totals", "unpin",
+    "FORMAT_VERSION", "INDEX_FORMAT", "BankError", "BankFormatError", "BankMismatchError", "BankNotFoundError",
+    "BankNotIndexedError", "BankRef", "ConcurrentUpdateError", "Current", "DeltaEntry", "IndexCorruptError",
+    "IndexEntry", "Manifest", "ObjectEntry", "PartEntry", "StorageError", "TombstoneEntry", "UnsafeNameError",
+    "check_name", "current_version", "list_pins", "list_versions", "make_manifest", "no_version_error", "pin",
+    "publish", "published_record", "read_current", "read_manifest", "totals", "unpin",
 ]

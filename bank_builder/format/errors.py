@@ -3,6 +3,8 @@
 BankError (a ValueError, so a caller's `except ValueError` still sees it)
   BankMismatchError      the bank is fine but not what was asked for: no such version, no index yet, built
                          with another encoder or other options. The user fixes the request.
+    BankNotFoundError      no published version at that URI (nothing stored there, or no CURRENT yet).
+    BankNotIndexedError    no version of the bank that was asked for has an index yet.
     ConcurrentUpdateError  CURRENT moved between a writer's plan and its publish.
   BankFormatError        the bank's objects are malformed, of another format, or name objects outside it.
     UnsafeNameError        an object name that would resolve outside the bank.
@@ -19,6 +21,14 @@ class BankError(ValueError):
 
 class BankMismatchError(BankError):
     """A build or reader disagrees with the bank (missing version or index, other encoder or options)."""
+
+
+class BankNotFoundError(BankMismatchError):
+    """No published version at the bank's URI: nothing is stored there (a wrong path?), or no CURRENT yet."""
+
+
+class BankNotIndexedError(BankMismatchError):
+    """The version asked for (or every version, when serving CURRENT) has no index yet: run `refbank index`."""
 
 
 class ConcurrentUpdateError(BankMismatchError):
@@ -40,11 +50,16 @@ class IndexCorruptError(BankFormatError):
 class StorageError(BankError):
     """A storage call failed: the store refused it (access denied, no such bucket, a full disk) or kept failing
     (5xx, throttling, resets) through every retry. `operation` ("read", "write", "list", ...), `url` (the object
-    or prefix) and `cause` (one line: status and code, or the exception) say which; the bank itself may be fine."""
+    or prefix) and `cause` (one line: status and code, or the exception) say which; the bank itself may be fine.
+    `reason` sorts it for whoever answers the user: "no_credentials", "endpoint_unreachable" (the connection
+    failed on every try), "access_denied" (403), or "unavailable" (anything else)."""
 
-    def __init__(self, operation: str, url: str, cause: str) -> None:
-        super().__init__(operation, url, cause)  # args rebuild it when pickled (Ray sends errors between processes)
-        self.operation, self.url, self.cause = operation, url, cause
+    REASONS = ("no_credentials", "endpoint_unreachable", "access_denied", "unavailable")
+
+    def __init__(self, operation: str, url: str, cause: str, reason: str = "unavailable") -> None:
+        # args rebuild it when pickled (Ray sends errors between processes)
+        super().__init__(operation, url, cause, reason)
+        self.operation, self.url, self.cause, self.reason = operation, url, cause, reason
 
     def __str__(self) -> str:
         return (f"storage {self.operation} of {self.url} failed: {self.cause}. Check that the store is reachable "

@@ -165,11 +165,12 @@ def _after_failure(operation: str, url: str, exc: BaseException, attempt: int, p
         if not is_storage_failure(exc):
             raise exc  # a bug, not the store's answer: keep its traceback
         _count(failed=1)
-        raise StorageError(operation, url, describe(exc)) from exc
+        raise StorageError(operation, url, describe(exc), permanent_reason(exc)) from exc
     _count(**{kind: 1})
     if attempt + 1 >= policy.attempts:
         _count(failed=1)
-        raise StorageError(operation, url, f"{describe(exc)}; gave up after {policy.attempts} tries") from exc
+        reason = "endpoint_unreachable" if kind == "connection_errors" else "unavailable"
+        raise StorageError(operation, url, f"{describe(exc)}; gave up after {policy.attempts} tries", reason) from exc
     log.info("storage %s of %s: %s; trying again (%d of %d)", operation, url, describe(exc), attempt + 2,
              policy.attempts)
 
@@ -233,6 +234,22 @@ def transient_kind(exc: BaseException) -> str | None:
         if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
             return "connection_errors"
     return None
+
+
+# botocore's exceptions for a client that found no (or half the) credentials; matched by name, as botocore is
+# optional here and these are raised before any request is sent.
+_NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"})
+
+
+def permanent_reason(exc: BaseException) -> str:
+    """StorageError.reason of a failure no retry can fix: "no_credentials", "access_denied" (403) or
+    "unavailable"."""
+    for e in _chain(exc):
+        if type(e).__name__ in _NO_CREDENTIALS:
+            return "no_credentials"
+        if _http_error(e)[0] == 403 or isinstance(e, PermissionError):
+            return "access_denied"
+    return "unavailable"
 
 
 def is_storage_failure(exc: BaseException) -> bool:

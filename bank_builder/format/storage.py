@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import threading
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -31,9 +32,10 @@ from bank_builder.format.retries import (
     retrying_batch,
 )
 
-__all__ = ["ConditionalWritesUnsupported", "PreconditionFailed", "RangeFile", "StorageCounts", "counters", "exists",
-           "glob", "join", "list_names", "read_bytes", "read_json", "read_range", "read_ranges", "read_tagged",
-           "remove_tree", "replace_if", "size", "url_to_fs", "write_bytes", "write_if_absent", "write_json"]
+__all__ = ["ConditionalWritesUnsupported", "PreconditionFailed", "RangeFile", "StorageCounts", "conditional_writes",
+           "counters", "exists", "glob", "join", "list_names", "one_try_fs", "read_bytes", "read_json", "read_range",
+           "read_ranges", "read_tagged", "remove_tree", "replace_if", "size", "url_to_fs", "write_bytes",
+           "write_if_absent", "write_json"]
 
 # How a conditional write is told that its condition failed (S3: HTTP 412 PreconditionFailed).
 _S3_PRECONDITION = ("PreconditionFailed", "ConditionalRequestConflict")
@@ -48,9 +50,10 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
-def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """`url_to_fs` for this module's calls: on S3 a client that tries each request once (botocore's and s3fs's
-    retry loops off), so that `retries.RETRY` is the only policy and every try is counted."""
+def one_try_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`url_to_fs` for calls made under `retries.retrying` (this module's, and listing a corpus): on S3 a client
+    that tries each request once (botocore's and s3fs's retry loops off), so that `retries.RETRY` is the only
+    policy and every try is counted."""
     options = dict(storage_options or {})
     if fsspec.core.split_protocol(url)[0] in ("s3", "s3a"):
         options["config_kwargs"] = {**(options.get("config_kwargs") or {}), "retries": _ONE_TRY}
@@ -67,7 +70,7 @@ def join(url: str, *parts: str) -> str:
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write `data` to `url` atomically: readers see the old object or the new one, never a part of it."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         # A local write is not atomic: write a sibling temp file, then rename over the target.
         retrying("write", url, lambda: os.replace(_local_temp(path, data), path))
@@ -81,7 +84,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The whole object at `url`; FileNotFoundError when there is none."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     if _is_s3(fs):  # one GET (s3fs's cat_file asks for the size first, to split big objects into ranges)
         return retrying("read", url, lambda: _s3_get(fs, path)[0])
     return retrying("read", url, lambda: fs.cat_file(path))
@@ -89,20 +92,20 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 
 def read_range(url: str, start: int, end: int, storage_options: dict[str, Any] | None = None) -> bytes:
     """Bytes [start, end) of the object at `url` (fewer when it ends before `end`): one ranged request."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     return retrying("read", url, lambda: fs.cat_file(path, start=start, end=end))
 
 
 def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """The object's size in bytes; FileNotFoundError when there is none."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     fs.invalidate_cache(path)
     return retrying("stat", url, lambda: int(fs.info(path)["size"]))
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether an object exists at `url` (no listing cache: another process may have just written it)."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     fs.invalidate_cache(path)
 
     def check() -> bool:
@@ -117,7 +120,7 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
 
 def list_names(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Names of the objects and folders directly under `url` (the last path component); [] when there are none."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     fs.invalidate_cache(path)
 
     def names() -> list[str]:
@@ -134,7 +137,7 @@ def glob(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
 
     One recursive listing of the pattern's fixed prefix (S3: a request per 1000 keys), filtered here. fsspec's own
     glob lists folder by folder and leaves out a folder whose listing failed: a silent loss under faults."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     fixed = re.split(r"[*?]", path, maxsplit=1)[0]
     root = fixed.rsplit("/", 1)[0] if fixed != path else path
     wanted = re.compile("".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in path))
@@ -152,7 +155,7 @@ def glob(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
 def list_tree(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Every object under `url`, by name relative to it, with fsspec's details (size, mtime / LastModified): one
     recursive listing (S3: a request per 1000 keys), retried as a whole; {} when nothing is there."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     root = path.rstrip("/")
 
     def find() -> dict[str, dict[str, Any]]:
@@ -167,7 +170,7 @@ def list_tree(url: str, storage_options: dict[str, Any] | None = None) -> dict[s
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Delete the object or folder at `url` and everything under it (nothing to do when it is gone)."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
 
     def remove() -> None:
         fs.invalidate_cache(path)
@@ -195,7 +198,7 @@ def read_ranges(urls: list[str], starts: list[int], ends: list[int],
     that fails transiently is fetched again on its own; one request per range."""
     if not urls:
         return []
-    fs, _ = _fs(urls[0], storage_options)
+    fs, _ = one_try_fs(urls[0], storage_options)
     paths = [fs._strip_protocol(url) for url in urls]  # one client for all: resolving each costs a tokenize
 
     def fetch(indices: list[int]) -> list[Any]:
@@ -205,13 +208,59 @@ def read_ranges(urls: list[str], starts: list[int], ends: list[int],
     return retrying_batch("read", urls, fetch)
 
 
+def conditional_writes(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the store holding `url` (a bank's root) honours conditional writes, so that `write_if_absent` and
+    `replace_if` are atomic. Local disks do; S3 is probed once per process and bucket; other stores do not.
+
+    The probe matters because an S3-compatible store that does not implement conditional writes may accept an
+    If-None-Match / If-Match PUT as a plain one: two writers would then both "win" and one would silently lose
+    its update. Probe: write a scratch object, then create it again conditionally; only a refusal counts."""
+    fs, path = one_try_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return True
+    if not _is_s3(fs):
+        return False
+    bucket = fs.split_path(path)[0]
+    key = (str((storage_options or {}).get("endpoint_url")), bucket)
+    with _PROBE_LOCK:
+        if key not in _CONDITIONAL:
+            _CONDITIONAL[key] = _probe_conditional(fs, join(url, f".refbank-probe-{uuid.uuid4().hex}"),
+                                                   storage_options)
+        return _CONDITIONAL[key]
+
+
+_CONDITIONAL: dict[tuple[str, str], bool] = {}  # (endpoint, bucket) → honours conditional writes
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe_conditional(fs: fsspec.AbstractFileSystem, url: str, storage_options: dict[str, Any] | None) -> bool:
+    """Create `url` plainly, then again with If-None-Match: *; True when the store refuses the second."""
+    path = fs._strip_protocol(url)
+    write_bytes(url, b"first", storage_options)
+    try:
+        _s3_conditional_put(fs, path, url, b"second", {"mode": "create"}, "create", storage_options)
+        honoured = False
+    except PreconditionFailed:
+        honoured = True
+    finally:
+        remove_tree(url, storage_options)
+    return honoured
+
+
 def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Create the object at `url` with `data`; PreconditionFailed when it exists already (never overwrites).
 
     Local: the whole file is written under a temp name, then hard-linked to `url` (link fails if it exists).
     S3: a PUT with If-None-Match: * (conditional writes; see `_s3_conditional_put` for a lost answer). Other
-    stores: ConditionalWritesUnsupported."""
-    fs, path = _fs(url, storage_options)
+    stores: an existence check, then a write — not atomic, so two writers may both write. refbank uses it there
+    only for objects whose name fixes their bytes (parts, rejects, tombstones, publication records); version
+    manifests on such stores are claimed under the bank's lease (`lease.py`)."""
+    fs, path = one_try_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem) and not _is_s3(fs):
+        if exists(url, storage_options):
+            raise PreconditionFailed(f"{url} exists already")
+        write_bytes(url, data, storage_options)
+        return
     if isinstance(fs, LocalFileSystem):
         def create() -> None:
             tmp = _local_temp(path, data)
@@ -230,9 +279,9 @@ def write_if_absent(url: str, data: bytes, storage_options: dict[str, Any] | Non
 def read_tagged(url: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes | None, str | None]:
     """(the object's bytes, its version tag) or (None, None) when absent; the tag is what `replace_if` compares.
 
-    Local: the tag is the content itself (names written through `replace_if` never repeat a value). S3: the ETag
-    returned with the same GET, so bytes and tag always belong together."""
-    fs, path = _fs(url, storage_options)
+    Local and other stores: the tag is the content itself (names written through `replace_if` never repeat a
+    value). S3: the ETag returned with the same GET, so bytes and tag always belong together."""
+    fs, path = one_try_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         return retrying("read", url, lambda: _local_tagged(path))
     if _is_s3(fs):
@@ -240,7 +289,11 @@ def read_tagged(url: str, storage_options: dict[str, Any] | None = None) -> tupl
             return retrying("read", url, lambda: _s3_get(fs, path))
         except FileNotFoundError:
             return None, None
-    raise ConditionalWritesUnsupported(_unsupported(url, fs))
+    try:
+        data = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return None, None
+    return data, data.hex()
 
 
 def replace_if(url: str, data: bytes, expected_tag: str | None,
@@ -250,7 +303,7 @@ def replace_if(url: str, data: bytes, expected_tag: str | None,
 
     Local: compare and rename under an exclusive lock on the folder (flock), so two writers on one machine
     cannot interleave. S3: a PUT with If-Match: <ETag> (or If-None-Match: *)."""
-    fs, path = _fs(url, storage_options)
+    fs, path = one_try_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         def swap() -> None:
             with _folder_lock(os.path.dirname(path)):
@@ -400,6 +453,5 @@ def _s3_conditional_put(fs: fsspec.AbstractFileSystem, path: str, url: str, data
 
 
 def _unsupported(url: str, fs: fsspec.AbstractFileSystem) -> str:
-    return (f"{url}: refbank publishes bank versions with conditional writes (compare-and-swap), which it "
-            f"supports on local disks and S3 (or S3-compatible stores with conditional writes); "
-            f"{type(fs).__name__} is neither. Put the bank on one of those.")
+    return (f"{url}: {type(fs).__name__} offers no conditional writes (compare-and-swap); refbank publishes on "
+            "such stores under the bank's lease (bank_builder.format.lease), never through this call")

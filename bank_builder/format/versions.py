@@ -3,7 +3,8 @@
 Publishing claims a fresh version name (the manifest is created only if absent, so two writers never share
 one), then moves CURRENT from the version the writer planned from to the new one with a conditional write.
 A writer whose CURRENT moved meanwhile gets ConcurrentUpdateError and publishes nothing: its manifest is
-removed (or, after a crash, left as an orphan that no listing shows). `versions/<v>/published.json` marks a
+removed (or, after a crash, left as an orphan that no listing shows). On stores without conditional writes the
+same steps run as plain checks and writes under the bank's lease (lease.py). `versions/<v>/published.json` marks a
 version that CURRENT named; `list_versions` lists only those.
 """
 
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bank_builder.format import storage
-from bank_builder.format.errors import BankFormatError, BankMismatchError, ConcurrentUpdateError, StorageError
+from bank_builder.format.errors import (
+    BankFormatError, BankMismatchError, BankNotFoundError, ConcurrentUpdateError, StorageError,
+)
+from bank_builder.format.lease import LEASE_OBJECT, LeaseConfig, hold_lease
 from bank_builder.format.manifest import Manifest
 from bank_builder.format.ref import BankRef
 
@@ -55,6 +59,15 @@ def read_current(ref: BankRef) -> Current:
 def current_version(ref: BankRef) -> str | None:
     """The live version named by <bank>/CURRENT, or None for a bank with no published version."""
     return read_current(ref).version
+
+
+def no_version_error(ref: BankRef, then: str = "build it first (`refbank build SOURCE BANK`)") -> BankNotFoundError:
+    """The error for a bank without CURRENT, telling a URI where nothing is stored (a wrong path, bucket or
+    prefix?) from a bank whose first build has not published yet; `then` says what to do in the second case."""
+    if not storage.list_names(ref.url(), ref.storage_options):
+        return BankNotFoundError(f"no bank at {ref}: nothing is stored there; check the path (or the bucket, prefix "
+                                 "and endpoint)")
+    return BankNotFoundError(f"{ref} has no published version (no CURRENT); {then}")
 
 
 def manifest_url(ref: BankRef, version: str) -> str:
@@ -105,24 +118,58 @@ def published_record(ref: BankRef, version: str) -> dict[str, Any] | None:
         return None
 
 
-def publish(ref: BankRef, manifest: Manifest, expected: Current) -> str:
+def publish(ref: BankRef, manifest: Manifest, expected: Current, lease: LeaseConfig = LeaseConfig()) -> str:
     """Publish `manifest` as a new version whose parent is `expected.version`, the CURRENT its writer planned
-    from; returns the version name. ConcurrentUpdateError, with nothing published, when CURRENT has moved."""
+    from; returns the version name. ConcurrentUpdateError, with nothing published, when CURRENT has moved.
+
+    On a store without conditional writes (`storage.conditional_writes`) the same steps run under the bank's
+    lease (lease.py) as plain checks and writes."""
+    if not storage.conditional_writes(ref.uri, ref.storage_options):
+        log.warning("bank %s: the store does not honour conditional writes; publishing under the bank's lease "
+                    "(%s)", ref, ref.url(LEASE_OBJECT))
+        return _publish_leased(ref, manifest, expected, lease)
     parent = expected.version
     version = _claim_version(ref, manifest.with_(parent=parent), parent)
     try:
         storage.replace_if(ref.url("CURRENT"), f"{version}\n".encode(), expected.tag, ref.storage_options)
     except storage.PreconditionFailed:
         _remove_quietly(ref, "versions", version)
-        now = current_version(ref)
-        raise ConcurrentUpdateError(
-            f"bank {ref}: CURRENT moved from {parent} to {now} while this run was working (another writer "
-            f"published first); nothing was published. Run the same command again to apply it on top of {now}."
-        ) from None
-    if parent is not None:
-        _record_published(ref, parent)  # a crash may have kept the parent from recording itself
-    _record_published(ref, version, parent=parent, created_at=manifest.created_at)
+        raise _moved(ref, parent) from None
+    _record_publication(ref, version, parent, manifest)
     return version
+
+
+def _publish_leased(ref: BankRef, manifest: Manifest, expected: Current, config: LeaseConfig) -> str:
+    """`publish` while holding the bank's lease: compare CURRENT, claim a free name, check the lease, move CURRENT."""
+    parent = expected.version
+    with hold_lease(ref, config) as lease:
+        if read_current(ref).tag != expected.tag:
+            raise _moved(ref, parent)
+        version = _claim_version(ref, manifest.with_(parent=parent), parent)
+        try:
+            lease.check()
+        except ConcurrentUpdateError:
+            _remove_quietly(ref, "versions", version)
+            raise
+        storage.write_bytes(ref.url("CURRENT"), f"{version}\n".encode(), ref.storage_options)
+    _record_publication(ref, version, parent, manifest)
+    return version
+
+
+def _moved(ref: BankRef, parent: str | None) -> ConcurrentUpdateError:
+    """The error of a writer whose CURRENT moved away from `parent` before it published."""
+    now = current_version(ref)
+    return ConcurrentUpdateError(
+        f"bank {ref}: CURRENT moved from {parent} to {now} while this run was working (another writer "
+        f"published first); nothing was published. Run the same command again to apply it on top of {now}.")
+
+
+def _record_publication(ref: BankRef, version: str, parent: str | None, manifest: Manifest) -> None:
+    """The publication records of a version CURRENT now names (and of its parent, which a crash may have kept
+    from recording itself)."""
+    if parent is not None:
+        _record_published(ref, parent)
+    _record_published(ref, version, parent=parent, created_at=manifest.created_at)
 
 
 def _claim_version(ref: BankRef, manifest: Manifest, parent: str | None) -> str:

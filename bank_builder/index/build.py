@@ -18,6 +18,7 @@ from bank_builder.format import (
     index_layout, publish, read_current, read_manifest, storage,
 )
 from bank_builder.format.index_layout import ListLayout
+from bank_builder.format.versions import no_version_error
 from bank_builder.index.add import add_parts
 from bank_builder.index.autotune import autotune
 from bank_builder.index.delta import build_delta
@@ -108,7 +109,7 @@ def _index(ref: BankRef, config: IndexConfig, version: str | None, retrain: bool
     """build_index without the storage count."""
     current = read_current(ref)
     if current.version is None:
-        raise BankMismatchError(f"{ref} has no published version; build it first (`refbank build`)")
+        raise no_version_error(ref)
     if version is not None and version != current.version:
         raise BankMismatchError(
             f"bank {ref}: {version} is not CURRENT ({current.version}); an index is published as the next "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bank_builder.format import BankMismatchError, BankRef, IndexEntry, index_layout, publish, read_current
+from bank_builder.format import BankNotIndexedError, BankRef, IndexEntry, index_layout, publish, read_current
 from bank_builder.format import read_manifest, storage
 from bank_builder.format.index_layout import ListLayout, fetch_lists, list_sources, read_directory
 from bank_builder.format.tombstones import is_removed, read_removed
@@ -41,13 +41,13 @@ class CompactReport:
 def compact_index(bank: str | BankRef, storage_options: dict | None = None,
                   object_bytes: int = 64 << 20) -> CompactReport:
     """Fold CURRENT's index deltas and tombstones into a new base and publish it as the next version.
-    BankMismatchError when CURRENT has no index; nothing is published when there is nothing to fold."""
+    BankNotIndexedError when CURRENT has no index; nothing is published when there is nothing to fold."""
     start = time.perf_counter()
     ref = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {})
     current = read_current(ref)
     m = read_manifest(ref, current.version) if current.version else None
     if m is None or m.index is None:
-        raise BankMismatchError(f"{ref} has no indexed version to compact; run `refbank index` first")
+        raise BankNotIndexedError(f"{ref} has no indexed version to compact; run `refbank index` first")
     entry = m.index
     tombstones = [t.object for t in m.tombstones]
     if not entry.deltas and set(tombstones) <= set(entry.folded_tombstones):

@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 from fsspec.implementations.local import LocalFileSystem
 
-from bank_builder.format import BankMismatchError, BankRef, Manifest, current_version, list_pins, list_versions
-from bank_builder.format import read_manifest, storage
+from bank_builder.format import BankRef, Manifest, current_version, list_pins, list_versions
+from bank_builder.format import no_version_error, read_manifest, storage
 
-ALWAYS_KEPT = ("CURRENT",)
+ALWAYS_KEPT = ("CURRENT", "LEASE")  # LEASE: a writer publishing on a store without conditional writes
 
 
 @dataclass
@@ -63,7 +63,7 @@ def collect_garbage(bank: str | BankRef, keep: int = 3, grace_s: float = 3600.0,
     versions = list_versions(ref)
     current = current_version(ref)
     if current is None:
-        raise BankMismatchError(f"{ref} has no published version; there is nothing to collect")
+        raise no_version_error(ref, "there is nothing to collect")
     retained = sorted(set(versions[-keep:]) | {current} | (set(list_pins(ref)) & set(versions)))
     referenced = set(ALWAYS_KEPT) | {f"pins/{v}" for v in list_pins(ref)}
     for version in retained:

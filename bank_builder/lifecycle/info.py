@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from bank_builder.format import BankMismatchError, BankRef, current_version, list_pins, list_versions
-from bank_builder.format import published_record, read_manifest, storage
+from bank_builder.format import BankRef, current_version, list_pins, list_versions
+from bank_builder.format import no_version_error, published_record, read_manifest, storage
 from bank_builder.lifecycle.gc import referenced_objects
 
 
@@ -16,7 +16,7 @@ def bank_info(bank: str | BankRef, version: str | None = None, storage_options: 
     ref = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {})
     current = current_version(ref)
     if current is None:
-        raise BankMismatchError(f"{ref} has no published version (no CURRENT); build it first (`refbank build`)")
+        raise no_version_error(ref)
     m = read_manifest(ref, version or current)
     pins = set(list_pins(ref))
     versions = []

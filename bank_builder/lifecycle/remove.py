@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bank_builder.format import BankMismatchError, BankRef, Manifest, index_layout, parts, publish, read_current
-from bank_builder.format import read_manifest
+from bank_builder.format import no_version_error, read_manifest
 from bank_builder.format.index_layout import read_label_table
 from bank_builder.format.tombstones import is_removed, read_removed, write_tombstones
 from bank_builder.index.text import write_table
@@ -63,7 +63,7 @@ def remove_segments(bank: str | BankRef, removal: Removal,
     ref = bank if isinstance(bank, BankRef) else BankRef(bank, storage_options or {})
     current = read_current(ref)
     if current.version is None:
-        raise BankMismatchError(f"{ref} has no published version; there is nothing to remove")
+        raise no_version_error(ref, "there is nothing to remove")
     m = read_manifest(ref, current.version)
     ids, by = matching_ids(ref, m, removal)
     before = read_removed(ref, m)
