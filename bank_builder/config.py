@@ -126,6 +126,9 @@ class PipelineConfig:
     cpus_per_decode: float | None = None  # each decode (and write) task; None: 1 with GPUs, else 0.25
     max_shards_in_flight: int | None = None  # None: 2 per encoder actor + 1, or one per CPU left for decode
     max_calls_per_encoder: int = 2  # queued encoder calls per actor (backpressure)
+    # Decoded input (S×S×3 bytes an image) the driver holds for the actors beyond their queues, so decode runs on
+    # while the models load and while every actor is busy, and that decode work is not left for later.
+    bytes_ahead: int = 512 * 2**20
     max_attempts: int = 3  # a shard that fails this many times is reported as failed
     progress_interval_s: float = 10.0  # plain console lines: one per finished shard, else at most this often
     encoder_start_timeout_s: float = 600.0  # longest wait for an encoder actor to be placed and loaded

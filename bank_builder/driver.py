@@ -76,6 +76,8 @@ class Driver:
         self.pool = EncoderPool(config.encoder, p, self.placement, worker)
         progress.encoder_actors = self.pool.actor_names
         self.geometry = InputGeometry.of(spec)
+        chunk_bytes = p.batch_size * p.batches_per_call * 3 * spec.image_size ** 2
+        self.chunks_ahead = max(p.bytes_ahead // chunk_bytes, 1)
         # Bounded generator buffer: a decode task pauses instead of filling the object store.
         cpus = self.placement.decode_cpus
         self.decode = ray.remote(num_cpus=cpus, max_retries=0, _generator_backpressure_num_objects=2)(decode)
@@ -114,6 +116,7 @@ class Driver:
             self.active.append(run)
 
     def _dispatch(self) -> None:
+        """Send waiting chunks, oldest first, to the actors that have room."""
         while self.waiting and self.pool.free > 0:
             run, attempt, chunk, ref = self.waiting.popleft()
             if attempt != run.attempt:
@@ -126,7 +129,7 @@ class Driver:
         gens = {r.gen: r for r in self.active if r.gen is not None}
         loading = self.pool.loading
         pending = [*self.calls, *self.writes, *loading]
-        if len(self.waiting) < self.pool.free:  # else a ready generator would wake us with nothing to do
+        if self._room() > 0:  # else a ready generator would wake us with nothing to do
             pending += gens
         if not pending:
             return
@@ -146,9 +149,14 @@ class Driver:
                 self._pull(gens[ref])
         self.pool.check_start_deadline()
 
+    def _room(self) -> int:
+        """How many more decoded chunks the driver takes: what the actors accept now, plus `chunks_ahead`
+        read ahead (so decode runs on while the models load, or while every actor is busy)."""
+        return self.pool.free + self.chunks_ahead - len(self.waiting)
+
     def _pull(self, run: _ShardRun) -> None:
         """Take a ready generator's next output (the previous one is a chunk: only the last is the tail)."""
-        if run.gen is None or len(self.waiting) >= self.pool.free:
+        if run.gen is None or self._room() <= 0:
             return  # abandoned meanwhile, or no room: backpressure keeps the rest in the decode task
         try:
             ref = next(run.gen)
