@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
+from ray.util.placement_group import placement_group_table
 
 from bank_builder.format import BankRef, parts, read_manifest
 from bank_builder.pipeline import build_bank
@@ -51,8 +51,9 @@ def test_build_survives_losing_the_encoders_node(tmp_path, cluster):
         # After the first encoded chunk, while shards are still to come: the node that runs the encoder goes.
         if removed or not progress.images or progress.shards_done >= progress.shards_total - 1:
             return
-        name = progress.encoder_actors[0]
-        node_id = next(a.node_id for a in list_actors(filters=[("name", "=", name)]))
+        # The encoder's node is its placement-group bundle's (the clean build's group is removed by now).
+        groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+        node_id = groups[0]["bundles_to_node_id"][0]
         node = next(w for w in workers if w.node_id == node_id)
         cluster.remove_node(node)
         removed.append(node_id)
