@@ -3,18 +3,14 @@ finishes and its bank is the bank of a clean build, row for row and byte for byt
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
-from bank_builder.format import BankRef, parts, read_manifest
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, make_corpus
-from tests.build_helpers import assert_same_bank, read_bank, tiny_config
+from tests.build_helpers import assert_same_bank, part_digests, read_bank, tiny_config
 
 
 @pytest.fixture
@@ -30,13 +26,6 @@ def cluster():
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
-
-
-def _part_digests(bank: str) -> list[tuple[str, int, str]]:
-    """(part name, rows, sha256 of the file's bytes) of every part the bank's current version names."""
-    ref = BankRef(bank)
-    return [(p.name, p.rows, hashlib.sha256(Path(parts.part_url(ref, p.name)).read_bytes()).hexdigest())
-            for p in read_manifest(ref).parts]
 
 
 def test_build_survives_losing_the_encoders_node(tmp_path, cluster):
@@ -62,6 +51,6 @@ def test_build_survives_losing_the_encoders_node(tmp_path, cluster):
     assert removed, "the node was never removed: the build ended before its first progress call with shards to go"
     assert report.ok and report.actor_restarts >= 1
     assert_same_bank(read_bank(lost), read_bank(clean))
-    assert _part_digests(lost) == _part_digests(clean)
+    assert part_digests(lost) == part_digests(clean)
     # Segment ids come from the part ordinals: the same shards got the same ordinals.
     assert read_bank(lost)["segment_id"].to_pylist() == read_bank(clean)["segment_id"].to_pylist()
