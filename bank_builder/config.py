@@ -138,16 +138,29 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How the Ray build spreads work: batch size, encoder actors, retries, memory bounds."""
+    """How the Ray build spreads work: batches, encoder actors and their resources, retries, memory bounds.
 
-    batch_size: int = 16  # images per encoder call
+    None means sized from the cluster when the build starts (`encoder_pool.plan_placement`): one encoder actor
+    per GPU, or one CPU actor that takes its node's CPUs but room for two decode tasks; decode tasks take one
+    CPU each beside GPUs, 0.25 beside a CPU encoder (decode is light next to a CPU forward pass).
+    """
+
+    batch_size: int = 16  # images per forward pass; with the encoder, what decides a part's bytes
+    batches_per_call: int = 4  # batches per decode output and per encoder call: fewer, larger Ray calls
     num_encoders: int | None = None  # None: one per GPU, or one CPU actor when there is no GPU
-    cpus_per_encoder: float = 1.0
-    max_shards_in_flight: int | None = None  # None: 2 per encoder actor + 1
-    max_batches_per_encoder: int = 2  # queued encoder calls per actor (backpressure)
+    cpus_per_encoder: float | None = None  # None: 0 for a GPU actor; a CPU actor, its node's CPUs less decode's
+    cpus_per_decode: float | None = None  # each decode (and write) task; None: 1 with GPUs, else 0.25
+    max_shards_in_flight: int | None = None  # None: 2 per encoder actor + 1, or one per CPU left for decode
+    max_calls_per_encoder: int = 2  # queued encoder calls per actor (backpressure)
+    # Decoded input (S×S×3 bytes an image) the driver holds for the actors beyond their queues, so decode runs on
+    # while the models load and while every actor is busy, and that decode work is not left for later.
+    bytes_ahead: int = 512 * 2**20
     max_attempts: int = 3  # a shard that fails this many times is reported as failed
     progress_interval_s: float = 10.0  # plain console lines: one per finished shard, else at most this often
-    encoder_start_timeout_s: float = 600.0  # wait this long for the cluster to place every encoder actor
+    encoder_start_timeout_s: float = 600.0  # longest wait for an encoder actor to be placed and loaded
+    # Import path of a module whose `decode_shard` and `EncoderWorker` replace the real ones (same signatures):
+    # bench/driver_scale.py measures the driver alone with it. No CLI option sets it; the manifest records it.
+    stand_in: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Mask pooling of dense features → one visual embedding per segment; text embeddings per label.
 
 Conventions: images are squashed (no crop) to the encoder's S×S input so masks stay aligned; a
-segment's soft mask on the g×g feature grid is the exact fraction of each cell it covers; visual
+segment's soft mask on the g×g feature grid is the exact fraction of each cell it covers (both made by
+`prepare.prepare_image`, torch-free, which decode tasks run); visual
 embeddings are the area-weighted mean of the cells' features, L2-normalised, stored as float16.
 """
 
@@ -12,37 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from bank_builder.encoders.base import Encoder, EncoderSpec
+from bank_builder.encoders.base import Encoder
+from bank_builder.encoders.registry import to_device
+from bank_builder.prepare import prepare_image  # noqa: F401  (re-exported: the builder and the query side pool alike)
 
 TEXT_TEMPLATE = "a photo of a {}."  # prompt for label text; the query side reuses it
-
-
-def _area_matrix(size: int, cells: int) -> np.ndarray:
-    """(cells, size) float32: fraction of cell i covered by pixel j, so each row sums to 1."""
-    edges = np.arange(cells + 1, dtype=np.float64) * (size / cells)  # cell boundaries in pixels
-    pixels = np.arange(size, dtype=np.float64)
-    overlap = np.minimum(edges[1:, None], pixels + 1) - np.maximum(edges[:-1, None], pixels)
-    return (np.clip(overlap, 0.0, None) * (cells / size)).astype(np.float32)
-
-
-def prepare_image(image: np.ndarray, masks: list[np.ndarray], spec: EncoderSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 + n (H, W) bool masks → (S, S, 3) uint8 (bicubic, no crop), (n, g, g) float32 cell coverage."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"prepare_image takes an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-    h, w = image.shape[:2]
-    size, grid = spec.image_size, spec.grid
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    # PIL's BOX filter weighs whole pixels by their centres, which is not an area average when the
-    # scale is not an integer; these matrices give each pixel its exact overlap with each cell
-    rows, cols = _area_matrix(h, grid), _area_matrix(w, grid)
-    soft = np.empty((len(masks), grid, grid), np.float32)
-    for i, mask in enumerate(masks):  # one (H, W) float copy at a time keeps memory flat on big images
-        if mask.shape != (h, w):
-            raise ValueError(f"mask {i} has shape {mask.shape}, the image is {(h, w)}")
-        soft[i] = rows @ mask.astype(np.float32) @ cols.T
-    return resized, soft
 
 
 def pool_tensors(features: torch.Tensor, soft_masks: torch.Tensor,
@@ -117,5 +93,6 @@ def encode_batch(encoder: Encoder, images: np.ndarray, soft_masks: np.ndarray, i
         return BatchEmbeddings(np.zeros((0, encoder.spec.visual_dim), np.float16), np.zeros(0, np.float32), [])
     features = encoder.encode_dense(images)
     with torch.inference_mode():
-        visual, quality = pool_segments(features, torch.as_tensor(soft_masks), torch.as_tensor(image_index))
+        visual, quality = pool_segments(features, to_device(soft_masks, features.device),
+                                        to_device(image_index, features.device))
     return BatchEmbeddings(visual, quality, embed_labels(encoder, labels, cache))

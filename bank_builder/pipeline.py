@@ -1,39 +1,27 @@
-"""The build on Ray: plan what is left, stream shards through decode tasks → encoder actors → part writers,
-retry what fails, then publish a new bank version that names every committed part."""
+"""The build on Ray: plan what is left, run the driver (`driver.Driver`: decode tasks → encoder actors → part
+writers, retries), then publish a new bank version that names every committed part."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import ray
-from ray.exceptions import RayActorError
 
 from bank_builder.format import BankMismatchError, BankRef, ConcurrentUpdateError, Current, Manifest, PartEntry
 from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, totals
 from bank_builder.format import storage
 from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields, option_differences
-from bank_builder.encoder_pool import EncoderPool
+from bank_builder.driver import Driver, ShardFailure
 from bank_builder.encoders import EncoderSpec, resolve_spec
 from bank_builder.ingest import shard_sizes
 from bank_builder.progress import BuildProgress, ProgressCallback
 from bank_builder.ray_runtime import init_ray
-from bank_builder.workers import decode_shard, write_shard
 
 log = logging.getLogger("refbank.build")
-
-
-@dataclass
-class ShardFailure:
-    """A shard that failed every attempt, with the last error."""
-
-    shard: str
-    error: str
 
 
 @dataclass
@@ -58,7 +46,7 @@ class BuildReport:
     reject_reasons: dict[str, int]
     failed: list[ShardFailure]
     seconds: float
-    startup_s: float  # part of `seconds` spent starting encoder actors (model load)
+    startup_s: float  # part of `seconds` until the first encoder actor had loaded its model (decode runs meanwhile)
     images_per_s: float
     segments_per_s: float
     actor_restarts: int
@@ -129,160 +117,6 @@ def _spec_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[
     return out or ["the build fingerprint differs (a bank written by another refbank version?)"]
 
 
-@dataclass
-class _ShardRun:
-    """Driver-side state of one shard attempt."""
-
-    info: PartEntry
-    attempt: int = 0
-    gen: Any = None
-    held: ray.ObjectRef | None = None  # the newest generator output; it is the ShardTail if the generator ends next
-    tail: ray.ObjectRef | None = None
-    batches: int = 0
-    encoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
-
-
-class _Driver:
-    """The event loop: bounded shards in flight, bounded batches queued per actor, retries per shard."""
-
-    def __init__(self, config: BuildConfig, spec: EncoderSpec, todo: list[PartEntry],
-                 progress: BuildProgress, on_progress: ProgressCallback | None) -> None:
-        self.config, self.spec, self.progress, self.on_progress = config, spec, progress, on_progress
-        p = config.pipeline
-        self.pool = EncoderPool(config.encoder, p)
-        progress.encoder_actors, progress.startup_s = self.pool.actor_names, progress.elapsed_s
-        self.max_shards = p.max_shards_in_flight or 2 * self.pool.size + 1
-        # Bounded generator buffer: a decode task pauses instead of filling the object store.
-        self.decode = ray.remote(num_cpus=1, max_retries=0, _generator_backpressure_num_objects=2)(decode_shard)
-        self.write = ray.remote(num_cpus=1, max_retries=0)(write_shard)
-        self.queue: deque[_ShardRun] = deque(_ShardRun(info) for info in todo)
-        self.active: list[_ShardRun] = []
-        self.waiting: deque[tuple[_ShardRun, int, int, ray.ObjectRef]] = deque()  # (run, attempt, batch, ref)
-        self.calls: dict[ray.ObjectRef, tuple] = {}  # stats ref → (run, attempt, batch, decoded ref, slot, actor, encoded ref)
-        self.writes: dict[ray.ObjectRef, tuple[_ShardRun, int]] = {}
-        self.written: list[PartEntry] = []
-        self.failed: list[ShardFailure] = []
-
-    def run(self) -> tuple[list[PartEntry], list[ShardFailure]]:
-        """Process every queued shard; returns (parts written, shards that failed every attempt)."""
-        try:
-            while self.queue or self.active or self.writes:
-                self._start_shards()
-                self._pull_batches()
-                self._dispatch()
-                self._wait()
-        finally:
-            self.pool.shutdown()
-        return self.written, self.failed
-
-    def _start_shards(self) -> None:
-        while self.queue and len(self.active) < self.max_shards:
-            run = self.queue.popleft()
-            run.gen = self.decode.remote(run.info.source, self.config, self.spec)
-            self.active.append(run)
-
-    def _pull_batches(self) -> None:
-        """Take ready outputs from decode generators while the encoders have room (backpressure)."""
-        for run in [r for r in self.active if r.gen is not None]:
-            while len(self.waiting) < self.pool.free and ray.wait([run.gen], timeout=0)[0]:
-                try:
-                    ref = next(run.gen)
-                except StopIteration:
-                    run.gen, run.tail, run.held = None, run.held, None
-                    self._maybe_write(run)
-                    break
-                if run.held is not None:
-                    self.waiting.append((run, run.attempt, run.batches, run.held))
-                    run.batches += 1
-                run.held = ref
-
-    def _dispatch(self) -> None:
-        while self.waiting and self.pool.free > 0:
-            run, attempt, batch, ref = self.waiting.popleft()
-            if attempt != run.attempt:
-                continue  # a batch of an abandoned attempt
-            slot, actor, stats, encoded = self.pool.submit(ref)
-            self.calls[stats] = (run, attempt, batch, ref, slot, actor, encoded)
-
-    def _wait(self) -> None:
-        pending = list(self.calls) + list(self.writes)
-        if len(self.waiting) < self.pool.free:  # else a ready generator would wake us with nothing to do
-            pending += [r.gen for r in self.active if r.gen is not None]
-        if not pending:
-            return
-        ready, _ = ray.wait(pending, num_returns=1, timeout=0.5)
-        for ref in ready:
-            if ref in self.calls:
-                self._on_encoded(ref)
-            elif ref in self.writes:
-                self._on_written(ref)
-
-    def _on_encoded(self, stats_ref: ray.ObjectRef) -> None:
-        run, attempt, batch, decoded, slot, actor, encoded = self.calls.pop(stats_ref)
-        self.pool.done(slot)
-        try:
-            stats = ray.get(stats_ref)
-        except RayActorError as exc:  # the actor died: replace it and send the same batch again
-            self.pool.replace_if_dead(slot, actor, exc)
-            self.progress.actor_restarts, self.progress.encoder_actors = self.pool.restarts, self.pool.actor_names
-            if attempt == run.attempt:
-                self.waiting.appendleft((run, attempt, batch, decoded))
-            return
-        except Exception as exc:  # the decode task failed (its error travels in the batch) or encode raised
-            self._retry_or_fail(run, attempt, exc)
-            return
-        if attempt != run.attempt:
-            return
-        run.encoded[batch] = encoded
-        self.progress.batch_encoded(run.info.source, stats)
-        self._report()
-        self._maybe_write(run)
-
-    def _maybe_write(self, run: _ShardRun) -> None:
-        """Once a shard is decoded and all its batches encoded, hand it to a writer task."""
-        if run.gen is None and run.tail is not None and len(run.encoded) == run.batches and run in self.active:
-            refs = [run.encoded[i] for i in range(run.batches)]
-            ref = self.write.remote(self.config.bank_ref, run.info, self.spec.to_dict(), run.tail, refs)
-            self.writes[ref] = (run, run.attempt)
-            self.active.remove(run)
-
-    def _on_written(self, ref: ray.ObjectRef) -> None:
-        run, attempt = self.writes.pop(ref)
-        try:
-            info = ray.get(ref)
-        except Exception as exc:  # a bad shard (its decode error surfaces here) or a failed write
-            self._retry_or_fail(run, attempt, exc)
-            return
-        self.written.append(info)
-        self.progress.shard_written(run.info.source, info.rejects)
-        self._report()
-
-    def _retry_or_fail(self, run: _ShardRun, attempt: int, exc: Exception) -> None:
-        """Abandon the shard's current attempt; queue it again, or record it as failed after max_attempts."""
-        if attempt != run.attempt:
-            return
-        if run in self.active:
-            self.active.remove(run)
-        if run.gen is not None:
-            ray.cancel(run.gen)  # stop decoding an abandoned attempt; its outputs are ignored
-        run.attempt += 1
-        cause = getattr(exc, "cause", None) or exc
-        if run.attempt >= self.config.pipeline.max_attempts:
-            log.error("shard %s failed %d times: %s", run.info.source, run.attempt, cause)
-            self.failed.append(ShardFailure(run.info.source, f"{type(cause).__name__}: {cause}"))
-            self.progress.shard_restarted(run.info.source, failed=True)
-        else:
-            log.warning("shard %s attempt %d failed (%s); retrying", run.info.source, run.attempt, cause)
-            self.progress.shard_restarted(run.info.source, failed=False)
-            run.gen, run.held, run.tail, run.batches, run.encoded = None, None, None, 0, {}
-            self.queue.appendleft(run)
-        self._report()
-
-    def _report(self) -> None:
-        if self.on_progress is not None:
-            self.on_progress(self.progress)
-
-
 MAX_REPLANS = 5  # publishes lost to concurrent writers before a build gives up
 
 
@@ -302,7 +136,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done),
                              shard_bytes={p.source: sizes[p.source] for p in plan.todo})
     log.info("%d shards: %d already committed, %d to build", len(shards), len(plan.done), len(plan.todo))
-    written, failed = _Driver(config, spec, plan.todo, progress, on_progress).run() if plan.todo else ([], [])
+    written, failed = Driver(config, spec, plan.todo, progress, on_progress).run() if plan.todo else ([], [])
     pending = {p.source: p for p in _unpublished(plan) + written}  # parts the parent lacks, by shard
     version = None
     for attempt in range(MAX_REPLANS + 1):

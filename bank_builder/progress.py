@@ -56,12 +56,16 @@ class BuildProgress:
 
     def shard_restarted(self, shard: str, failed: bool) -> None:
         """`shard`'s attempt was abandoned: it starts over (retry), or leaves the run (failed every attempt)."""
-        self._reached.pop(shard, None)
+        self.shard_reset(shard)
         if failed:
             self.shards_failed += 1
             self.shard_bytes.pop(shard, None)
         else:
             self.shard_retries += 1
+
+    def shard_reset(self, shard: str) -> None:
+        """`shard` starts over without a failed attempt (its decode was stopped to free CPUs): forget its images."""
+        self._reached.pop(shard, None)
 
     @property
     def elapsed_s(self) -> float:

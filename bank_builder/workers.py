@@ -1,6 +1,8 @@
-"""The units of work the build spreads over Ray: decode a shard, encode a batch, write a part.
+"""The build's Ray tasks and what flows between them: decode a shard into chunks of encoder batches, write a
+shard's encoded batches as one part. The encoder actor is `encoder_pool.EncoderWorker`.
 
-They are plain functions and a plain class here; `pipeline` wraps them with ray.remote options.
+Plain functions here; `driver` wraps them with ray.remote options. This module imports no torch, so decode and
+write workers start fast and small.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray
-import torch
 
 from bank_builder.format import BankRef, PartEntry, parts as part_io
-from bank_builder.config import BuildConfig, EncoderConfig, PairingConfig
-from bank_builder.embed import embed_labels, encode_batch, prepare_image
-from bank_builder.encoders import EncoderSpec, load_encoder
+from bank_builder.config import BuildConfig, PairingConfig
 from bank_builder.ingest import iter_samples
-from bank_builder.pairing import candidate_phrases, pair_batch
+from bank_builder.pairing import candidate_phrases
+from bank_builder.prepare import InputGeometry, prepare_image
 from bank_builder.records import LabelSource, Reject
 from bank_builder.segments import make_segments
 
@@ -88,10 +88,13 @@ class _BatchBuilder:
         return batch
 
 
-def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator[DecodedBatch | ShardTail]:
-    """Stream a shard: decode, validate and segment its samples; yield encoder batches, then a ShardTail."""
-    pairing = config.pairing if config.pairing.enabled and spec.text_dim else None  # pairing needs a text tower
-    builder, rejects, samples = _BatchBuilder(pairing), [], 0
+def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry) -> Iterator[list[DecodedBatch] | ShardTail]:
+    """Stream a shard: decode, validate and segment its samples; yield chunks of up to `batches_per_call` encoder
+    batches (one encoder call each), then a ShardTail. Batches hold `batch_size` images in shard order whatever
+    the chunking, so a shard's bytes do not depend on it."""
+    pairing = config.pairing if config.pairing.enabled else None  # the encoder pairs only with a text tower
+    builder, rejects, samples, chunk = _BatchBuilder(pairing), [], 0, []
+    batch_size, per_call = config.pipeline.batch_size, config.pipeline.batches_per_call
     for item in iter_samples(shard, config.ingest, config.storage_options):
         if isinstance(item, Reject):
             rejects.append(item)
@@ -100,52 +103,34 @@ def decode_shard(shard: str, config: BuildConfig, spec: EncoderSpec) -> Iterator
         if isinstance(segments, Reject):
             rejects.append(segments)
             continue
-        image, soft = prepare_image(item.image, [s.mask for s in segments], spec)
+        image, soft = prepare_image(item.image, [s.mask for s in segments], geometry)
         unlabelled = pairing is not None and any(s.label is None for s in segments)
         builder.add(item.key, image, soft, segments, candidate_phrases(item.meta, pairing) if unlabelled else [],
                     item.stream_bytes)
         samples += 1
-        if len(builder.images) == config.pipeline.batch_size:
-            yield builder.take()
+        if len(builder.images) == batch_size:
+            chunk.append(builder.take())
+            if len(chunk) == per_call:
+                yield chunk
+                chunk = []
     if builder.images:
-        yield builder.take()
+        chunk.append(builder.take())
+    if chunk:
+        yield chunk
     yield ShardTail(samples=samples, rejects=rejects)
 
 
-class EncoderWorker:
-    """Holds one loaded encoder; encodes decoded batches (one actor per GPU, or CPU actors)."""
-
-    def __init__(self, config: EncoderConfig, threads: int) -> None:
-        self.config, self.threads = config, threads
-        self.encoder: Any = None
-        self.text_cache: dict[str, np.ndarray] = {}
-
-    def load(self) -> dict[str, Any]:
-        """Load the model; returns its spec. A method, not __init__, so a failure keeps its exception type."""
-        # Match torch's intra-op threads to the CPUs Ray reserved for this actor, so the decode tasks
-        # running beside it keep their cores.
-        torch.set_num_threads(self.threads)
-        self.encoder = load_encoder(self.config)
-        return self.encoder.spec.to_dict()
-
-    def encode(self, batch: DecodedBatch) -> tuple[dict[str, int], EncodedBatch]:
-        """(stats for progress, embeddings); returned as two objects so the driver fetches only the stats."""
-        out = encode_batch(
-            self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label, self.text_cache
-        )
-        if batch.pairing is not None and any(batch.phrases):
-            embed = lambda labels: embed_labels(self.encoder, labels, self.text_cache)  # noqa: E731
-            for row in pair_batch(batch.rows, batch.image_index, out.visual, batch.phrases, embed, batch.pairing):
-                out.text[row] = self.text_cache[batch.rows.label[row]]
-        encoded = EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images))
-        return {"images": len(batch.images), "segments": len(batch.rows), "stream_bytes": batch.stream_bytes}, encoded
+def chunk_stats(chunk: list[DecodedBatch]) -> dict[str, int]:
+    """What the driver counts of an encoded chunk: images, segments, and how far into its shard it reached."""
+    return {"images": sum(len(b.images) for b in chunk), "segments": sum(len(b.rows) for b in chunk),
+            "stream_bytes": max((b.stream_bytes for b in chunk), default=0)}
 
 
 def write_shard(
     ref: BankRef, info: PartEntry, spec: dict[str, Any], tail: ShardTail, encoded: list[ray.ObjectRef],
 ) -> PartEntry:
-    """Concatenate a shard's encoded batches in order and commit them as one part (+ its rejects)."""
-    batches: list[EncodedBatch] = ray.get(encoded)
+    """Concatenate a shard's encoded chunks (lists of EncodedBatch) in order; commit them as one part (+ rejects)."""
+    batches: list[EncodedBatch] = [b for chunk in ray.get(encoded) for b in chunk]
     rows = part_io.SegmentRows()
     for b in batches:
         for name in vars(rows):

@@ -111,7 +111,10 @@ def build_cmd(
         "pretrained", help="'pretrained' (the entry's published weights), 'untrained' (seeded random weights, "
         "explicitly), or a local checkpoint path."),
     seed: int = typer.Option(0, help="Seed of untrained weights."),
-    batch_size: int = typer.Option(PipelineConfig.batch_size, help="Images per encoder call."),
+    batch_size: int = typer.Option(PipelineConfig.batch_size, help="Images per encoder forward pass."),
+    batches_per_call: int = typer.Option(
+        PipelineConfig.batches_per_call, min=1, help="Batches per encoder actor call: larger calls cost the driver less "
+        "per image (many GPUs); the bank's bytes do not depend on it."),
     num_encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else one)."),
     max_attempts: int = typer.Option(PipelineConfig.max_attempts, help="Attempts per shard before it is reported failed."),
     ray_address: Optional[str] = RAY_ADDRESS,
@@ -134,7 +137,8 @@ def build_cmd(
         segments=SegmentConfig(min_area=min_area),
         pairing=PairingConfig(enabled=pairing, rule=pairing_rule, threshold=pairing_threshold),
         encoder=_encoder_config(encoder, encoder_config, weights, seed),
-        pipeline=PipelineConfig(batch_size=batch_size, num_encoders=num_encoders, max_attempts=max_attempts),
+        pipeline=PipelineConfig(batch_size=batch_size, batches_per_call=batches_per_call, num_encoders=num_encoders,
+                                max_attempts=max_attempts),
         storage_options=storage_options(storage_option, endpoint_url),
     )
     raise typer.Exit(run_build(config, ray_address, as_json))

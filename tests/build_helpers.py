@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,13 @@ def read_bank(bank: str, storage_options: dict[str, Any] | None = None) -> pa.Ta
     """Every row of every part the CURRENT manifest names, in manifest order."""
     ref = BankRef(bank, storage_options or {})
     return pa.concat_tables([parts.read_part(ref, p.name) for p in read_manifest(ref).parts])
+
+
+def part_digests(bank: str) -> list[tuple[str, int, str]]:
+    """(part name, rows, sha256 of the file's bytes) of every part the bank's current version names."""
+    ref = BankRef(bank)
+    return [(p.name, p.rows, hashlib.sha256(Path(parts.part_url(ref, p.name)).read_bytes()).hexdigest())
+            for p in read_manifest(ref).parts]
 
 
 def assert_same_bank(a: pa.Table, b: pa.Table) -> None:

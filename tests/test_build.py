@@ -191,7 +191,7 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(corpus, clean_bank, t
     assert_same_bank(read_bank(bank), read_bank(clean_bank[0]))
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=0.5)  # the CPUs a 2-CPU node's encoder leaves for decode: two such tasks want more
 def _hold_a_cpu() -> None:
     time.sleep(300)
 
@@ -211,6 +211,7 @@ def test_a_dead_encoders_cpus_stay_reserved_for_its_replacement(ray_local):
         time.sleep(2)  # the waiting task would take the freed CPU now, were it not reserved
         pool.replace_if_dead(0, dead, ray.exceptions.RayActorError())
         assert pool.restarts == 1 and pool.slots[0].actor is not dead
+        ray.get(pool.slots[0].loading, timeout=60)  # the replacement is placed and loads (it does not wait forever)
     finally:
         for ref in blockers:
             ray.cancel(ref, force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bank_builder.encoders import get_encoder_entry
@@ -105,8 +107,15 @@ def test_killed_build_resumes_to_the_same_bank(tmp_path, ray_local):
     deadline = time.monotonic() + 180
     while not list((bank / "parts").glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-build
+    # The driver and everything it started, mid-build. Ray may start workers outside the driver's process group,
+    # and a writer left running would commit a part after the count below: kill and wait for every descendant.
+    started = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     proc.wait()
+    psutil.wait_procs(started, timeout=30)
     committed = len(list((bank / "parts").glob("*.json")))
     assert 1 <= committed < 12, f"the kill should land after the first part and before the last ({committed})"
     assert current_version(BankRef(str(bank))) is None

@@ -243,10 +243,20 @@ def pixels_to_tensor(images: np.ndarray, spec: EncoderSpec, device: torch.device
         raise ValueError(f"encoder {spec.name!r} takes (B, {size}, {size}, 3) uint8 images, "
                          f"got {images.shape} {images.dtype}; resize them with embed.prepare_image")
     # uint8 crosses to the device (4x less transfer than float), the arithmetic happens there
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    x = to_device(images, device).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`. To CUDA it goes through pinned memory with a non-blocking copy, so
+    the copy does not stall the host while the GPU still computes (torch's pinned-memory cache keeps the buffer
+    until the copy is done; later work on the same stream waits for it)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
