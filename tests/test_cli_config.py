@@ -96,7 +96,7 @@ def test_bad_keys_and_values_name_the_file_and_the_key(tmp_path):
     build = typer.main.get_command(app).commands["build"]
     cases = {
         "mask_kindd: class\n": "unknown key 'mask_kindd' in c.yaml (did you mean 'mask_kind'?); known: as_json, "
-                               "batch_size, encoder,",
+                               "batch_size, batches_per_call, encoder,",
         "batch_size: eight\n": "c.yaml: key 'batch_size' must be an integer, got 'eight' (str)",
         "batch_size: true\n": "c.yaml: key 'batch_size' must be an integer, got True (bool)",
         "mask_kind: klass\n": "c.yaml: key 'mask_kind' must be one of auto, instance, class, binary, rle, none",
