@@ -80,9 +80,9 @@ def make_corpus_cmd(
     wrong_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a phrase names a class absent "
                                             "from the image instead of the one present."),
     missing_phrase_rate: float = typer.Option(0.0, help="With --captions: chance that a class present is not named."),
-    wrong_label_rate: float = typer.Option(0.0, help="Chance that an instance's label names another class (instance "
-                                           "and rle masks), to score curation; the truth goes in the json's "
-                                           "label_truth."),
+    wrong_label_rate: float = typer.Option(0.0, help="Chance that a training instance's label names another class "
+                                           "(instance and rle masks), to score curation; the truth goes in the "
+                                           "json's label_truth. Held-out labels stay true."),
     storage_option: Optional[list[str]] = STORAGE_OPTION,
     endpoint_url: Optional[str] = ENDPOINT_URL,
     as_json: bool = AS_JSON,

@@ -74,6 +74,10 @@ def test_wrong_labels_keep_images_and_record_the_truth(tmp_path):
             else:
                 assert seg_b["label"] == seg_a["label"]
     assert 0.15 < flipped / total < 0.45
+    # held-out labels stay true: they are what a bank is scored against
+    make_corpus(str(tmp_path / "h"), replace(noisy, shards=1, samples_per_shard=8, heldout_shards=1))
+    make_corpus(str(tmp_path / "hc"), replace(clean, shards=1, samples_per_shard=8, heldout_shards=1))
+    assert corpus_samples(tmp_path / "h", "heldout") == corpus_samples(tmp_path / "hc", "heldout") != {}
     with pytest.raises(ValueError, match="instance or rle"):
         make_corpus(str(tmp_path / "c"), CorpusConfig(mask_kind="class", wrong_label_rate=0.2))
 

@@ -53,7 +53,7 @@ class CorpusConfig:
     missing_phrase_rate: float = 0.0
     # chance that an instance's label (json `segments`, rle.json `label`) names another class, drawn uniformly;
     # the true class of each such instance goes in the json's `label_truth` ({"<id>": class}); images, masks and
-    # captions stay the same bytes
+    # captions stay the same bytes; training shards only (held-out labels stay true, to score a bank against)
     wrong_label_rate: float = 0.0
 
 
@@ -219,7 +219,7 @@ def _iter_samples(config: CorpusConfig, split: str) -> Iterator[tuple[str, Scene
                 caption = noisy_caption(np.random.default_rng(seed + [_CAPTION_STREAM]), scene.labels,
                                         config.wrong_phrase_rate, config.missing_phrase_rate)
             labels = scene.labels
-            if config.wrong_label_rate:
+            if config.wrong_label_rate and split == "train":  # held-out labels stay true: they score the bank
                 labels = wrong_labels(np.random.default_rng(seed + [_LABEL_STREAM]), scene.labels,
                                       config.wrong_label_rate)
             yield sample_key(split, shard, index), scene, caption, labels
