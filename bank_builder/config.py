@@ -148,6 +148,10 @@ class PipelineConfig:
     batch_size: int = 16  # images per forward pass; with the encoder, what decides a part's bytes
     batches_per_call: int = 4  # batches per decode output and per encoder call: fewer, larger Ray calls
     num_encoders: int | None = None  # None: one per GPU, or one CPU actor when there is no GPU
+    # GPU encoder actors to ask for whatever the cluster has now: on an autoscaling cluster the GPU nodes start
+    # when the build's placement group asks for them (within encoder_start_timeout_s). None: the GPUs present
+    # at the start (none: a CPU actor); 0: CPU actors even beside GPUs.
+    gpus: int | None = None
     cpus_per_encoder: float | None = None  # None: 0 for a GPU actor; a CPU actor, its node's CPUs less decode's
     cpus_per_decode: float | None = None  # each decode (and write) task; None: 1 with GPUs, else 0.25
     max_shards_in_flight: int | None = None  # None: 2 per encoder actor + 1, or one per CPU left for decode

@@ -49,7 +49,7 @@ def plan_placement(pipeline: PipelineConfig) -> Placement:
     """Size the build from the live nodes: one actor per GPU, or one CPU actor that takes its node's cores but
     what decode needs. Explicit PipelineConfig values win over every rule here."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    gpus = int(sum(r.get("GPU", 0) for r in nodes))
+    gpus = int(sum(r.get("GPU", 0) for r in nodes)) if pipeline.gpus is None else pipeline.gpus
     cpus = [r.get("CPU", 0.0) for r in nodes]
     actors = pipeline.num_encoders or max(gpus, 1)
     decode = pipeline.cpus_per_decode if pipeline.cpus_per_decode is not None else (1.0 if gpus else 0.25)

@@ -116,6 +116,10 @@ def build_cmd(
         PipelineConfig.batches_per_call, min=1, help="Batches per encoder actor call: larger calls cost the driver less "
         "per image (many GPUs); the bank's bytes do not depend on it."),
     num_encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else one)."),
+    gpus: Optional[int] = typer.Option(
+        None, min=0, help="GPU encoder actors to ask for, whatever the cluster has at the start: on an autoscaling "
+        "cluster the request starts the GPU nodes. Default: the GPUs present at the start (none: a CPU actor); "
+        "0: CPU actors only."),
     max_attempts: int = typer.Option(PipelineConfig.max_attempts, help="Attempts per shard before it is reported failed."),
     ray_address: Optional[str] = RAY_ADDRESS,
     storage_option: Optional[list[str]] = STORAGE_OPTION,
@@ -138,7 +142,7 @@ def build_cmd(
         pairing=PairingConfig(enabled=pairing, rule=pairing_rule, threshold=pairing_threshold),
         encoder=_encoder_config(encoder, encoder_config, weights, seed),
         pipeline=PipelineConfig(batch_size=batch_size, batches_per_call=batches_per_call, num_encoders=num_encoders,
-                                max_attempts=max_attempts),
+                                gpus=gpus, max_attempts=max_attempts),
         storage_options=storage_options(storage_option, endpoint_url),
     )
     raise typer.Exit(run_build(config, ray_address, as_json))
