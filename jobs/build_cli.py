@@ -14,18 +14,9 @@ from bank_builder.config import (
     PipelineConfig, SegmentConfig,
 )
 from bank_builder.index.params import IndexConfig
-from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, storage_options
+from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, connect_ray, storage_options
 from jobs.console import interrupt_guard, setup_logging, show
 from jobs.errors import UnquotedGlobError
-
-
-def _connect(ray_address: str | None) -> None:
-    """Connect to the Ray cluster at `ray_address`; without one the job starts a local Ray once its options
-    are checked (so a bad option fails in milliseconds)."""
-    if ray_address:
-        from bank_builder.ray_runtime import init_ray
-
-        init_ray(ray_address)
 
 
 def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> int:
@@ -35,7 +26,7 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
     from bank_builder.progress import console_progress
     from bank_builder.segments import unlabelled_warning
 
-    _connect(ray_address)
+    connect_ray(ray_address)
     with interrupt_guard() as check, console_progress(config.pipeline.progress_interval_s) as printer:
         report = build_bank(config, on_progress=lambda progress: (check(), printer(progress)))
     show(report, as_json, build_text)
@@ -199,7 +190,7 @@ def run_index(bank: str, config: IndexConfig, options: dict, ray_address: str | 
     """Build a bank's index, print its report; returns the process exit status (raises what the job raises)."""
     from bank_builder.index import build_index
 
-    _connect(ray_address)
+    connect_ray(ray_address)
     show(build_index(bank, config, options, retrain=retrain), as_json, index_text)
     return 0
 

@@ -65,6 +65,15 @@ def storage_options(items: list[str] | None, endpoint_url: str | None) -> dict[s
     return options
 
 
+def connect_ray(ray_address: str | None) -> None:
+    """Connect to the Ray cluster at `ray_address`; without one the job starts a local Ray once its options
+    are checked (so a bad option fails in milliseconds)."""
+    if ray_address:
+        from bank_builder.ray_runtime import init_ray
+
+        init_ray(ray_address)
+
+
 @app.command("make-corpus")
 def make_corpus_cmd(
     out: str = typer.Argument(..., help="Where to write the shards: a local directory or s3://bucket/prefix."),

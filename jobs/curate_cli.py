@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, storage_options
+from jobs.cli import AS_JSON, ENDPOINT_URL, RAY_ADDRESS, STORAGE_OPTION, VERBOSE, app, connect_ray, storage_options
 from jobs.console import setup_logging, show
 
 SHOWN_LABELS = 40  # labels the text report lists (the JSON report and `refbank info --json` have all)
@@ -42,14 +42,12 @@ def curate_cmd(
     near-duplicates; score every segment. Dropped segments stay in the parts with keep = false and a reason; the
     next `refbank index` takes kept segments only. Publishes the next version; prints a per-label report."""
     from bank_builder.curate import CurationConfig, curate_bank
-    from bank_builder.ray_runtime import init_ray
 
     setup_logging(verbose)
     config = CurationConfig(drop_unpaired=not keep_unpaired, outlier_z=None if no_outliers else outlier_z,
                             refine_rounds=refine_rounds, min_group=min_group, confusion_margin=confusion_margin,
                             synonym_cosine=synonym_cosine, duplicate_cosine=None if no_duplicates else duplicate_cosine)
-    if ray_address:  # else curate_bank starts a local Ray once the bank is opened
-        init_ray(ray_address)
+    connect_ray(ray_address)
     show(curate_bank(bank, config, storage_options(storage_option, endpoint_url)), as_json, curate_text)
 
 
