@@ -92,13 +92,16 @@ class PairingConfig:
     a label, and the encoder has a text tower. rule: how a phrase picks its best segment (bank_builder.pairing):
     "mutual", among the segments whose own best phrase it is, or "best", among all. threshold: None = that rule
     alone (each phrase labels at most one segment); a cosine also labels every other unlabelled segment whose
-    best phrase reaches it. phrase_backend:
+    best phrase reaches it. margin: a segment is paired (by the rule or the threshold) only when its cosine to
+    the phrase exceeds its cosine to each other phrase of the image by at least this much (0: the rule alone, as
+    before; 0.05 was chosen on a tuning corpus, docs/QUALITY.md "Curation"). phrase_backend:
     the caption chunker (bank_builder.phrases.PhraseConfig); "rules" by default, so a build gives the same parts
     whether or not spaCy is installed."""
 
     enabled: bool = True
     rule: str = "mutual"
     threshold: float | None = None
+    margin: float = 0.05
     phrase_backend: str = "rules"
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class PairingConfig:
             raise ValueError(f"PairingConfig.rule={self.rule!r}: use 'mutual' or 'best'")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"PairingConfig.threshold={self.threshold}: use a cosine in [-1, 1], or None")
+        if not 0.0 <= self.margin <= 2.0:
+            raise ValueError(f"PairingConfig.margin={self.margin}: use a cosine difference in [0, 2] (0: no margin)")
         if self.phrase_backend not in ("auto", "rules", "spacy"):
             raise ValueError(f"PairingConfig.phrase_backend={self.phrase_backend!r}: use 'rules', 'auto' or 'spacy'")
 

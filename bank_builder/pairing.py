@@ -8,8 +8,13 @@ paired with its best segment (ReME's rule). Rule "mutual" (the default) takes th
 segments whose own best phrase it is, so a phrase naming something no segment shows (a wrong phrase, or an
 object smaller than any superpixel) pairs with nothing instead of with the least bad segment; rule "best"
 takes the best segment of all, and a segment that several phrases choose keeps the most similar one. With a
-threshold, every other unlabelled segment whose best phrase reaches it takes that phrase too. A paired segment gets the normalised phrase as its label and label_source "paired"; the rest stay
-unlabelled, and curation (bank_builder.curate) drops them.
+threshold, every other unlabelled segment whose best phrase reaches it takes that phrase too. Then the margin
+(default 0.05): a segment keeps its phrase only when its cosine to it beats its cosine to every other phrase of the
+image by at least the margin. Why: on a tuning corpus most wrong pairs were segments torn between two phrases
+(a superpixel straddling two objects, or the best stand-in for an object smaller than any superpixel): their
+best-minus-second cosine was 0.14 at the median against 0.52 for right pairs (docs/QUALITY.md "Curation").
+A paired segment gets the normalised phrase as its label and label_source "paired"; the rest stay unlabelled,
+and curation (bank_builder.curate) drops them.
 
 Why here and not in the curate pass: pairing needs each image's phrases and the text tower, which the encoder
 actor has while it encodes the image's segments, and it involves nothing beyond one image, so the part can
@@ -64,6 +69,12 @@ def pair_image(visual: np.ndarray, text: np.ndarray, config: PairingConfig) -> n
     if config.threshold is not None:
         extra = (chosen < 0) & (sims[np.arange(len(visual)), best_phrase] >= config.threshold)
         chosen[extra] = best_phrase[extra]
+    if config.margin > 0 and len(text) > 1:
+        top2 = np.sort(sims, axis=1)[:, -2:]
+        paired = np.flatnonzero(chosen >= 0)
+        # a segment's cosine to its chosen phrase ("best" may choose one that is not its own best) less its best other
+        other = np.where(best_phrase[paired] == chosen[paired], top2[paired, 0], top2[paired, 1])
+        chosen[paired[sims[paired, chosen[paired]] - other < config.margin]] = -1
     return chosen
 
 

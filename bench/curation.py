@@ -8,11 +8,13 @@ class. Cases, each built through the real pipeline (Ray, parts, curate, index):
   pairing          clean captions, superpixels: each pairing rule's accuracy and coverage, then after curation
   wrong_labels     instance masks with 20% of the labels flipped to another class (make-corpus wrong_label_rate)
   wrong_phrases    superpixels with captions whose phrases are 20% wrong (wrong_phrase_rate)
-mIoU on the held-out split, as jobs/evaluate scores it, with the index built before curation (uncurated) and
-after (curated): vocabulary mode (query.segment.Segmenter, superpixel regions, the 13 class names, the label
-table's prototypes) and open-set mode (the 10 nearest bank segments vote).
+mIoU on the held-out split by the project's evaluator (jobs.eval.evaluate, one run per case: every bank of the
+case in one pass), the uncurated bank against a copy curated per config and indexed again: vocabulary mode
+(superpixel regions, the 13 class names, one prototype per class; again with 4) and open-set mode (the 10
+nearest bank segments vote; the evaluator counts a label only when it is a class name, so paired phrase labels
+such as "tabby cat" vote for no class there).
 
-    python bench/curation.py --workdir /tmp/curation-bench
+    python bench/curation.py --workdir /tmp/curation-bench [--case pairing --case wrong_labels ...]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -34,19 +37,14 @@ import numpy as np
 
 from bank_builder.config import BuildConfig, EncoderConfig, IngestConfig, PairingConfig, PipelineConfig
 from bank_builder.curate import CurationConfig, curate_bank
-from bank_builder.encoders import load_encoder
 from bank_builder.encoders.fit import SHIPPED_CHECKPOINT
 from bank_builder.format import BankRef, read_manifest
 from bank_builder.format.curation import read_decisions
-from bank_builder.format.index_layout import read_label_table
 from bank_builder.index import build_index
 from bank_builder.pipeline import build_bank
-from bank_builder.synthetic import CorpusConfig, class_names, iter_scenes, make_corpus
-from bank_builder.synthetic.truth import SegmentTruth, bank_truth, label_class, scene_class_map
-from jobs.evaluate import mean_iou
-from query.bank import open_bank
-from query.search import BankSearcher
-from query.segment import Segmenter
+from bank_builder.synthetic import CorpusConfig, iter_scenes, make_corpus
+from bank_builder.synthetic.truth import SegmentTruth, bank_truth
+from jobs.eval import EvalConfig, Variant, evaluate
 
 ENCODER = EncoderConfig(name="synthetic-clip", weights=str(SHIPPED_CHECKPOINT), device="cpu")
 
@@ -94,40 +92,55 @@ def pairing(truth: SegmentTruth, phrases: int) -> dict:
             "coverage": round(float(paired.mean()), 3), "pairs_per_phrase": round(float(paired.sum()) / phrases, 3)}
 
 
-def miou(ref: BankRef, encoder, corpus: CorpusConfig) -> dict[str, float]:
-    """mIoU on the held-out split of CURRENT's index: vocabulary mode (the label table's prototypes; the figure
-    the target is about) and open-set mode (each region's 10 nearest bank segments vote; a label counts as the
-    class it names)."""
-    names = list(class_names())
-    bank = open_bank(ref, expected_encoder=encoder.spec)
-    segmenter = Segmenter(encoder, BankSearcher(bank), bank, read_label_table(ref, bank.manifest.index))
-    vocabulary, open_set, truths = [], [], []
-    for _, scene, _ in iter_scenes(corpus, "heldout"):
-        vocabulary.append(segmenter.vocabulary(scene.image, names).label_map.astype(np.int64))
-        result = segmenter.open_set(scene.image)
-        lookup = np.array([0] + [names.index(label_class(c)) + 1 if label_class(c) else 0 for c in result.classes])
-        open_set.append(lookup[result.label_map.astype(np.int64)])
-        truths.append(scene_class_map(scene))
-    return {"vocabulary": round(mean_iou(vocabulary, truths, len(names)), 4),
-            "open_set": round(mean_iou(open_set, truths, len(names)), 4)}
+def heldout(corpus: CorpusConfig, root: Path) -> str:
+    """Shard pattern of `corpus`'s held-out split with instance masks, what jobs.eval scores against: the corpus's
+    own, or for a superpixel corpus (no masks) its held-out split written again with them under root/heldout."""
+    if corpus.mask_kind != "none":
+        return str(root / "corpus" / "heldout-*.tar")
+    make_corpus(str(root / "heldout"), replace(corpus, shards=0, mask_kind="instance"))
+    return str(root / "heldout" / "heldout-*.tar")
 
 
-def curated_case(ref: BankRef, corpus: CorpusConfig, encoder, configs: dict[str, CurationConfig]) -> dict:
-    """Index uncurated (mIoU), then per curation config: curate, filtering figures, index, mIoU."""
+def miou(banks: list[BankRef], pattern: str, variant: Variant = Variant(),
+         modes: tuple[str, ...] = ("vocabulary", "open_set")) -> dict[str, dict[str, float]]:
+    """mIoU per bank (by its folder name) and mode on the held-out shards, in one jobs.eval.evaluate run (the
+    project's evaluator: the 13 class names of the corpus's class table, superpixel regions, kNN k = 10)."""
+    report = evaluate(EvalConfig(banks=tuple(b.uri for b in banks), heldout=pattern, modes=modes, base=variant,
+                                 oracle=False, device="cpu"))
+    rows = [r for r in report.rows if r["kind"] == "bank"]
+    return {_name(b): {m: round(r["modes"][m]["miou"], 4) for m in modes} for b, r in zip(banks, rows)}
+
+
+def _name(bank: BankRef) -> str:
+    """A bank's row name in the JSON: its case folder and its own ("wrong-labels/bank-curated-default")."""
+    path = Path(bank.uri)
+    return f"{path.parent.name}/{path.name}"
+
+
+def curated_case(ref: BankRef, corpus: CorpusConfig, configs: dict[str, CurationConfig],
+                 extra: tuple[BankRef, ...] = ()) -> dict:
+    """Index the bank uncurated; per curation config a copy curated (filtering figures) and indexed; then every
+    bank (`extra` first) scored in one evaluation run, and again with 4 prototypes per class."""
     scenes = {k: s for k, s, _ in iter_scenes(corpus)}
     truth = bank_truth(ref, read_manifest(ref), scenes)
     build_index(ref)
-    out = {"uncurated_miou": miou(ref, encoder, corpus), "pairing": None, "curation": {}}
+    out: dict = {"pairing": None, "curation": {}}
     if "paired" in truth.label_source:
         out["pairing"] = pairing(truth, _phrases(ref, corpus))
+    banks = [*extra, ref]
     for name, config in configs.items():
+        copy = BankRef(f"{ref.uri}-curated-{name}")
+        shutil.copytree(ref.uri, copy.uri)
         start = time.perf_counter()
-        curate_bank(ref, config)
+        curate_bank(copy, config)
         seconds = round(time.perf_counter() - start, 2)
-        keep, reason = decisions(ref)
-        figures = filtering(truth, keep, reason, scenes)
-        build_index(ref)
-        out["curation"][name] = {**figures, "curate_s": seconds, "curated_miou": miou(ref, encoder, corpus)}
+        keep, reason = decisions(copy)
+        build_index(copy)
+        out["curation"][name] = {**filtering(truth, keep, reason, scenes), "curate_s": seconds}
+        banks.append(copy)
+    pattern = heldout(corpus, Path(ref.uri).parent)
+    out["miou"] = miou(banks, pattern)
+    out["miou_prototypes_4"] = miou(banks, pattern, Variant(prototypes=4), ("vocabulary",))
     return out
 
 
@@ -136,46 +149,62 @@ def _phrases(ref: BankRef, corpus: CorpusConfig) -> int:
     return sum(len(c.phrases) if c is not None else len(set(s.labels.values())) for _, s, c in iter_scenes(corpus))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("curation-bench"))
-    parser.add_argument("--images", type=int, default=256, help="training images per corpus (4 shards; one more "
-                        "shard of a quarter as many is held out for the mIoU)")
-    parser.add_argument("--size", type=int, default=128, help="image side, pixels")
-    args = parser.parse_args()
-    import ray
+CASES = ("pairing", "wrong_labels", "wrong_phrases")
+CONFIGS = {"default": CurationConfig(), "confusion_margin_0": CurationConfig(confusion_margin=0.0)}
 
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
-    encoder = load_encoder(ENCODER)
-    spp = max(1, args.images // 4)
-    base = CorpusConfig(shards=4, samples_per_shard=spp, image_size=args.size)
-    configs = {"default": CurationConfig(), "confusion_margin_0": CurationConfig(confusion_margin=0.0)}
-    results: dict = {"images": 4 * spp, "heldout_images": spp, "image_size": args.size, "cases": {}}
-    start = time.perf_counter()
 
+def pairing_case(base: CorpusConfig, workdir: Path) -> dict:
+    """Each pairing rule on the clean-caption corpus (seed 41): pairing figures, then after default curation."""
     captions = replace(base, mask_kind="none", seed=41, captions=True)
-    rules = {"mutual": PairingConfig(), "best": PairingConfig(rule="best"),
-             "mutual_threshold_0.5": PairingConfig(threshold=0.5)}
-    results["cases"]["pairing"] = {}
+    rules = {"mutual_margin_0.05": PairingConfig(), "mutual": PairingConfig(margin=0.0),
+             "best": PairingConfig(rule="best", margin=0.0), "mutual_threshold_0.5": PairingConfig(threshold=0.5)}
+    out = {}
     for name, rule in rules.items():
-        ref = build(captions, args.workdir / f"pairing-{name}", rule)
+        ref = build(captions, workdir / f"pairing-{name}", rule)
         truth = bank_truth(ref, read_manifest(ref), {k: s for k, s, _ in iter_scenes(captions)})
         figures = pairing(truth, _phrases(ref, captions))
         curate_bank(ref, CurationConfig())
         keep, reason = decisions(ref)
         paired = np.array(truth.label_source) == "paired"
         figures.update(kept_paired=int((paired & keep).sum()), kept_accuracy=share(truth.right, paired & keep))
-        results["cases"]["pairing"][name] = figures
+        out[name] = figures
+    return out
 
+
+def wrong_labels_case(base: CorpusConfig, workdir: Path) -> dict:
+    """Instance masks, 20 % of the training labels wrong (seed 42), beside the same corpus with true labels."""
     flips = replace(base, seed=42, wrong_label_rate=0.2, heldout_shards=1)
-    clean = build(replace(flips, wrong_label_rate=0.0), args.workdir / "clean-labels")
+    clean = build(replace(flips, wrong_label_rate=0.0), workdir / "clean-labels")
     build_index(clean)
-    results["cases"]["wrong_labels"] = {"clean_labels_miou": miou(clean, encoder, flips),
-                                        **curated_case(build(flips, args.workdir / "wrong-labels"), flips, encoder,
-                                                       configs)}
-    phrases = replace(captions, seed=43, wrong_phrase_rate=0.2, heldout_shards=1)
-    results["cases"]["wrong_phrases"] = curated_case(build(phrases, args.workdir / "wrong-phrases"), phrases, encoder,
-                                                     configs)
+    return curated_case(build(flips, workdir / "wrong-labels"), flips, CONFIGS, (clean,))
+
+
+def wrong_phrases_case(base: CorpusConfig, workdir: Path) -> dict:
+    """Captioned superpixels whose phrases are 20 % wrong (seed 43), paired by the default rule."""
+    phrases = replace(base, mask_kind="none", seed=43, captions=True, wrong_phrase_rate=0.2, heldout_shards=1)
+    return curated_case(build(phrases, workdir / "wrong-phrases"), phrases, CONFIGS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("curation-bench"))
+    parser.add_argument("--images", type=int, default=256, help="training images per corpus (4 shards; one more "
+                        "shard of a quarter as many is held out for the mIoU)")
+    parser.add_argument("--size", type=int, default=128, help="image side, pixels")
+    parser.add_argument("--case", choices=CASES, action="append", help="run only this case (repeatable; default all)")
+    args = parser.parse_args()
+    if args.workdir.exists() and any(args.workdir.iterdir()):
+        raise SystemExit(f"{args.workdir} is not empty: give a new --workdir (the banks are built from scratch)")
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    spp = max(1, args.images // 4)
+    base = CorpusConfig(shards=4, samples_per_shard=spp, image_size=args.size)
+    results: dict = {"images": 4 * spp, "heldout_images": spp, "image_size": args.size, "cases": {}}
+    start = time.perf_counter()
+    run = {"pairing": pairing_case, "wrong_labels": wrong_labels_case, "wrong_phrases": wrong_phrases_case}
+    for case in args.case or CASES:
+        results["cases"][case] = run[case](base, args.workdir)
     results["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(results, indent=1))
 

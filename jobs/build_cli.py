@@ -93,6 +93,9 @@ def build_cmd(
     pairing_threshold: Optional[float] = typer.Option(
         PairingConfig.threshold, help="Also label every unlabelled segment whose best phrase reaches this cosine "
         "(default: each phrase labels at most one segment)."),
+    pairing_margin: float = typer.Option(PairingConfig.margin, help="Pair a segment only when its cosine to the "
+                                         "phrase beats its cosine to every other phrase of the image by this much "
+                                         "(0: no margin)."),
     encoder: Optional[str] = typer.Option(
         None, help=f"Encoder registry entry (see `refbank encoders`); default {EncoderConfig.name}."),
     encoder_config: Optional[Path] = typer.Option(
@@ -130,7 +133,8 @@ def build_cmd(
         source=source, bank=bank,
         ingest=IngestConfig(mask_kind=mask_kind, on_missing_mask=on_missing_mask),
         segments=SegmentConfig(min_area=min_area),
-        pairing=PairingConfig(enabled=pairing, rule=pairing_rule, threshold=pairing_threshold),
+        pairing=PairingConfig(enabled=pairing, rule=pairing_rule, threshold=pairing_threshold,
+                              margin=pairing_margin),
         encoder=_encoder_config(encoder, encoder_config, weights, seed),
         pipeline=PipelineConfig(batch_size=batch_size, batches_per_call=batches_per_call, num_encoders=num_encoders,
                                 gpus=gpus, max_attempts=max_attempts),

@@ -45,14 +45,22 @@ def test_each_phrase_takes_its_best_segment_and_mutual_skips_a_phrase_no_segment
     visual = _unit([1, 0, 0], [0.95, 0.05, 0.3], [0, 1, 0.05], [0, 0.9, 0.5])
     # segment 1 is phrase 2's best (0.94) but prefers phrase 0 (0.95): "best" pairs it with phrase 2, "mutual"
     # leaves phrase 2 unpaired; phrases 0 and 1 take segments 0 and 2 either way
-    assert pair_image(visual, text, PairingConfig()).tolist() == [0, -1, 1, -1]
-    assert pair_image(visual, text, PairingConfig(rule="best")).tolist() == [0, 2, 1, -1]
+    assert pair_image(visual, text, PairingConfig(margin=0.0)).tolist() == [0, -1, 1, -1]
+    assert pair_image(visual, text, PairingConfig(rule="best", margin=0.0)).tolist() == [0, 2, 1, -1]
     # a threshold labels every other segment whose best phrase reaches it
-    assert pair_image(visual, text, PairingConfig(threshold=0.8)).tolist() == [0, 0, 1, 1]
-    assert pair_image(visual, text, PairingConfig(threshold=0.9)).tolist() == [0, 0, 1, -1]
+    assert pair_image(visual, text, PairingConfig(threshold=0.8, margin=0.0)).tolist() == [0, 0, 1, 1]
+    assert pair_image(visual, text, PairingConfig(threshold=0.9, margin=0.0)).tolist() == [0, 0, 1, -1]
+    # the margin (default 0.05): segment 1 is torn between phrases 0 (0.952) and 2 (0.942), so no rule pairs it
+    assert pair_image(visual, text, PairingConfig()).tolist() == [0, -1, 1, -1]
+    assert pair_image(visual, text, PairingConfig(rule="best")).tolist() == [0, -1, 1, -1]
+    assert pair_image(visual, text, PairingConfig(threshold=0.8)).tolist() == [0, -1, 1, 1]
+    assert pair_image(visual, text, PairingConfig(margin=0.3)).tolist() == [-1, -1, 1, -1]  # segment 0: 1 - 0.8
+    assert pair_image(visual, text[:1], PairingConfig(margin=1.0)).tolist() == [0, -1, -1, -1]  # one phrase: no rival
     assert pair_image(visual[:0], text, PairingConfig()).tolist() == []
     with pytest.raises(ValueError, match="rule"):
         PairingConfig(rule="greedy")
+    with pytest.raises(ValueError, match="margin"):
+        PairingConfig(margin=-0.1)
 
 
 def test_wrong_labels_keep_images_and_record_the_truth(tmp_path):
@@ -101,7 +109,8 @@ def test_captioned_superpixels_are_paired_with_their_class(captioned):
     table = parts.read_part(ref, m.parts[0])
     sources = table["label_source"].to_pylist()
     assert set(sources) == {"paired", "none"} and report.paired == sum(p.paired for p in m.parts) == report.labelled
-    assert m.build["pairing"] == {"enabled": True, "rule": "mutual", "threshold": None, "phrase_backend": "rules"}
+    assert m.build["pairing"] == {"enabled": True, "rule": "mutual", "threshold": None, "margin": 0.05,
+                                   "phrase_backend": "rules"}
     # at most one segment per phrase; a paired row's text embedding is its label's, like a ground-truth one
     keys, labels = table["image_key"].to_pylist(), table["label"].to_pylist()
     pairs = [(k, lab) for k, lab in zip(keys, labels) if lab is not None]
