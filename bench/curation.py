@@ -40,6 +40,7 @@ from bank_builder.curate import CurationConfig, curate_bank
 from bank_builder.encoders.fit import SHIPPED_CHECKPOINT
 from bank_builder.format import BankRef, read_manifest
 from bank_builder.format.curation import read_decisions
+from bank_builder.format.index_layout import read_label_table
 from bank_builder.index import build_index
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, iter_scenes, make_corpus
@@ -111,6 +112,14 @@ def miou(banks: list[BankRef], pattern: str, variant: Variant = Variant(),
     return {_name(b): {m: round(r["modes"][m]["miou"], 4) for m in modes} for b, r in zip(banks, rows)}
 
 
+def prototype_cosines(reference: BankRef, bank: BankRef) -> list[float]:
+    """[min, median, max] over the labels both label tables hold of the cosine between their visual prototypes."""
+    tables = [read_label_table(b, read_manifest(b).index) for b in (reference, bank)]
+    rows = [{label: np.asarray(t.prototypes[i], np.float64) for i, label in enumerate(t.labels)} for t in tables]
+    cosines = [float(rows[0][label] @ rows[1][label]) for label in sorted(set(rows[0]) & set(rows[1]))]
+    return np.round(np.percentile(cosines, [0, 50, 100]), 3).tolist()
+
+
 def _name(bank: BankRef) -> str:
     """A bank's row name in the JSON: its case folder and its own ("wrong-labels/bank-curated-default")."""
     path = Path(bank.uri)
@@ -139,6 +148,8 @@ def curated_case(ref: BankRef, corpus: CorpusConfig, configs: dict[str, Curation
         out["curation"][name] = {**filtering(truth, keep, reason, scenes), "curate_s": seconds}
         banks.append(copy)
     pattern = heldout(corpus, Path(ref.uri).parent)
+    if extra:
+        out["prototype_cosine_to_first"] = {_name(b): prototype_cosines(extra[0], b) for b in banks[1:]}
     out["miou"] = miou(banks, pattern)
     out["miou_prototypes_4"] = miou(banks, pattern, Variant(prototypes=4), ("vocabulary",))
     return out
