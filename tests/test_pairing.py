@@ -134,8 +134,9 @@ def test_pairing_options_change_the_fingerprint(captioned):
     _, config, _ = captioned
     spec = resolve_spec(config.encoder)
     prints = {build_fingerprint(replace(config, pairing=p), spec)
-              for p in (PairingConfig(), PairingConfig(enabled=False), PairingConfig(threshold=0.5))}
-    assert len(prints) == 3
+              for p in (PairingConfig(), PairingConfig(enabled=False), PairingConfig(threshold=0.5),
+                        PairingConfig(margin=0.0))}
+    assert len(prints) == 4
 
 
 def test_curation_drops_unpaired_segments_and_keeps_pairs_that_agree(captioned):
@@ -162,6 +163,8 @@ def test_pairing_and_wrong_labels_from_the_command_line(captioned, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["build", config.source, str(tmp_path / "x"), "--pairing-rule", "nearest"])
     assert bad.exit_code == 2 and "use 'mutual' or 'best'" in bad.output
+    bad = runner.invoke(app, ["build", config.source, str(tmp_path / "x"), "--pairing-margin", "-0.1"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "margin" in bad.output, bad.output
     # the bank was built with the default rule: other pairing options are a mismatch that names them
     other = runner.invoke(app, ["build", config.source, config.bank, "--encoder", "synthetic-clip", "--weights",
                                 str(SHIPPED_CHECKPOINT), "--mask-kind", "none", "--pairing-threshold", "0.5"])
