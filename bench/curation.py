@@ -8,9 +8,9 @@ class. Cases, each built through the real pipeline (Ray, parts, curate, index):
   pairing          clean captions, superpixels: each pairing rule's accuracy and coverage, then after curation
   wrong_labels     instance masks with 20% of the labels flipped to another class (make-corpus wrong_label_rate)
   wrong_phrases    superpixels with captions whose phrases are 20% wrong (wrong_phrase_rate)
-mIoU on the held-out split by the project's evaluator (jobs.eval.evaluate, one run per case: every bank of the
+mIoU on the held-out split by the project's evaluator (jobs.eval.evaluate; each run scores every bank of the
 case in one pass), the uncurated bank against a copy curated per config and indexed again: vocabulary mode
-(superpixel regions, the 13 class names, one prototype per class; again with 4) and open-set mode (the 10
+(superpixel regions, the 13 class names, one prototype per class; a second run with 4) and open-set mode (the 10
 nearest bank segments vote; the evaluator counts a label only when it is a class name, so paired phrase labels
 such as "tabby cat" vote for no class there).
 
