@@ -280,7 +280,7 @@ class _Run:
                 else:
                     trials = trial_classes(sample.key, truth, pool, index)
                     score_trials(segmenter, windows.whole(row.variant.regions), row.references, trials, truth,
-                                 row.variant.k, c.reference.fpr, row.scores[mode])
+                                 c.reference.query(row.variant.k), row.scores[mode])
 
     def _oracle(self, row: _Row, segmenter: Segmenter, sample: Sample, segments: list, classes: list[str],
                 truth: np.ndarray) -> None:
