@@ -61,6 +61,8 @@ def eval_cmd(
                                            "decision (cosine to the reference − cosine to the nearest other label)."),
     reference_recruit: float = typer.Option(0.5, help="Reference mode: weight of the reference's own bank labels' "
                                             "prototypes in its prototype, in [0, 1) (0 = the reference alone)."),
+    pool_shots: bool = typer.Option(True, "--pool-shots/--each-shot", help="Reference mode: a class's shots make "
+                                    "one prototype (their mean), or one prototype each (best one counts)."),
     foreground_threshold: float = typer.Option(0.5, help="Foreground mode: score threshold."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint overriding the weights the bank records."),
     device: str = typer.Option("auto", help="Encoder device: auto, cpu or cuda."),
@@ -90,7 +92,7 @@ def eval_cmd(
                           background_threshold=background_threshold, background_class=background_class),
         reference=ReferenceTrials(pool_images=reference_pool, shots=reference_shots, prompt=reference_prompt,
                                   fpr=fpr, decision=reference_decision, margin=reference_margin,
-                                  recruit=reference_recruit),
+                                  recruit=reference_recruit, pool_shots=pool_shots),
         foreground_threshold=foreground_threshold, weights=weights, device=device,
         storage_options=storage_options(storage_option, endpoint_url))
     report = evaluate(config)

@@ -26,12 +26,17 @@ class ReferenceConfig:
 
     The reference's own bank labels are those with a kNN vote share (softmax(cosine / temperature)) ≥
     positive_share among its `k` nearest segments. recruit: weight of those labels' mean bank prototype in the
-    reference's prototype (0 = the reference alone). decision: how "exists" is decided (`decide`): "margin"
+    reference's prototype (0 = the reference alone). margin is in units of the bank's class separation
+    (`class_separation`: 1 − the mean cosine between two of its label prototypes), so one value means the same
+    across encoders whose embeddings spread differently. pool_shots: references sharing a label make one prototype
+    (the normalised mean of their embeddings), else one prototype each (a class then matches through its best
+    prototype). decision: how "exists" is decided (`decide`): "margin"
     (default) = the best region's relative score (cosine to the prototype − cosine to the nearest other bank
     label) is ≥ margin; "calibrated" = some region clears the prototype's calibrated threshold and has a relative
     score > 0. fpr: fraction of bank segments of other labels allowed above the calibrated threshold; at most
     max_calibration_k neighbours are fetched for it. scribble_width: pixels (None = max(3, min(H, W) // 32)).
-    decision, margin and recruit were chosen on a generated corpus of seed 73 (docs/QUALITY.md, "Reference mode").
+    decision, margin, recruit and pool_shots were chosen on a generated corpus of seed 73 (docs/QUALITY.md,
+    "Reference mode").
     """
 
     fpr: float = 0.01
@@ -43,6 +48,7 @@ class ReferenceConfig:
     decision: ReferenceDecision = "margin"
     margin: float = 0.1
     recruit: float = 0.5
+    pool_shots: bool = True
 
     def __post_init__(self) -> None:
         if self.decision not in REFERENCE_DECISIONS:
@@ -74,6 +80,14 @@ def make_prototype(label: str, pooled: np.ndarray, searcher: Searcher, metadata:
     own = own_labels(pooled, searcher, metadata, config)
     vector = recruit(pooled, own, table, config.recruit)
     return ReferencePrototype(label, vector, calibrate(vector, own, searcher, metadata, table, config), own)
+
+
+def mean_shot(vectors: list[np.ndarray]) -> np.ndarray:
+    """One (C,) float32 vector from a class's shots: the normalised mean (the vector itself for one shot)."""
+    if len(vectors) == 1:
+        return vectors[0]
+    mean = np.mean(np.asarray(vectors, np.float64), axis=0)
+    return (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
 
 
 def own_labels(vector: np.ndarray, searcher: Searcher, metadata: SegmentMetadata,
@@ -131,12 +145,25 @@ class Decision:
     best_relative: dict[str, float]
 
 
+def class_separation(table: LabelTable) -> float:
+    """1 − the mean cosine between two distinct label prototypes of the bank (1 for fewer than two labels): how
+    far apart the bank's classes lie, the unit of ReferenceConfig.margin. O(L·C): for unit vectors the sum of
+    all pairwise cosines is ‖Σ p‖² − L."""
+    prototypes = np.asarray(table.prototypes, np.float64)
+    count = len(prototypes)
+    if count < 2:
+        return 1.0
+    total = float(np.sum(prototypes.sum(axis=0) ** 2)) - float(np.sum(prototypes ** 2))
+    return float(np.clip(1 - total / (count * (count - 1)), 1e-3, 2.0))
+
+
 def decide(cosines: np.ndarray, relative: np.ndarray, prepared: list[ReferencePrototype],
-           config: ReferenceConfig) -> Decision:
+           config: ReferenceConfig, separation: float = 1.0) -> Decision:
     """Label regions from (n, R) cosines to the R prototypes and relative scores (cosine − cosine to the nearest
     bank label outside the prototype's own labels).
 
-    A class exists ("margin") when its best relative score over the regions reaches `margin`, or
+    A class exists ("margin") when its best relative score over the regions reaches margin × separation
+    (`class_separation` of the bank), or
     ("calibrated") when some region has cosine ≥ the prototype's threshold and relative > 0. In a class that
     exists, the regions that match are those closer to one of its prototypes than to any other bank label
     (relative > 0, or ≥ a margin ≤ 0, so the best region of a class found always matches; "calibrated": relative
@@ -145,15 +172,16 @@ def decide(cosines: np.ndarray, relative: np.ndarray, prepared: list[ReferencePr
     """
     classes = list(dict.fromkeys(p.label for p in prepared))
     owner = np.array([classes.index(p.label) for p in prepared])
+    margin = config.margin * separation
     if config.decision == "calibrated":
         gate = (relative > 0) & (cosines >= np.array([p.threshold for p in prepared], dtype=np.float32))
     else:
-        gate = (relative > 0) | (relative >= config.margin)
+        gate = (relative > 0) | (relative >= margin)
     key = np.where(gate, relative, -np.inf)
     class_key = np.stack([key[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
     class_relative = np.stack([relative[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
     best = class_relative.max(axis=0, initial=-np.inf)
-    found = np.isfinite(class_key).any(axis=0) if config.decision == "calibrated" else best >= config.margin
+    found = np.isfinite(class_key).any(axis=0) if config.decision == "calibrated" else best >= margin
     class_key = np.where(found[None, :], class_key, -np.inf)
     matched = np.isfinite(class_key)
     passed = matched.any(axis=1)

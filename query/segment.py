@@ -22,16 +22,18 @@ from query.interfaces import (
     BACKGROUND_LABELS, ForegroundScorer, LabelTable, Searcher, SegmentMetadata, SegmentVectors,
 )
 from query.prototypes import BankAccess, VocabularyConfig, class_prototypes
-from query.reference import REFERENCE_DECISIONS, ReferenceConfig, ReferencePrototype, decide, make_prototype
+from query.reference import (
+    REFERENCE_DECISIONS, ReferenceConfig, ReferencePrototype, class_separation, decide, make_prototype, mean_shot,
+)
 from query.regions import Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask
 from query.render import Mode, RegionResult, SegmentationResult, assemble_result
 from query.votes import KnnForegroundScorer, knn_votes
 
 __all__ = [
     "BACKGROUND_LABELS", "ForegroundConfig", "ForegroundScorer", "KnnForegroundScorer", "LabelTable", "Mode",
-    "OpenSetConfig", "REFERENCE_DECISIONS", "Reference", "ReferenceConfig", "ReferencePrototype", "RegionConfig", "RegionResult", "Regions",
-    "Searcher", "SegmentMetadata", "SegmentVectors", "SegmentationResult", "Segmenter", "VocabularyConfig",
-    "knn_votes",
+    "OpenSetConfig", "REFERENCE_DECISIONS", "Reference", "ReferenceConfig", "ReferencePrototype", "RegionConfig",
+    "RegionResult", "Regions", "Searcher", "SegmentMetadata", "SegmentVectors", "SegmentationResult", "Segmenter",
+    "VocabularyConfig", "knn_votes",
 ]
 
 _TEXT_CACHE_SIZE = 4096  # class names whose text embedding a Segmenter keeps
@@ -191,25 +193,29 @@ class Segmenter:
 
     def prepare_references(self, references: Sequence[Reference],
                            config: ReferenceConfig = ReferenceConfig()) -> list[ReferencePrototype]:
-        """Pool each reference's prompt region (exactly as the builder pools a segment) and make its prototype.
+        """Pool each reference's prompt region (exactly as the builder pools a segment) and make the prototypes.
 
-        The reference's own labels P are those with a kNN vote share ≥ positive_share; with `recruit` > 0 the
-        prototype is pulled toward P's bank label prototypes (query.reference.recruit). Calibration treats the bank
-        as the null distribution: the threshold is the cosine of the ⌈fpr·N⌉-th nearest of the N bank segments
-        labelled outside P (query.reference.calibrate); the "calibrated" decision uses it.
+        With `pool_shots` (default) references sharing a label make one prototype, the normalised mean of their
+        embeddings (one class asked once, not once per shot), in the order their labels first appear; else one
+        prototype per reference. The reference's own labels P are those with a kNN vote share ≥ positive_share;
+        with `recruit` > 0 the prototype is pulled toward P's bank label prototypes (query.reference.recruit).
+        Calibration treats the bank as the null distribution: the threshold is the cosine of the ⌈fpr·N⌉-th
+        nearest of the N bank segments labelled outside P (query.reference.calibrate); the "calibrated" decision
+        uses it.
         """
         if not references:
             raise ValueError("reference mode needs at least one Reference (an image with a mask, box or scribble)")
-        out = []
+        pooled: dict[str, list[tuple[str, np.ndarray]]] = {}  # class (or reference) → shots
         for i, ref in enumerate(references):
             image = check_image(ref.image, f"reference {i} image")
             try:
                 mask = prompt_mask(image.shape[:2], ref.mask, ref.box, ref.scribble, config.scribble_width)
             except ValueError as exc:
                 raise ValueError(f"reference {i}: {exc}") from None
-            pooled = embed_masks(self.encoder, image, [mask])[0]
-            out.append(make_prototype(str(ref.label), pooled, self.searcher, self.metadata, self.table, config))
-        return out
+            vector = embed_masks(self.encoder, image, [mask])[0]
+            pooled.setdefault(str(ref.label) if config.pool_shots else str(i), []).append((str(ref.label), vector))
+        return [make_prototype(shots[0][0], mean_shot([v for _, v in shots]), self.searcher, self.metadata,
+                               self.table, config) for shots in pooled.values()]
 
     def reference(self, target: np.ndarray | Regions, references: Sequence[Reference | ReferencePrototype],
                   config: ReferenceConfig = ReferenceConfig()) -> SegmentationResult:
@@ -219,15 +225,18 @@ class Segmenter:
         prototype of the bank outside the reference's own labels (> 0: closer to the reference than to any other
         bank class); with hierarchy levels, cosines are the means over the levels. Whether a class exists is an
         image-level decision (ReferenceConfig.decision, query.reference.decide): by default its best region's
-        relative score ≥ margin. In a class that exists, the regions with relative score > 0 match it; a region
-        takes the matching class with the highest score, else background; exists = any class found. Pass
+        relative score ≥ margin (in units of the bank's class separation). In a class that exists, the regions
+        with relative score > 0 match it; a region takes the matching class with the highest score, else
+        background; exists = any class found. Pass
         `prepare_references` output to reuse prototypes (and their calibration) across targets.
         """
         if not references:
             raise ValueError("reference mode needs at least one Reference (an image with a mask, box or scribble)")
-        fresh = iter(self.prepare_references([r for r in references if not isinstance(r, ReferencePrototype)], config)
-                     if not all(isinstance(r, ReferencePrototype) for r in references) else [])
-        prepared = [r if isinstance(r, ReferencePrototype) else next(fresh) for r in references]  # order kept
+        fresh = [r for r in references if not isinstance(r, ReferencePrototype)]
+        prepared = [r for r in references if isinstance(r, ReferencePrototype)]
+        prepared += self.prepare_references(fresh, config) if fresh else []
+        order = list(dict.fromkeys(str(r.label) for r in references))
+        prepared.sort(key=lambda p: order.index(p.label))  # classes in the order given
         regions = self.regions(target)
         vectors = np.stack([p.vector for p in prepared])
         others = [np.array([label not in p.bank_labels for label in self.table.labels], dtype=bool) for p in prepared]
@@ -241,9 +250,10 @@ class Segmenter:
             return np.stack([cosines, cosines - nearest], axis=1)  # (m, 2, R)
 
         cosines, relative = self._level_mean(regions, cosines_and_relative).transpose(1, 0, 2)
-        decision = decide(cosines, relative, prepared, config)
+        separation = class_separation(self.table)
+        decision = decide(cosines, relative, prepared, config, separation)
         details = {"exists_by_class": decision.exists_by_class, "decision": config.decision,
-                   "best_relative": decision.best_relative,
+                   "best_relative": decision.best_relative, "margin": config.margin * separation,
                    "references": [{"label": p.label, "threshold": p.threshold, "bank_labels": p.bank_labels}
                                   for p in prepared]}
         return self._result("reference", regions, decision.assigned, decision.scores, list(decision.exists_by_class),

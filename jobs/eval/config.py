@@ -67,9 +67,9 @@ class ReferenceTrials:
     references); each held-out image is then asked about every class present (covering ≥ min_fraction of its
     labelled pixels; an image never serves as its own reference) and about as many absent classes (no pixel),
     drawn with `seed`. Classes between 0 and min_fraction are not asked. prompt: "mask" or "box" (the mask's
-    bounding box); fpr, decision, margin, recruit: query.reference.ReferenceConfig's (the calibration's
-    false-positive rate, how "exists" is decided, the relative-score margin, the weight of recruited bank label
-    prototypes)."""
+    bounding box); fpr, decision, margin, recruit, pool_shots: query.reference.ReferenceConfig's (the
+    calibration's false-positive rate, how "exists" is decided, the relative-score margin, the weight of recruited
+    bank label prototypes, one prototype per class or per shot)."""
 
     pool_images: int = 16
     shots: int = 1
@@ -80,6 +80,7 @@ class ReferenceTrials:
     decision: str = ReferenceConfig.decision
     margin: float = ReferenceConfig.margin
     recruit: float = ReferenceConfig.recruit
+    pool_shots: bool = ReferenceConfig.pool_shots
 
     def __post_init__(self) -> None:
         if self.prompt not in ("mask", "box"):
@@ -90,7 +91,8 @@ class ReferenceTrials:
 
     def query(self, k: int) -> ReferenceConfig:
         """The reference-mode options of a row whose kNN votes use k neighbours."""
-        return ReferenceConfig(fpr=self.fpr, k=k, decision=self.decision, margin=self.margin, recruit=self.recruit)
+        return ReferenceConfig(fpr=self.fpr, k=k, decision=self.decision, margin=self.margin, recruit=self.recruit,
+                               pool_shots=self.pool_shots)
 
 
 @dataclass(frozen=True)

@@ -48,15 +48,15 @@ class ReferencePool:
             offers = self._offers.setdefault(c, [])
             offers.append((-int(mask.sum()), len(offers), entry))
 
-    def prepare(self, segmenter: Segmenter, k: int) -> dict[int, list[ReferencePrototype]]:
-        """Each pooled class's reference prototypes, calibrated on the segmenter's bank."""
-        config = self.trials.query(k)
+    def prepare(self, segmenter: Segmenter, config: ReferenceConfig) -> dict[int, list[ReferencePrototype]]:
+        """Each pooled class's reference prototypes (one with ReferenceConfig.pool_shots), calibrated on the
+        segmenter's bank."""
         entries = self.entries
-        flat = [(c, e) for c, listed in entries.items() for e in listed]
-        prepared = segmenter.prepare_references([e.reference for _, e in flat], config)
+        prepared = segmenter.prepare_references([e.reference for listed in entries.values() for e in listed], config)
         out: dict[int, list[ReferencePrototype]] = {c: [] for c in entries}
-        for (c, _), prototype in zip(flat, prepared):
-            out[c].append(prototype)
+        index = {self.classes[c]: c for c in entries}
+        for prototype in prepared:
+            out[index[prototype.label]].append(prototype)
         return out
 
 

@@ -186,7 +186,8 @@ class _Run:
         pool, samples = self._reference_pool(samples, classes)
         for row in rows:
             if "reference" in row.modes:
-                row.references = pool.prepare(self.segmenter(row.bank, row.variant.regions), row.variant.k)
+                row.references = pool.prepare(self.segmenter(row.bank, row.variant.regions),
+                                              c.reference.query(row.variant.k))
         images = 0
         for index, sample in enumerate(samples):
             self._score_image(index, sample, classes, rows, pool, background)
