@@ -51,7 +51,18 @@ def eval_cmd(
     reference_pool: int = typer.Option(16, help="Reference mode: the first N held-out images give the references."),
     reference_shots: int = typer.Option(1, help="Reference mode: references per class (its largest masks)."),
     reference_prompt: str = typer.Option("mask", help="Reference mode: 'mask' or 'box' prompts."),
-    fpr: float = typer.Option(0.01, help="Reference mode: the calibration's false-positive rate."),
+    fpr: float = typer.Option(0.01, help="Reference mode: the calibration's false-positive rate (the "
+                              "'calibrated' decision's threshold)."),
+    reference_decision: str = typer.Option("margin", help="Reference mode: how 'exists' is decided: 'margin' (the "
+                                           "best region's relative score ≥ --reference-margin) or 'calibrated' "
+                                           "(a region above the fpr threshold and nearer the reference than any "
+                                           "other bank label)."),
+    reference_margin: float = typer.Option(0.1, help="Reference mode: relative-score margin of the 'margin' "
+                                           "decision (cosine to the reference − cosine to the nearest other label)."),
+    reference_recruit: float = typer.Option(0.5, help="Reference mode: weight of the reference's own bank labels' "
+                                            "prototypes in its prototype, in [0, 1) (0 = the reference alone)."),
+    pool_shots: bool = typer.Option(True, "--pool-shots/--each-shot", help="Reference mode: a class's shots make "
+                                    "one prototype (their mean), or one prototype each (best one counts)."),
     foreground_threshold: float = typer.Option(0.5, help="Foreground mode: score threshold."),
     weights: Optional[str] = typer.Option(None, help="Checkpoint overriding the weights the bank records."),
     device: str = typer.Option("auto", help="Encoder device: auto, cpu or cuda."),
@@ -80,7 +91,8 @@ def eval_cmd(
                           ignore_index=ignore_index, reduce_zero_label=reduce_zero_label,
                           background_threshold=background_threshold, background_class=background_class),
         reference=ReferenceTrials(pool_images=reference_pool, shots=reference_shots, prompt=reference_prompt,
-                                  fpr=fpr),
+                                  fpr=fpr, decision=reference_decision, margin=reference_margin,
+                                  recruit=reference_recruit, pool_shots=pool_shots),
         foreground_threshold=foreground_threshold, weights=weights, device=device,
         storage_options=storage_options(storage_option, endpoint_url))
     report = evaluate(config)

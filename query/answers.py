@@ -79,8 +79,8 @@ def _dispatch(segmenter: Any, image: np.ndarray, references: list[Reference],
         if not references:
             raise ApiError(422, "invalid_options", 'reference mode needs "references": [{"image": "<form file>", '
                                                    '"box": [x0, y0, x1, y1], "label": "..."}]')
-        return segmenter.reference(image, references, ReferenceConfig(**_given(fpr=o.fpr, k=o.k,
-                                                                               temperature=o.temperature)))
+        return segmenter.reference(image, references, ReferenceConfig(**_given(
+            fpr=o.fpr, k=o.k, temperature=o.temperature, decision=o.decision, margin=o.margin, recruit=o.recruit)))
     labels = None if o.foreground_labels is None else frozenset(o.foreground_labels)
     return segmenter.foreground(image, ForegroundConfig(**_given(threshold=o.threshold, foreground_labels=labels,
                                                                  k=o.k, temperature=o.temperature)))

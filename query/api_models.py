@@ -123,6 +123,14 @@ class SegmentOptions(_Options):
     min_share: Number | None = Field(None, ge=0, description="open_set: vote share below which a region is 0")
     fpr: Number | None = Field(None, gt=0, lt=1, description="reference: other-label bank fraction allowed above "
                                                              "the calibrated threshold")
+    decision: Literal["margin", "calibrated"] | None = Field(
+        None, description="reference: how 'exists' is decided: 'margin' (default; the best region's relative score "
+                          "≥ margin) or 'calibrated' (a region above the fpr threshold, nearer the reference than "
+                          "any other bank label)")
+    margin: Number | None = Field(None, ge=-2, le=2, description="reference: relative-score margin of the 'margin' "
+                                                                 "decision (default 0.1)")
+    recruit: Number | None = Field(None, ge=0, lt=1, description="reference: weight of the reference's own bank "
+                                                                 "labels' prototypes in its prototype (default 0.5)")
     threshold: Number | None = Field(None, ge=0, le=1, description="foreground: score at or above = foreground")
     foreground_labels: list[StrictStr] | None = Field(None, max_length=10_000,
                                                       description="foreground: bank labels that count as "

@@ -2,14 +2,14 @@
 
 Build a `Segmenter` once from an encoder and the bank's three read interfaces (below), then call a mode per
 image: `vocabulary` (class names → text → bank labels → visual prototypes), `open_set` (kNN label vote),
-`reference` (prototypes pooled from prompted reference images, with a bank-calibrated "no target"), and
-`foreground` (binary, kNN fraction of foreground labels, or any `ForegroundScorer`). All similarities are
-inner products of L2-normalised vectors (cosines). Every mode returns a `SegmentationResult`.
+`reference` (prototypes pooled from prompted reference images and their own bank labels, with an image-level
+"no target" decision: query.reference), and `foreground` (binary, kNN fraction of foreground labels, or any
+`ForegroundScorer`). All similarities are inner products of L2-normalised vectors (cosines). Every mode returns a
+`SegmentationResult`.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,15 +22,18 @@ from query.interfaces import (
     BACKGROUND_LABELS, ForegroundScorer, LabelTable, Searcher, SegmentMetadata, SegmentVectors,
 )
 from query.prototypes import BankAccess, VocabularyConfig, class_prototypes
+from query.reference import (
+    REFERENCE_DECISIONS, ReferenceConfig, ReferencePrototype, class_separation, decide, make_prototype, mean_shot,
+)
 from query.regions import Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask
 from query.render import Mode, RegionResult, SegmentationResult, assemble_result
 from query.votes import KnnForegroundScorer, knn_votes
 
 __all__ = [
     "BACKGROUND_LABELS", "ForegroundConfig", "ForegroundScorer", "KnnForegroundScorer", "LabelTable", "Mode",
-    "OpenSetConfig", "Reference", "ReferenceConfig", "ReferencePrototype", "RegionConfig", "RegionResult", "Regions",
-    "Searcher", "SegmentMetadata", "SegmentVectors", "SegmentationResult", "Segmenter", "VocabularyConfig",
-    "knn_votes",
+    "OpenSetConfig", "REFERENCE_DECISIONS", "Reference", "ReferenceConfig", "ReferencePrototype", "RegionConfig",
+    "RegionResult", "Regions", "Searcher", "SegmentMetadata", "SegmentVectors", "SegmentationResult", "Segmenter",
+    "VocabularyConfig", "knn_votes",
 ]
 
 _TEXT_CACHE_SIZE = 4096  # class names whose text embedding a Segmenter keeps
@@ -50,21 +53,6 @@ class OpenSetConfig:
 
 
 @dataclass(frozen=True)
-class ReferenceConfig:
-    """Reference mode (see `Segmenter.prepare_references` and `Segmenter.reference`): fpr = fraction of bank
-    segments of other labels allowed above a prototype's threshold; the reference's own labels are those with a
-    kNN vote share (softmax(cosine / temperature)) ≥ positive_share among its `k` nearest segments; at most
-    max_calibration_k neighbours are fetched; scribble_width: pixels (None = max(3, min(H, W) // 32))."""
-
-    fpr: float = 0.01
-    k: int = 10
-    temperature: float = 0.05
-    positive_share: float = 0.2
-    max_calibration_k: int = 1024  # query.search.MAX_K
-    scribble_width: int | None = None
-
-
-@dataclass(frozen=True)
 class ForegroundConfig:
     """Foreground mode: regions with score ≥ threshold are foreground (class "foreground", 1). For the default
     kNN scorer: foreground_labels (None = every label not in background_labels), k and the vote temperature."""
@@ -74,20 +62,6 @@ class ForegroundConfig:
     background_labels: frozenset[str] = BACKGROUND_LABELS
     k: int = 10
     temperature: float = 0.05
-
-
-# ----------------------------------------------------------------------------------------- references
-
-
-@dataclass(eq=False)
-class ReferencePrototype:
-    """A reference's pooled embedding (C,) float32, its calibrated cosine threshold, and the bank labels it is
-    nearest to (the ones excluded from its negatives)."""
-
-    label: str
-    vector: np.ndarray
-    threshold: float
-    bank_labels: list[str]
 
 
 # ----------------------------------------------------------------------------------------- the segmenter
@@ -219,20 +193,19 @@ class Segmenter:
 
     def prepare_references(self, references: Sequence[Reference],
                            config: ReferenceConfig = ReferenceConfig()) -> list[ReferencePrototype]:
-        """Pool each reference's prompt region (exactly as the builder pools a segment) and calibrate its threshold.
+        """Pool each reference's prompt region (exactly as the builder pools a segment) and make the prototypes.
 
-        Calibration treats the bank as the null distribution: the reference's own labels P are those with a kNN
-        vote share ≥ positive_share; the N bank segments labelled outside P are negatives (unlabelled ones are
-        ignored); the threshold is the cosine of the ⌈fpr·N⌉-th nearest negative, so a region passes only if it is
-        closer to the prototype than all but a fraction fpr of other-label bank segments. With more than
-        max_calibration_k neighbours needed, the last fetched cosine is used (stricter). A bank with no other
-        label calibrates against all labelled segments.
+        With `pool_shots` (default) references sharing a label make one prototype, the normalised mean of their
+        embeddings (one class asked once, not once per shot), in the order their labels first appear; else one
+        prototype per reference. The reference's own labels P are those with a kNN vote share ≥ positive_share;
+        with `recruit` > 0 the prototype is pulled toward P's bank label prototypes (query.reference.recruit).
+        Calibration treats the bank as the null distribution: the threshold is the cosine of the ⌈fpr·N⌉-th
+        nearest of the N bank segments labelled outside P (query.reference.calibrate); the "calibrated" decision
+        uses it.
         """
         if not references:
             raise ValueError("reference mode needs at least one Reference (an image with a mask, box or scribble)")
-        if not 0 < config.fpr < 1:
-            raise ValueError(f"fpr must lie in (0, 1), got {config.fpr}")
-        out = []
+        pooled: dict[str, list[tuple[str, np.ndarray]]] = {}  # class (or reference) → shots
         for i, ref in enumerate(references):
             image = check_image(ref.image, f"reference {i} image")
             try:
@@ -240,51 +213,30 @@ class Segmenter:
             except ValueError as exc:
                 raise ValueError(f"reference {i}: {exc}") from None
             vector = embed_masks(self.encoder, image, [mask])[0]
-            threshold, positives = self._calibrate(vector, config)
-            out.append(ReferencePrototype(str(ref.label), vector, threshold, positives))
-        return out
-
-    def _calibrate(self, vector: np.ndarray, config: ReferenceConfig) -> tuple[float, list[str]]:
-        """(cosine threshold, the reference's own bank labels) for one prototype; see prepare_references."""
-        candidates, shares = knn_votes(self.searcher, self.metadata, vector[None], config.k, config.temperature)
-        positives = [c for c, s in zip(candidates, shares[0]) if c is not None and s >= config.positive_share]
-        counts = dict(zip(self.table.labels, np.asarray(self.table.counts, dtype=np.int64).tolist()))
-        negatives = sum(n for label, n in counts.items() if label not in positives)
-        excluded = set(positives) if negatives else set()
-        total = negatives or sum(counts.values())
-        rank = max(1, math.ceil(config.fpr * total))
-        k = min(rank + sum(counts.get(p, 0) for p in excluded) + 64, config.max_calibration_k)
-        while True:
-            scores, ids = self.searcher.search(vector[None], k)
-            labels = self.metadata.labels(ids[0])
-            negative = np.array([ok and label is not None and label not in excluded
-                                 for ok, label in zip(ids[0] >= 0, labels)], dtype=bool)
-            if negative.sum() >= rank:
-                return float(scores[0][negative][rank - 1]), positives
-            exhausted = (ids[0] < 0).any()
-            if exhausted or k >= config.max_calibration_k:
-                valid = scores[0][ids[0] >= 0]
-                return (float(valid[-1]) if len(valid) else 1.0), positives
-            k = min(2 * k, config.max_calibration_k)
+            pooled.setdefault(str(ref.label) if config.pool_shots else str(i), []).append((str(ref.label), vector))
+        return [make_prototype(shots[0][0], mean_shot([v for _, v in shots]), self.searcher, self.metadata,
+                               self.table, config) for shots in pooled.values()]
 
     def reference(self, target: np.ndarray | Regions, references: Sequence[Reference | ReferencePrototype],
                   config: ReferenceConfig = ReferenceConfig()) -> SegmentationResult:
         """Find the references' classes in a target image (one-to-many; several classes: many-to-many).
 
-        A region matches a reference when (1) its cosine to the prototype is ≥ the calibrated threshold and
-        (2) it is closer to the prototype than to every label prototype of the bank outside the reference's own
-        labels (nearest-prototype rule, the reference as one more class); with hierarchy levels, both cosines
-        are the means over the levels. Region score = cosine to the best
-        reference − cosine to the nearest such other label (> 0: closer to the reference). A region takes the
-        matching class with the highest score, else background; exists = any region matched. Pass
+        A region's relative score for a prototype = its cosine to the prototype − its cosine to the nearest label
+        prototype of the bank outside the reference's own labels (> 0: closer to the reference than to any other
+        bank class); with hierarchy levels, cosines are the means over the levels. Whether a class exists is an
+        image-level decision (ReferenceConfig.decision, query.reference.decide): by default its best region's
+        relative score ≥ margin (in units of the bank's class separation). In a class that exists, the regions
+        with relative score > 0 match it; a region takes the matching class with the highest score, else
+        background; exists = any class found. Pass
         `prepare_references` output to reuse prototypes (and their calibration) across targets.
         """
         if not references:
             raise ValueError("reference mode needs at least one Reference (an image with a mask, box or scribble)")
-        fresh = iter(self.prepare_references([r for r in references if not isinstance(r, ReferencePrototype)], config)
-                     if not all(isinstance(r, ReferencePrototype) for r in references) else [])
-        prepared = [r if isinstance(r, ReferencePrototype) else next(fresh) for r in references]  # order kept
-        classes = list(dict.fromkeys(p.label for p in prepared))
+        fresh = [r for r in references if not isinstance(r, ReferencePrototype)]
+        prepared = [r for r in references if isinstance(r, ReferencePrototype)]
+        prepared += self.prepare_references(fresh, config) if fresh else []
+        order = list(dict.fromkeys(str(r.label) for r in references))
+        prepared.sort(key=lambda p: order.index(p.label))  # classes in the order given
         regions = self.regions(target)
         vectors = np.stack([p.vector for p in prepared])
         others = [np.array([label not in p.bank_labels for label in self.table.labels], dtype=bool) for p in prepared]
@@ -298,20 +250,14 @@ class Segmenter:
             return np.stack([cosines, cosines - nearest], axis=1)  # (m, 2, R)
 
         cosines, relative = self._level_mean(regions, cosines_and_relative).transpose(1, 0, 2)
-        thresholds = np.array([p.threshold for p in prepared], dtype=np.float32)
-        key = np.where((cosines >= thresholds) & (relative > 0), relative, -np.inf)
-        owner = np.array([classes.index(p.label) for p in prepared])
-        class_key = np.stack([key[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
-        class_relative = np.stack([relative[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
-        matched = np.isfinite(class_key)
-        passed = matched.any(axis=1)
-        best = np.where(passed, class_key.argmax(axis=1), class_relative.argmax(axis=1))
-        score = np.where(passed[:, None], class_key, class_relative)[np.arange(len(best)), best]
-        details = {"exists_by_class": {c: bool(matched[:, j].any()) for j, c in enumerate(classes)},
+        separation = class_separation(self.table)
+        decision = decide(cosines, relative, prepared, config, separation)
+        details = {"exists_by_class": decision.exists_by_class, "decision": config.decision,
+                   "best_relative": decision.best_relative, "margin": config.margin * separation,
                    "references": [{"label": p.label, "threshold": p.threshold, "bank_labels": p.bank_labels}
                                   for p in prepared]}
-        return self._result("reference", regions, np.where(passed, best + 1, 0), score, classes,
-                            exists=bool(passed.any()), details=details)
+        return self._result("reference", regions, decision.assigned, decision.scores, list(decision.exists_by_class),
+                            exists=any(decision.exists_by_class.values()), details=details)
 
     # ------------------------------------------------------------------------------------- foreground
 

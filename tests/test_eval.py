@@ -71,8 +71,10 @@ def test_measured_targets(report):
     assert base["open_set"]["miou"] >= 0.5
     ref = base["reference"]
     assert ref["trials"] >= 40 and ref["present"] == ref["absent"]
-    # measured 0.732 / 0.901 (182 trials); the target 0.95 is NOT met
-    assert ref["no_target_precision"] >= 0.65 and ref["no_target_recall"] >= 0.8
+    # margin decision (default): measured 0.816 / 0.879, accuracy 0.841, IoU 0.876 over 182 trials (the calibrated
+    # rule of before: 0.732 / 0.901, 0.786); the target 0.95 is NOT met
+    assert ref["no_target_precision"] >= 0.76 and ref["no_target_recall"] >= 0.82 and ref["accuracy"] >= 0.79
+    assert ref["iou_present"] >= 0.8
     fg = base["foreground"]
     assert fg["iou"] >= 0.6 and fg["f_measure"] >= 0.75 and fg["mae"] <= 0.12
 

@@ -307,10 +307,11 @@ def test_reference_finds_its_own_region(world):
     """One-to-many plumbing: a reference that is one of the target's regions scores ≈ 1 there and exists."""
     segmenter, sample, regions = world["segmenter"], world["heldout"][2], world["regions"][2]
     i = int(regions.masks.sum(axis=(1, 2)).argmax())
-    [prototype] = segmenter.prepare_references([Reference(sample.image, mask=regions.masks[i], label="it")])
+    alone = ReferenceConfig(recruit=0.0)  # the prototype is the reference's own embedding
+    [prototype] = segmenter.prepare_references([Reference(sample.image, mask=regions.masks[i], label="it")], alone)
     np.testing.assert_array_equal(prototype.vector, regions.embeddings[i])  # same pooling path
     assert -1 <= prototype.threshold < 1 and prototype.bank_labels
-    result = segmenter.reference(regions, [prototype])
+    result = segmenter.reference(regions, [prototype], alone)
     assert result.exists and result.classes == ["it"] and result.details["exists_by_class"] == {"it": True}
     assert result.regions[i].label == "it" and (result.label_map[regions.masks[i]] == 1).all()
     # score = cosine to the reference (1 here, up to float16) − cosine to the nearest other bank label
@@ -340,7 +341,7 @@ def test_reference_calibration_is_the_bank_negative_quantile(world):
     (labels with kNN vote share ≥ positive_share), checked by brute force over every bank row."""
     segmenter, bank, sample = world["segmenter"], world["bank"], world["heldout"][4]
     for fpr in (0.01, 0.05):
-        config = ReferenceConfig(fpr=fpr)
+        config = ReferenceConfig(fpr=fpr, recruit=0.0)  # the prototype is the reference (recruiting: elsewhere)
         for name, mask in instances(sample).items():
             [proto] = segmenter.prepare_references([Reference(sample.image, mask=mask, label=name)], config)
             sims = bank.vectors @ proto.vector
@@ -355,23 +356,27 @@ def test_reference_calibration_is_the_bank_negative_quantile(world):
             assert proto.threshold == pytest.approx(negatives[math.ceil(fpr * len(negatives)) - 1], abs=1e-5)
 
 
-def test_reference_across_heldout_images(world):
+@pytest.mark.parametrize("decision", ["calibrated", "margin"])
+def test_reference_across_heldout_images(world, decision):
     """Ground-truth masks (≥ 200 px) of every held-out image as references, searched in every other held-out image.
 
-    Measured (untrained encoder, fpr 0.01, 164 targets with the class, 586 without): the best-scoring region
-    has 0.54 of its pixels in X (a random region: 0.40); `exists` is true for 0.26 of targets with X and 0.11
-    of targets without X.
+    Measured (untrained encoder, 164 targets with the class, 586 without): the best-scoring region has 0.53-0.54 of
+    its pixels in X (a random region: 0.40). `exists` is true for 0.26 of targets with X and 0.11 of targets without X
+    with the calibrated rule (fpr 0.01, the reference alone); 0.46 and 0.26 with the default margin rule, whose
+    margin is tuned on the stand-in encoder (tests/test_reference_decision.py) while the calibrated threshold
+    bounds false positives on any encoder.
     """
+    config = ReferenceConfig(decision="calibrated", recruit=0.0) if decision == "calibrated" else ReferenceConfig()
     segmenter, heldout, regions = world["segmenter"], world["heldout"], world["regions"]
     truth = [instances(s) for s in heldout]
     precision, chance, found, false_found = [], [], [], []
     for a in range(len(heldout)):
         refs = [Reference(heldout[a].image, mask=m, label=x) for x, m in truth[a].items() if m.sum() >= 200]
-        for proto in segmenter.prepare_references(refs):
+        for proto in segmenter.prepare_references(refs, config):
             for b in range(len(heldout)):
                 if b == a:
                     continue
-                result = segmenter.reference(regions[b], [proto])
+                result = segmenter.reference(regions[b], [proto], config)
                 assert result.exists == bool(result.label_map.any())
                 if proto.label not in truth[b]:
                     false_found.append(result.exists)
@@ -385,7 +390,10 @@ def test_reference_across_heldout_images(world):
           f"without X {fpr:.2f} ({len(found)} / {len(false_found)} pairs)")
     assert len(found) >= 100 and len(false_found) >= 300
     assert hit >= base + 0.08
-    assert fpr <= 0.2 and tpr >= 2 * fpr
+    if decision == "calibrated":
+        assert fpr <= 0.2 and tpr >= 2 * fpr
+    else:
+        assert fpr <= 0.35 and tpr >= 1.5 * fpr
 
 
 def test_prompts_box_and_scribble(world):
@@ -396,8 +404,8 @@ def test_prompts_box_and_scribble(world):
     scribble = prompt_mask((height, width), scribble=[(5, 5), (100, 90), (120, 20)], scribble_width=3)
     assert scribble[5, 5] and scribble[90, 100] and scribble[20, 120] and 0 < scribble.mean() < 0.1
     assert prompt_mask((height, width), scribble=[(64, 64)]).sum() > 0  # a single point is a dot
-    by_box, by_mask = segmenter.prepare_references([Reference(sample.image, box=(10, 20, 60, 50)),
-                                                    Reference(sample.image, mask=box)])
+    by_box, by_mask = segmenter.prepare_references([Reference(sample.image, box=(10, 20, 60, 50), label="a"),
+                                                    Reference(sample.image, mask=box, label="b")])
     np.testing.assert_array_equal(by_box.vector, by_mask.vector)
     result = segmenter.reference(world["regions"][5], [Reference(sample.image, scribble=[(5, 5), (100, 90)])])
     assert isinstance(result.exists, bool) and result.classes == ["target"]

@@ -150,8 +150,12 @@ def test_reference_mode_exists_true_and_false(client, world):
     regions = client.segment(target, classes=["cat"])["result"]["regions"]
     big = max(range(len(regions)), key=lambda i: regions[i]["area"])
     own = mask_utils.decode({"size": regions[big]["rle"]["size"], "counts": regions[big]["rle"]["counts"].encode()})
-    result = client.segment(target, mode="reference", references=[{"mask": own.astype(bool), "label": "it"}])
+    # recruit 0: the prototype is that region's own embedding (the untrained encoder's label prototypes would pull
+    # it toward another class)
+    result = client.segment(target, mode="reference", references=[{"mask": own.astype(bool), "label": "it"}],
+                            recruit=0.0)
     assert result["result"]["exists"] is True and result["result"]["regions"][big]["label"] == "it"
+    assert result["result"]["details"]["decision"] == "margin" and result["result"]["details"]["margin"] > 0
     # Box and scribble prompts on the target image (no extra file: "image" names the target).
     for prompt in ({"box": (10, 10, 60, 50)}, {"scribble": [(5, 5), (60, 40), (100, 20)]}):
         result = client.segment(target, mode="reference", references=[{**prompt, "label": "x"}])["result"]

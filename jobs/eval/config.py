@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bank_builder.config import MaskKind
+from query.reference import ReferenceConfig
 from query.regions import REGION_PRESETS, RegionConfig
 from query.windows import WindowConfig
 
@@ -66,20 +67,32 @@ class ReferenceTrials:
     references); each held-out image is then asked about every class present (covering ≥ min_fraction of its
     labelled pixels; an image never serves as its own reference) and about as many absent classes (no pixel),
     drawn with `seed`. Classes between 0 and min_fraction are not asked. prompt: "mask" or "box" (the mask's
-    bounding box); fpr: the calibration's false-positive rate."""
+    bounding box); fpr, decision, margin, recruit, pool_shots: query.reference.ReferenceConfig's (the
+    calibration's false-positive rate, how "exists" is decided, the relative-score margin, the weight of recruited
+    bank label prototypes, one prototype per class or per shot)."""
 
     pool_images: int = 16
     shots: int = 1
     min_fraction: float = 0.0025
     prompt: str = "mask"
-    fpr: float = 0.01
+    fpr: float = ReferenceConfig.fpr
     seed: int = 0
+    decision: str = ReferenceConfig.decision
+    margin: float = ReferenceConfig.margin
+    recruit: float = ReferenceConfig.recruit
+    pool_shots: bool = ReferenceConfig.pool_shots
 
     def __post_init__(self) -> None:
         if self.prompt not in ("mask", "box"):
             raise ValueError(f"reference prompt {self.prompt!r}: use 'mask' or 'box'")
-        if self.pool_images < 1 or self.shots < 1 or not 0 <= self.min_fraction < 1 or not 0 < self.fpr < 1:
-            raise ValueError("pool_images and shots must be ≥ 1, min_fraction in [0, 1) and fpr in (0, 1)")
+        if self.pool_images < 1 or self.shots < 1 or not 0 <= self.min_fraction < 1:
+            raise ValueError("pool_images and shots must be ≥ 1 and min_fraction in [0, 1)")
+        self.query(ReferenceConfig.k)  # the query options checked where they are defined
+
+    def query(self, k: int) -> ReferenceConfig:
+        """The reference-mode options of a row whose kNN votes use k neighbours."""
+        return ReferenceConfig(fpr=self.fpr, k=k, decision=self.decision, margin=self.margin, recruit=self.recruit,
+                               pool_shots=self.pool_shots)
 
 
 @dataclass(frozen=True)

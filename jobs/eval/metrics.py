@@ -86,31 +86,40 @@ class BinaryScores:
                 "images": len(self.errors)}
 
 
+# Edges of the target-size bands (share of the image's labelled pixels) of ReferenceScores' breakdown.
+SIZE_BANDS: tuple[float, ...] = (0.02, 0.05, 0.1)
+
+
 @dataclass
 class ReferenceScores:
     """Reference-mode trials: the class present or absent in the target, the answer (exists or "no target"),
-    and when present the intersection / union of the predicted mask with the class's true mask."""
+    and when present the intersection / union of the predicted mask with the class's true mask and the share of
+    the image the class covers."""
 
     outcomes: list[tuple[bool, bool]] = field(default_factory=list)  # (present, said it exists)
     intersection: int = 0
     union: int = 0
     trial_ious: list[float] = field(default_factory=list)
+    found: list[tuple[float, bool]] = field(default_factory=list)  # present trials: (share of the image, exists)
 
     def add(self, present: bool, exists: bool, truth: np.ndarray | None = None,
-            predicted: np.ndarray | None = None) -> None:
-        """One trial; for a present class, (H, W) bool truth (ignored pixels already False in both) and
-        prediction."""
+            predicted: np.ndarray | None = None, fraction: float | None = None) -> None:
+        """One trial; for a present class, (H, W) bool truth (ignored pixels already False in both), prediction
+        and the share of the image's labelled pixels the class covers (None: not broken down by size)."""
         self.outcomes.append((present, exists))
         if present:
             inter, union = int(np.sum(truth & predicted)), int(np.sum(truth | predicted))
             self.intersection += inter
             self.union += union
             self.trial_ious.append(inter / union if union else 0.0)
+            if fraction is not None:
+                self.found.append((float(fraction), bool(exists)))
 
     def summary(self) -> dict[str, Any]:
         """Trials; no_target_precision = share of "no target" answers given on absent classes; no_target_recall =
         share of absent-class trials answered "no target"; accuracy = share of right answers; iou_present =
-        dataset IoU over present-class trials (a "no target" answer predicts nothing) and its per-trial mean."""
+        dataset IoU over present-class trials (a "no target" answer predicts nothing) and its per-trial mean;
+        exists_recall_by_size: per band of target size (SIZE_BANDS), present trials and the share found."""
         present = np.array([p for p, _ in self.outcomes], dtype=bool)
         said = np.array([e for _, e in self.outcomes], dtype=bool)
         no_target = ~said
@@ -119,7 +128,17 @@ class ReferenceScores:
                 "no_target_precision": _share(~present[no_target]), "no_target_recall": _share(no_target[~present]),
                 "exists_recall": _share(said[present]), "accuracy": _share(said == present),
                 "iou_present": self.intersection / self.union if self.union else None,
-                "mean_trial_iou_present": float(np.mean(self.trial_ious)) if self.trial_ious else None}
+                "mean_trial_iou_present": float(np.mean(self.trial_ious)) if self.trial_ious else None,
+                "exists_recall_by_size": self._by_size()}
+
+    def _by_size(self) -> dict[str, dict[str, Any]]:
+        """{band name: {"trials": n, "exists_recall": share}} over the present trials with a size."""
+        edges = (0.0, *SIZE_BANDS, 1.0)
+        out = {}
+        for lo, hi in zip(edges, edges[1:]):
+            flags = np.array([e for f, e in self.found if lo <= f < hi or (hi == 1.0 and f == 1.0)], dtype=bool)
+            out[f"{lo:g}-{hi:g}"] = {"trials": len(flags), "exists_recall": _share(flags)}
+        return out
 
 
 def mean_iou(predictions: list[np.ndarray], truths: list[np.ndarray], classes: int) -> float:

@@ -48,15 +48,15 @@ class ReferencePool:
             offers = self._offers.setdefault(c, [])
             offers.append((-int(mask.sum()), len(offers), entry))
 
-    def prepare(self, segmenter: Segmenter, k: int) -> dict[int, list[ReferencePrototype]]:
-        """Each pooled class's reference prototypes, calibrated on the segmenter's bank."""
-        config = ReferenceConfig(fpr=self.trials.fpr, k=k)
+    def prepare(self, segmenter: Segmenter, config: ReferenceConfig) -> dict[int, list[ReferencePrototype]]:
+        """Each pooled class's reference prototypes (one with ReferenceConfig.pool_shots), calibrated on the
+        segmenter's bank."""
         entries = self.entries
-        flat = [(c, e) for c, listed in entries.items() for e in listed]
-        prepared = segmenter.prepare_references([e.reference for _, e in flat], config)
+        prepared = segmenter.prepare_references([e.reference for listed in entries.values() for e in listed], config)
         out: dict[int, list[ReferencePrototype]] = {c: [] for c in entries}
-        for (c, _), prototype in zip(flat, prepared):
-            out[c].append(prototype)
+        index = {self.classes[c]: c for c in entries}
+        for prototype in prepared:
+            out[index[prototype.label]].append(prototype)
         return out
 
 
@@ -82,11 +82,10 @@ def trial_classes(key: str, truth: np.ndarray, pool: ReferencePool, image_index:
 
 
 def score_trials(segmenter: Segmenter, regions: Regions, prototypes: dict[int, list[ReferencePrototype]],
-                 trials: list[tuple[int, bool]], truth: np.ndarray, k: int, fpr: float,
+                 trials: list[tuple[int, bool]], truth: np.ndarray, config: ReferenceConfig,
                  scores: ReferenceScores) -> None:
     """Ask about each (class, present) of one image with that class's references alone; the answer's "exists" and, for a
     present class, its mask against the class's true mask (ignored pixels left out) go into `scores`."""
-    config = ReferenceConfig(fpr=fpr, k=k)
     scored = truth != IGNORED
     for c, present in trials:
         result = segmenter.reference(regions, prototypes[c], config)
@@ -94,7 +93,8 @@ def score_trials(segmenter: Segmenter, regions: Regions, prototypes: dict[int, l
             scores.add(False, bool(result.exists))
             continue
         predicted = upsample_nearest(result.label_map, truth.shape) == 1
-        scores.add(True, bool(result.exists), (truth == c) & scored, predicted & scored)
+        target = (truth == c) & scored
+        scores.add(True, bool(result.exists), target, predicted & scored, target.sum() / max(int(scored.sum()), 1))
 
 
 def _prompt(image: np.ndarray, mask: np.ndarray, label: str, kind: str) -> Reference:

@@ -186,7 +186,8 @@ class _Run:
         pool, samples = self._reference_pool(samples, classes)
         for row in rows:
             if "reference" in row.modes:
-                row.references = pool.prepare(self.segmenter(row.bank, row.variant.regions), row.variant.k)
+                row.references = pool.prepare(self.segmenter(row.bank, row.variant.regions),
+                                              c.reference.query(row.variant.k))
         images = 0
         for index, sample in enumerate(samples):
             self._score_image(index, sample, classes, rows, pool, background)
@@ -280,7 +281,7 @@ class _Run:
                 else:
                     trials = trial_classes(sample.key, truth, pool, index)
                     score_trials(segmenter, windows.whole(row.variant.regions), row.references, trials, truth,
-                                 row.variant.k, c.reference.fpr, row.scores[mode])
+                                 c.reference.query(row.variant.k), row.scores[mode])
 
     def _oracle(self, row: _Row, segmenter: Segmenter, sample: Sample, segments: list, classes: list[str],
                 truth: np.ndarray) -> None:
