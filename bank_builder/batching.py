@@ -23,7 +23,8 @@ GPU_BATCH_BUDGET = 64 * 14 * 14 * 512
 GPU_BATCH_MIN, GPU_BATCH_MAX = 16, 256
 CHUNK_BATCHES_MAX = 16  # batches per decoded chunk at most (tiny images would otherwise make one chunk a shard)
 TARGET_CALL_S = 0.25  # compute an adaptive encoder call aims at: Ray's ~1-3 ms per call is then ≤ ~1 %
-CHUNKS_PER_CALL_MAX = 8
+# Queued calls hold their chunks' decoded bytes: at most actors × max_calls_per_encoder × this × chunk_bytes.
+CHUNKS_PER_CALL_MAX = 4
 _SMOOTHING = 0.3  # weight of the newest call in the running seconds-per-image
 
 

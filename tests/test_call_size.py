@@ -41,7 +41,7 @@ def test_chunks_hold_chunk_bytes_of_decoded_input_unless_told():
     assert chunk_batches(PipelineConfig(chunk_bytes=1), 16, 224) == 1
 
 
-@pytest.mark.parametrize("seconds_per_image, expected", [(1.0, 1), (0.25 / 64 / 4, 4), (0.0, CHUNKS_PER_CALL_MAX)])
+@pytest.mark.parametrize("seconds_per_image, expected", [(1.0, 1), (0.25 / 64 / 2, 2), (0.0, CHUNKS_PER_CALL_MAX)])
 def test_calls_grow_as_the_forward_gets_faster(seconds_per_image, expected):
     sizer = CallSizer(chunk_images=64, adaptive=True)
     assert sizer.chunks_per_call == 1  # nothing measured yet
