@@ -150,8 +150,13 @@ class PipelineConfig:
     CPU each beside GPUs, 0.25 beside a CPU encoder (decode is light next to a CPU forward pass).
     """
 
-    batch_size: int = 16  # images per forward pass; with the encoder, what decides a part's bytes
-    batches_per_call: int = 4  # batches per decode output and per encoder call: fewer, larger Ray calls
+    # Images per forward pass; with the encoder, what decides a part's bytes. None: the bank's recorded one, else
+    # sized from the model and device (bank_builder.batching); the manifest records the value used.
+    batch_size: int | None = None
+    # Batches per decode output, each output one encoder call. None: decoded chunks of about chunk_bytes, and as
+    # many chunks per call as the measured forward time asks for (bank_builder.batching); never changes a byte.
+    batches_per_call: int | None = None
+    chunk_bytes: int = 16 * 2**20  # decoded input (S×S×3 bytes an image) per chunk when batches_per_call is None
     num_encoders: int | None = None  # None: one per GPU, or one CPU actor when there is no GPU
     # GPU encoder actors to ask for whatever the cluster has now: on an autoscaling cluster the GPU nodes start
     # when the build's placement group asks for them (within encoder_start_timeout_s). None: the GPUs present

@@ -1,9 +1,10 @@
 """The build's Ray driver loop: shards through decode tasks → encoder actors → part writers, with bounded
 memory, retries per shard, and encoder actors replaced when they (or their node) die.
 
-The driver handles chunks of `batches_per_call` batches, never single images, and collects every event that is
-ready in one pass (one blocking `ray.wait`, then one that returns all ready refs, one `ray.get` of all ready
-stats), so its own cost per image falls as chunks grow (BENCHMARKS.md, "Driver scale").
+The driver handles chunks of batches, never single images; an encoder call carries as many waiting chunks as
+the measured forward time asks for (`batching.CallSizer`), possibly of several shards. It collects every event
+that is ready in one pass (one blocking `ray.wait`, then one that returns all ready refs, one `ray.get` of all
+ready stats), so its own cost per image falls as calls grow (BENCHMARKS.md, "Driver scale").
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError
 
+from bank_builder.batching import CallSizer, chunk_batches
 from bank_builder.config import BuildConfig
-from bank_builder.encoder_pool import EncoderPool, EncoderWorker, plan_placement
+from bank_builder.encoder_pool import EncoderPool, EncoderWorker, Placement, plan_placement
 from bank_builder.encoders import EncoderSpec
 from bank_builder.format import PartEntry
 from bank_builder.prepare import InputGeometry
@@ -50,7 +52,7 @@ class _ShardRun:
     held: ray.ObjectRef | None = None  # the newest generator output; it is the ShardTail if the generator ends next
     tail: ray.ObjectRef | None = None
     chunks: int = 0
-    encoded: dict[int, ray.ObjectRef] = field(default_factory=dict)
+    encoded: dict[int, tuple[ray.ObjectRef, int]] = field(default_factory=dict)  # chunk → (call output, place in it)
 
     def reset(self) -> None:
         """Forget the current attempt's outputs and start counting the next one."""
@@ -64,19 +66,40 @@ def _stages(stand_in: str | None) -> tuple[Callable[..., Any], type]:
     return (getattr(module, "decode_shard", decode_shard), getattr(module, "EncoderWorker", EncoderWorker))
 
 
+@dataclass
+class _Chunk:
+    """A decoded chunk waiting for an encoder call. alone: it failed in a call with others, so it goes alone next,
+    and an error then is its shard's own."""
+
+    run: _ShardRun
+    attempt: int
+    index: int  # its place in the shard
+    ref: ray.ObjectRef
+    alone: bool = False
+
+    @property
+    def current(self) -> bool:
+        """False once its shard's attempt was abandoned."""
+        return self.attempt == self.run.attempt
+
+
 class Driver:
-    """The event loop: bounded shards in flight, bounded calls queued per actor, retries per shard."""
+    """The event loop: bounded shards in flight, bounded calls queued per actor, retries per shard.
+    `config.pipeline.batch_size` must be resolved (`batching.resolve_batch_size`)."""
 
     def __init__(self, config: BuildConfig, spec: EncoderSpec, todo: list[PartEntry],
-                 progress: BuildProgress, on_progress: ProgressCallback | None) -> None:
+                 progress: BuildProgress, on_progress: ProgressCallback | None,
+                 placement: Placement | None = None) -> None:
         self.config, self.spec, self.progress, self.on_progress = config, spec, progress, on_progress
         p = config.pipeline
         decode, worker = _stages(p.stand_in)
-        self.placement = plan_placement(p)
+        self.placement = placement or plan_placement(p)
         self.pool = EncoderPool(config.encoder, p, self.placement, worker)
         progress.encoder_actors = self.pool.actor_names
         self.geometry = InputGeometry.of(spec)
-        chunk_bytes = p.batch_size * p.batches_per_call * 3 * spec.image_size ** 2
+        self.per_chunk = chunk_batches(p, p.batch_size, spec.image_size)
+        self.sizer = CallSizer(p.batch_size * self.per_chunk, adaptive=p.batches_per_call is None)
+        chunk_bytes = p.batch_size * self.per_chunk * 3 * spec.image_size ** 2
         self.chunks_ahead = max(p.bytes_ahead // chunk_bytes, 1)
         # Bounded generator buffer: a decode task pauses instead of filling the object store.
         cpus = self.placement.decode_cpus
@@ -85,8 +108,8 @@ class Driver:
         self.spec_dict = spec.to_dict()
         self.queue: deque[_ShardRun] = deque(_ShardRun(info) for info in todo)
         self.active: list[_ShardRun] = []
-        self.waiting: deque[tuple[_ShardRun, int, int, ray.ObjectRef]] = deque()  # (run, attempt, chunk, ref)
-        self.calls: dict[ray.ObjectRef, tuple] = {}  # stats ref → (run, attempt, chunk, decoded ref, slot, actor, encoded ref)
+        self.waiting: deque[_Chunk] = deque()
+        self.calls: dict[ray.ObjectRef, tuple] = {}  # stats ref → (chunks, slot, actor, encoded ref)
         self.writes: dict[ray.ObjectRef, tuple[_ShardRun, int]] = {}
         self.written: list[PartEntry] = []
         self.failed: list[ShardFailure] = []
@@ -112,17 +135,32 @@ class Driver:
         self.holding = False
         while self.queue and len(self.active) < self.placement.shards_in_flight:
             run = self.queue.popleft()
-            run.gen = self.decode.remote(run.info.source, self.config, self.geometry)
+            run.gen = self.decode.remote(run.info.source, self.config, self.geometry, self.per_chunk)
             self.active.append(run)
 
     def _dispatch(self) -> None:
-        """Send waiting chunks, oldest first, to the actors that have room."""
+        """Send waiting chunks, oldest first, to the actors that have room: up to `sizer.chunks_per_call` a call."""
         while self.waiting and self.pool.free > 0:
-            run, attempt, chunk, ref = self.waiting.popleft()
-            if attempt != run.attempt:
-                continue  # a chunk of an abandoned attempt
-            slot, actor, stats, encoded = self.pool.submit(ref)
-            self.calls[stats] = (run, attempt, chunk, ref, slot, actor, encoded)
+            chunks = self._take(self.sizer.chunks_per_call)
+            if not chunks:
+                continue
+            slot, actor, stats, encoded = self.pool.submit([c.ref for c in chunks])
+            self.calls[stats] = (chunks, slot, actor, encoded)
+            self.progress.encoder_calls += 1
+
+    def _take(self, most: int) -> list[_Chunk]:
+        """Up to `most` current chunks from the front of the queue; a chunk marked alone only by itself."""
+        taken: list[_Chunk] = []
+        while self.waiting and len(taken) < most:
+            chunk = self.waiting[0]
+            if taken and chunk.alone:
+                break
+            self.waiting.popleft()
+            if chunk.current:  # else a chunk of an abandoned attempt
+                taken.append(chunk)
+                if chunk.alone:
+                    break
+        return taken
 
     def _wait(self) -> None:
         """Block until something is ready, then handle everything that is."""
@@ -165,7 +203,7 @@ class Driver:
             self._maybe_write(run)
             return
         if run.held is not None:
-            self.waiting.append((run, run.attempt, run.chunks, run.held))
+            self.waiting.append(_Chunk(run, run.attempt, run.chunks, run.held))
             run.chunks += 1
         run.held = ref
 
@@ -185,23 +223,27 @@ class Driver:
         for ref, stats, error in results:
             self._on_call(ref, stats, error)
 
-    def _on_call(self, stats_ref: ray.ObjectRef, stats: dict[str, int] | None, error: Exception | None) -> None:
-        run, attempt, chunk, decoded, slot, actor, encoded = self.calls.pop(stats_ref)
+    def _on_call(self, stats_ref: ray.ObjectRef, stats: dict[str, Any] | None, error: Exception | None) -> None:
+        chunks, slot, actor, encoded = self.calls.pop(stats_ref)
         self.pool.done(slot, actor)
-        if isinstance(error, RayActorError):  # the actor died: replace it and send the same chunk again
+        if isinstance(error, RayActorError):  # the actor died: replace it and send the same chunks again
             self.pool.replace_if_dead(slot, actor, error)
             self.progress.actor_restarts, self.progress.encoder_actors = self.pool.restarts, self.pool.actor_names
-            if attempt == run.attempt:
-                self.waiting.appendleft((run, attempt, chunk, decoded))
+            self.waiting.extendleft(reversed([c for c in chunks if c.current]))
+            return
+        if error is not None and len(chunks) > 1:  # whose fault? each chunk goes again alone to find out
+            self.waiting.extendleft(reversed([_Chunk(c.run, c.attempt, c.index, c.ref, alone=True)
+                                              for c in chunks if c.current]))
             return
         if error is not None:  # the decode task failed (its error travels in the chunk), encode raised, data lost
-            self._retry_or_fail(run, attempt, error)
+            self._retry_or_fail(chunks[0].run, chunks[0].attempt, error)
             return
-        if attempt != run.attempt:
-            return
-        run.encoded[chunk] = encoded
-        self.progress.batch_encoded(run.info.source, stats)
-        self._maybe_write(run)
+        self.sizer.observe(sum(s["images"] for s in stats["chunks"]), stats["seconds"])
+        for place, (chunk, chunk_stats) in enumerate(zip(chunks, stats["chunks"])):
+            if chunk.current:
+                chunk.run.encoded[chunk.index] = (encoded, place)
+                self.progress.batch_encoded(chunk.run.info.source, chunk_stats)
+                self._maybe_write(chunk.run)
 
     def _maybe_write(self, run: _ShardRun) -> None:
         """Once a shard is decoded and all its chunks encoded, hand it to a writer task."""

@@ -21,7 +21,7 @@ from bank_builder.config import EncoderConfig, PipelineConfig
 from bank_builder.embed import embed_labels, encode_batch
 from bank_builder.encoders import load_encoder
 from bank_builder.pairing import pair_batch
-from bank_builder.workers import DecodedBatch, EncodedBatch, chunk_stats
+from bank_builder.workers import DecodedBatch, EncodedBatch, call_stats
 
 log = logging.getLogger("refbank.build")
 
@@ -88,17 +88,21 @@ class EncoderWorker:
         self.encoder = load_encoder(self.config)
         return self.encoder.spec.to_dict()
 
-    def encode(self, chunk: list[DecodedBatch]) -> tuple[dict[str, int], list[EncodedBatch]]:
-        """(stats for progress, embeddings of each batch); two objects, so the driver fetches only the stats.
-        Each batch is one forward pass, as it would be alone, so chunking never changes a byte."""
-        encoded = []
-        for batch in chunk:
-            out = encode_batch(self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label,
-                               self.text_cache)
-            if batch.pairing is not None and self.encoder.spec.text_dim and any(batch.phrases):
-                self._pair(batch, out)
-            encoded.append(EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images)))
-        return chunk_stats(chunk), encoded
+    def encode(self, *chunks: list[DecodedBatch]) -> tuple[dict[str, Any], list[list[EncodedBatch]]]:
+        """(stats: `workers.call_stats`, per chunk the embeddings of each of its batches); two objects, so the
+        driver fetches only the stats. Each batch is one forward pass, as it would be alone, so neither the
+        chunks nor the calls they travel in ever change a byte."""
+        start = time.perf_counter()
+        encoded = [[self._encode(batch) for batch in chunk] for chunk in chunks]
+        return call_stats(chunks, time.perf_counter() - start), encoded
+
+    def _encode(self, batch: DecodedBatch) -> EncodedBatch:
+        """One forward pass: the batch's segment embeddings (pairing its unlabelled segments when it can)."""
+        out = encode_batch(self.encoder, batch.images, batch.soft_masks, batch.image_index, batch.rows.label,
+                           self.text_cache)
+        if batch.pairing is not None and self.encoder.spec.text_dim and any(batch.phrases):
+            self._pair(batch, out)
+        return EncodedBatch(batch.rows, out.visual, out.quality, out.text, images=len(batch.images))
 
     def _pair(self, batch: DecodedBatch, out: Any) -> None:
         """Label the batch's unlabelled segments with their images' phrases (bank_builder.pairing), in place."""
@@ -208,12 +212,12 @@ class EncoderPool:
         CPUs, such as decode tasks paused by backpressure, may be what keeps them from being placed."""
         return not self.ready and placement_group_table(self._group).get("state") == "RESCHEDULING"
 
-    def submit(self, chunk_ref: ray.ObjectRef) -> tuple[int, Any, ray.ObjectRef, ray.ObjectRef]:
-        """Send a chunk to the least-busy loaded actor: (slot, actor, stats ref, encoded-chunk ref)."""
+    def submit(self, chunk_refs: list[ray.ObjectRef]) -> tuple[int, Any, ray.ObjectRef, ray.ObjectRef]:
+        """Send chunks, one call, to the least-busy loaded actor: (slot, actor, stats ref, encoded-chunks ref)."""
         i = min((k for k, s in enumerate(self.slots) if s.loading is None), key=lambda k: self.slots[k].busy)
         slot = self.slots[i]
         slot.busy += 1
-        stats, encoded = slot.actor.encode.options(num_returns=2).remote(chunk_ref)
+        stats, encoded = slot.actor.encode.options(num_returns=2).remote(*chunk_refs)
         return i, slot.actor, stats, encoded
 
     def done(self, slot: int, actor: Any) -> None:

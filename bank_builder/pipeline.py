@@ -8,14 +8,16 @@ import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bank_builder.format import BankMismatchError, BankRef, ConcurrentUpdateError, Current, Manifest, PartEntry
 from bank_builder.format import make_manifest, parts as part_io, publish, read_current, read_manifest, totals
 from bank_builder.format import storage
+from bank_builder.batching import resolve_batch_size
 from bank_builder.config import BuildConfig, config_to_dict, fingerprint_fields, option_differences
 from bank_builder.driver import Driver, ShardFailure
+from bank_builder.encoder_pool import plan_placement
 from bank_builder.encoders import EncoderSpec, resolve_spec
 from bank_builder.ingest import shard_sizes
 from bank_builder.progress import BuildProgress, ProgressCallback
@@ -54,6 +56,8 @@ class BuildReport:
     encoder: dict[str, Any]
     storage: dict[str, int]  # this process's storage calls: tries, retries by cause, failed (format.retries)
     paired: int = 0  # of the labelled, labelled by pairing with caption phrases (bank_builder.pairing)
+    batch_size: int = 0  # images per forward pass this build used (bank_builder.batching); 0 when nothing ran
+    encoder_calls: int = 0  # encoder actor calls this run sent
 
     @property
     def ok(self) -> bool:
@@ -136,7 +140,11 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done),
                              shard_bytes={p.source: sizes[p.source] for p in plan.todo})
     log.info("%d shards: %d already committed, %d to build", len(shards), len(plan.done), len(plan.todo))
-    written, failed = Driver(config, spec, plan.todo, progress, on_progress).run() if plan.todo else ([], [])
+    written, failed = [], []
+    if plan.todo:
+        placement = plan_placement(config.pipeline)
+        config = _with_batch_size(config, spec, plan, placement.actor_resources.get("num_gpus", 0) > 0)
+        written, failed = Driver(config, spec, plan.todo, progress, on_progress, placement).run()
     pending = {p.source: p for p in _unpublished(plan) + written}  # parts the parent lacks, by shard
     version = None
     for attempt in range(MAX_REPLANS + 1):
@@ -171,7 +179,20 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
         storage=(storage.counters() - calls).to_dict(), paired=sum(p.paired for p in parts),
+        batch_size=config.pipeline.batch_size or 0, encoder_calls=progress.encoder_calls,
     )
+
+
+def _with_batch_size(config: BuildConfig, spec: EncoderSpec, plan: _Plan, on_gpus: bool) -> BuildConfig:
+    """`config` with the batch size this build uses (`batching.resolve_batch_size`): explicit, else what the
+    bank's last version recorded, else sized from the model and device. The manifest records it, so a resume
+    or an extension uses the same; it is not in the fingerprint (banks built before it was sized keep theirs)."""
+    device = config.encoder.device if config.encoder.device != "auto" else ("cuda" if on_gpus else "cpu")
+    recorded = plan.parent.build if plan.parent is not None else None
+    size = resolve_batch_size(config.pipeline, spec, device, recorded)
+    log.info("batch size %d (%s)", size, "given" if config.pipeline.batch_size else
+             "the bank's recorded one" if recorded else f"sized for {spec.name} on {device}")
+    return replace(config, pipeline=replace(config.pipeline, batch_size=size))
 
 
 def _publish(config: BuildConfig, spec: EncoderSpec, fingerprint: str, parts: list[PartEntry],

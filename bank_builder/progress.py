@@ -29,6 +29,7 @@ class BuildProgress:
     shards_failed: int = 0
     shard_retries: int = 0
     actor_restarts: int = 0
+    encoder_calls: int = 0  # sent in this run; each carries one or more decoded chunks (bank_builder.batching)
     images: int = 0  # encoded in this run (a retried shard's images count again: they were encoded again)
     segments: int = 0  # encoded in this run
     rejects: int = 0

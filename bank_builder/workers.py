@@ -88,13 +88,14 @@ class _BatchBuilder:
         return batch
 
 
-def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry) -> Iterator[list[DecodedBatch] | ShardTail]:
-    """Stream a shard: decode, validate and segment its samples; yield chunks of up to `batches_per_call` encoder
-    batches (one encoder call each), then a ShardTail. Batches hold `batch_size` images in shard order whatever
-    the chunking, so a shard's bytes do not depend on it."""
+def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry,
+                 per_chunk: int) -> Iterator[list[DecodedBatch] | ShardTail]:
+    """Stream a shard: decode, validate and segment its samples; yield chunks of up to `per_chunk` encoder
+    batches, then a ShardTail. Batches hold `batch_size` images (config.pipeline, resolved by the build) in shard
+    order whatever the chunking, so a shard's bytes do not depend on it."""
     pairing = config.pairing if config.pairing.enabled else None  # the encoder pairs only with a text tower
     builder, rejects, samples, chunk = _BatchBuilder(pairing), [], 0, []
-    batch_size, per_call = config.pipeline.batch_size, config.pipeline.batches_per_call
+    batch_size = config.pipeline.batch_size
     for item in iter_samples(shard, config.ingest, config.storage_options):
         if isinstance(item, Reject):
             rejects.append(item)
@@ -110,7 +111,7 @@ def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry) -> It
         samples += 1
         if len(builder.images) == batch_size:
             chunk.append(builder.take())
-            if len(chunk) == per_call:
+            if len(chunk) == per_chunk:
                 yield chunk
                 chunk = []
     if builder.images:
@@ -126,11 +127,20 @@ def chunk_stats(chunk: list[DecodedBatch]) -> dict[str, int]:
             "stream_bytes": max((b.stream_bytes for b in chunk), default=0)}
 
 
+def call_stats(chunks: tuple[list[DecodedBatch], ...], seconds: float) -> dict[str, Any]:
+    """What an encoder call returns beside its embeddings: each chunk's `chunk_stats`, and the call's compute
+    seconds (what sizes the next calls: bank_builder.batching.CallSizer)."""
+    return {"chunks": [chunk_stats(c) for c in chunks], "seconds": seconds}
+
+
 def write_shard(
-    ref: BankRef, info: PartEntry, spec: dict[str, Any], tail: ShardTail, encoded: list[ray.ObjectRef],
+    ref: BankRef, info: PartEntry, spec: dict[str, Any], tail: ShardTail, encoded: list[tuple[ray.ObjectRef, int]],
 ) -> PartEntry:
-    """Concatenate a shard's encoded chunks (lists of EncodedBatch) in order; commit them as one part (+ rejects)."""
-    batches: list[EncodedBatch] = [b for chunk in ray.get(encoded) for b in chunk]
+    """Concatenate a shard's encoded chunks in order, each given as (an encoder call's output, the chunk's place in
+    it), and commit them as one part (+ rejects). A call may carry chunks of several shards."""
+    calls = list(dict.fromkeys(call for call, _ in encoded))
+    outputs = dict(zip(calls, ray.get(calls)))
+    batches: list[EncodedBatch] = [b for call, i in encoded for b in outputs[call][i]]
     rows = part_io.SegmentRows()
     for b in batches:
         for name in vars(rows):

@@ -102,8 +102,8 @@ class ProcessSampler:
         self._thread.join()
 
 
-def bare_forward(config: BuildConfig, threads: int) -> dict:
-    """Images/s of encode_dense alone on the build's own batches (decoded beforehand, not timed)."""
+def bare_forward(config: BuildConfig, threads: int, batch_size: int) -> dict:
+    """Images/s of encode_dense alone on the build's own batches of `batch_size` (decoded beforehand, not timed)."""
     spec = resolve_spec(config.encoder)
     images = []
     for shard in list_shards(config.source):
@@ -114,7 +114,7 @@ def bare_forward(config: BuildConfig, threads: int) -> dict:
             segments = make_segments(item, config.segments)
             if not isinstance(segments, Reject):
                 shard_images.append(prepare_image(item.image, [s.mask for s in segments], spec)[0])
-        bs = config.pipeline.batch_size  # batches within a shard, as the build forms them
+        bs = batch_size  # batches within a shard, as the build forms them
         images += [np.stack(shard_images[i:i + bs]) for i in range(0, len(shard_images), bs)]
     torch.set_num_threads(threads)
     encoder = load_encoder(config.encoder)
@@ -134,8 +134,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--samples-per-shard", type=int, default=250)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=PipelineConfig.batch_size)
-    parser.add_argument("--batches-per-call", type=int, default=PipelineConfig.batches_per_call)
+    parser.add_argument("--batch-size", type=int, default=PipelineConfig.batch_size, help="default: sized by the build")
+    parser.add_argument("--batches-per-call", type=int, default=PipelineConfig.batches_per_call,
+                        help="default: adaptive (chunks of chunk_bytes, calls sized from the forward time)")
     parser.add_argument("--cpus-per-encoder", type=float, default=None, help="default: sized by the build")
     args = parser.parse_args()
 
@@ -168,18 +169,19 @@ def main() -> None:
         sys.exit(f"build failed: {report.failed}")
     niceness = rss.worker_niceness
     ray.shutdown()  # the bare forward gets the machine to itself
-    bare = bare_forward(config, threads=os.cpu_count())
+    bare = bare_forward(config, threads=os.cpu_count(), batch_size=report.batch_size)
     # Ray runs its workers at a lower priority (niceness 15): with other jobs on the machine the encoder actor
     # gets less CPU than this process would. The same forward at the actor's niceness compares like with like.
     os.nice(niceness - os.nice(0))
-    bare_niced = bare_forward(config, threads=os.cpu_count())
+    bare_niced = bare_forward(config, threads=os.cpu_count(), batch_size=report.batch_size)
     wall = end - start
     built = start + ray_init_s  # build_bank's own start
     (first_t, first_images), (last_t, last_images) = marks["first"], marks["last"]
     steady = (last_images - first_images) / (last_t - first_t)
     print(json.dumps({
         "encoder": args.encoder, "images": report.samples, "segments": report.segments, "shards": args.shards,
-        "batch_size": args.batch_size, "batches_per_call": args.batches_per_call, "cpus": os.cpu_count(),
+        "batch_size": report.batch_size, "batches_per_call": args.batches_per_call or "adaptive",
+        "encoder_calls": report.encoder_calls, "cpus": os.cpu_count(),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "build": {"wall_s": round(wall, 2), "images_per_s": round(report.samples / wall, 2),

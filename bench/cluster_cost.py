@@ -99,7 +99,8 @@ def measure_decode(config) -> dict:
     spec, images = resolve_spec(config.encoder), 0
     start = time.process_time()  # CPU time of this process: one core's work, whatever else the machine runs
     for shard in list_shards(config.source):
-        images += sum(len(b.images) for b in decode_shard(shard, config, spec) if isinstance(b, DecodedBatch))
+        for out in decode_shard(shard, config, spec, 1):  # chunks of one batch, then the shard's tail
+            images += sum(len(b.images) for b in out if isinstance(b, DecodedBatch)) if isinstance(out, list) else 0
     seconds = time.process_time() - start
     return {"images": images, "cpu_seconds": round(seconds, 2), "images_per_cpu_s": round(images / seconds, 1)}
 

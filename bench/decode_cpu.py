@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # bench/query.py would shadow the `query` package while this folder is on the path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from bank_builder.config import BuildConfig, EncoderConfig
+from bank_builder.batching import CPU_BATCH_SIZE, chunk_batches
+from bank_builder.config import BuildConfig, EncoderConfig, PipelineConfig
 from bank_builder.encoders import resolve_spec
 from bank_builder.prepare import InputGeometry
 from bank_builder.synthetic import CorpusConfig, make_corpus
@@ -37,12 +38,14 @@ def main() -> None:
         make_corpus(str(args.workdir / "corpus"), CorpusConfig(shards=1, samples_per_shard=args.images,
                                                                image_size=args.size, image_format="png"))
     config = BuildConfig(source=str(shard), bank=str(args.workdir / "bank"),
-                         encoder=EncoderConfig(name="clip-vit-s32-alt", weights="untrained"))
+                         encoder=EncoderConfig(name="clip-vit-s32-alt", weights="untrained"),
+                         pipeline=PipelineConfig(batch_size=CPU_BATCH_SIZE))  # what a CPU build sizes it to
     geometry = InputGeometry.of(resolve_spec(config.encoder))
+    per_chunk = chunk_batches(config.pipeline, CPU_BATCH_SIZE, geometry.image_size)
     times = []
     for _ in range(args.repeats):
         start = time.process_time()
-        outputs = sum(1 for _ in decode_shard(config.source, config, geometry))
+        outputs = sum(1 for _ in decode_shard(config.source, config, geometry, per_chunk))
         times.append(time.process_time() - start)
     print(json.dumps({"images": args.images, "size": args.size, "outputs": outputs, "cpu_s": [round(t, 3) for t in times],
                       "best_cpu_s": round(min(times), 3)}, indent=1))

@@ -64,10 +64,10 @@ def one_run(work: str, actors: int, shards: int, images_per_shard: int, pipeline
         raise SystemExit(f"build failed: {report.failed}")
     (t0, i0, c0), (t1, i1, c1) = marks["first"], marks["last"]
     seconds, images = t1 - t0, i1 - i0
-    per_call = pipeline["batch_size"] * pipeline["batches_per_call"]
+    per_call = report.samples / max(report.encoder_calls, 1)  # images a call, over the whole build
     return {"actors": actors, "images": report.samples, "wall_s": round(wall, 2), "window_s": round(seconds, 2),
             "images_per_s": round(images / seconds), "calls_per_s": round(images / per_call / seconds, 1),
-            "batches_per_s": round(images / pipeline["batch_size"] / seconds, 1),
+            "images_per_call": round(per_call, 1), "batches_per_s": round(images / report.batch_size / seconds, 1),
             "driver_cores": round((c1 - c0) / seconds, 3),
             "driver_cpu_us_per_image": round(1e6 * (c1 - c0) / images, 2)}
 
@@ -82,8 +82,9 @@ def main() -> None:
     parser.add_argument("--shards-per-actor", type=int, default=2)
     parser.add_argument("--min-shards", type=int, default=8)
     parser.add_argument("--speed", type=float, default=0.0, help="images/s of each stand-in GPU; 0: no sleep")
-    parser.add_argument("--batch-size", type=int, default=PipelineConfig.batch_size)
-    parser.add_argument("--batches-per-call", type=int, default=PipelineConfig.batches_per_call)
+    parser.add_argument("--batch-size", type=int, default=PipelineConfig.batch_size, help="default: sized by the build")
+    parser.add_argument("--batches-per-call", type=int, default=PipelineConfig.batches_per_call,
+                        help="default: adaptive (bank_builder.batching)")
     args = parser.parse_args()
     os.environ[SPEED_ENV] = str(args.speed)
 

@@ -18,7 +18,7 @@ import numpy as np
 from bank_builder.config import BuildConfig, EncoderConfig
 from bank_builder.format import parts as part_io
 from bank_builder.prepare import InputGeometry
-from bank_builder.workers import DecodedBatch, EncodedBatch, ShardTail, chunk_stats
+from bank_builder.workers import DecodedBatch, EncodedBatch, ShardTail, call_stats
 
 SPEED_ENV = "REFBANK_STAND_IN_IMAGES_PER_S"
 
@@ -38,9 +38,10 @@ def _batch(images: int) -> DecodedBatch:
                         np.arange(images, dtype=np.int64), rows)
 
 
-def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry) -> Iterator[list[DecodedBatch] | ShardTail]:
-    """Chunks of `batches_per_call` batches for os.path.getsize(shard) one-pixel images, then the tail."""
-    total, size, per_call = os.path.getsize(shard), config.pipeline.batch_size, config.pipeline.batches_per_call
+def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry,
+                 per_call: int) -> Iterator[list[DecodedBatch] | ShardTail]:
+    """Chunks of `per_call` batches for os.path.getsize(shard) one-pixel images, then the tail."""
+    total, size = os.path.getsize(shard), config.pipeline.batch_size
     full = [_batch(size)] * per_call
     left = total
     while left >= size * per_call:
@@ -63,12 +64,13 @@ class EncoderWorker:
         """Nothing to load."""
         return {}
 
-    def encode(self, chunk: list[DecodedBatch]) -> tuple[dict[str, int], list[EncodedBatch]]:
-        """(stats, one EncodedBatch per batch) after images ÷ speed seconds."""
-        images = sum(len(b.images) for b in chunk)
+    def encode(self, *chunks: list[DecodedBatch]) -> tuple[dict[str, Any], list[list[EncodedBatch]]]:
+        """(stats, per chunk one EncodedBatch per batch) after images ÷ speed seconds."""
+        start = time.perf_counter()
+        images = sum(len(b.images) for chunk in chunks for b in chunk)
         if self.speed:
             time.sleep(images / self.speed)
         unit = np.full(self.dim, 1 / np.sqrt(self.dim), np.float16)
-        out = [EncodedBatch(b.rows, np.broadcast_to(unit, (len(b.rows), self.dim)), np.ones(len(b.rows), np.float32),
-                            [None] * len(b.rows), images=len(b.images)) for b in chunk]
-        return chunk_stats(chunk), out
+        out = [[EncodedBatch(b.rows, np.broadcast_to(unit, (len(b.rows), self.dim)), np.ones(len(b.rows), np.float32),
+                             [None] * len(b.rows), images=len(b.images)) for b in chunk] for chunk in chunks]
+        return call_stats(chunks, time.perf_counter() - start), out

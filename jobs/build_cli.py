@@ -105,10 +105,12 @@ def build_cmd(
         "pretrained", help="'pretrained' (the entry's published weights), 'untrained' (seeded random weights, "
         "explicitly), or a local checkpoint path."),
     seed: int = typer.Option(0, help="Seed of untrained weights."),
-    batch_size: int = typer.Option(PipelineConfig.batch_size, help="Images per encoder forward pass."),
+    batch_size: int = typer.Option(
+        0, min=0, help="Images per encoder forward pass. 0: the bank's recorded one, else sized from the model and "
+        "device (16 on CPUs); the manifest records it."),
     batches_per_call: int = typer.Option(
-        PipelineConfig.batches_per_call, min=1, help="Batches per encoder actor call: larger calls cost the driver less "
-        "per image (many GPUs); the bank's bytes do not depend on it."),
+        0, min=0, help="Batches per encoder actor call: larger calls cost the driver less per image (many GPUs); the "
+        "bank's bytes do not depend on it. 0: adaptive, from the measured forward time."),
     num_encoders: Optional[int] = typer.Option(None, help="Encoder actors (default: one per GPU, else one)."),
     gpus: Optional[int] = typer.Option(
         None, min=0, help="GPU encoder actors to ask for, whatever the cluster has at the start: on an autoscaling "
@@ -136,8 +138,8 @@ def build_cmd(
         pairing=PairingConfig(enabled=pairing, rule=pairing_rule, threshold=pairing_threshold,
                               margin=pairing_margin),
         encoder=_encoder_config(encoder, encoder_config, weights, seed),
-        pipeline=PipelineConfig(batch_size=batch_size, batches_per_call=batches_per_call, num_encoders=num_encoders,
-                                gpus=gpus, max_attempts=max_attempts),
+        pipeline=PipelineConfig(batch_size=batch_size or None, batches_per_call=batches_per_call or None,
+                                num_encoders=num_encoders, gpus=gpus, max_attempts=max_attempts),
         storage_options=storage_options(storage_option, endpoint_url),
     )
     raise typer.Exit(run_build(config, ray_address, as_json))

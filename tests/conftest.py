@@ -74,8 +74,9 @@ def ray_local():
     """A local Ray with 2 CPUs, shared by the tests that need one."""
     import ray
 
-    if not ray.is_initialized():
-        # address="local": always a new cluster of our own, never one another process started on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from bank_builder.ray_runtime import init_ray
+
+    # the build's own local start (address="local": a new cluster of our own), with its system options
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
