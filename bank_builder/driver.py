@@ -170,6 +170,9 @@ class Driver:
         if self._room() > 0:  # else a ready generator would wake us with nothing to do
             pending += gens
         if not pending:
+            if self.active and not self.waiting:  # their chunks are nowhere: fail loudly instead of spinning
+                raise RuntimeError("build driver lost track of the chunks of shards "
+                                   f"{[r.info.source for r in self.active]} (a refbank bug: please report it)")
             return
         # fetch_local=False: readiness only. Fetching would copy every decoded chunk to the driver's node.
         ready, _ = ray.wait(pending, num_returns=1, timeout=0.5, fetch_local=False)

@@ -3,6 +3,9 @@ and kept on resume; encoder calls sized at run time from the forward time, which
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bank_builder.batching import (CHUNKS_PER_CALL_MAX, CPU_BATCH_SIZE, CallSizer, chunk_batches,
@@ -83,3 +86,26 @@ def test_a_resume_keeps_the_recorded_batch_size(tmp_path, ray_local):
     extended = build_bank(tiny_config(str(tmp_path / "{a,b}" / "*.tar"), explicit, batch_size=None))
     assert extended.ok and extended.parts_written == 1 and extended.batch_size == 2
     assert read_manifest(BankRef(explicit)).build["pipeline"]["batch_size"] == 2
+
+
+
+def test_a_failed_call_of_several_shards_loses_nothing_of_the_others(tmp_path, ray_local):
+    # 3 shards of 7 images, batch 2, one batch a chunk: 12 chunks. The fast encoder groups waiting chunks of several
+    # shards into one call, and every call holding shard 1 fails: the other shards' chunks in those calls must be
+    # sent again (alone) and committed; shard 1 fails after its attempts and nothing is published. A resume with a
+    # sound encoder then builds shard 1 alone, and the bank is byte for byte a clean build's.
+    from tests import faulty_encoder
+
+    make_corpus(str(tmp_path / "corpus"), CorpusConfig(shards=3, samples_per_shard=7, image_size=96, seed=6))
+    source, bank = str(tmp_path / "corpus" / "*.tar"), str(tmp_path / "bank")
+    faulty_encoder.LOG.unlink(missing_ok=True)
+    report = build_bank(tiny_config(source, bank, stand_in="tests.faulty_encoder", chunk_bytes=1))
+    calls = [json.loads(line) for line in faulty_encoder.LOG.read_text().splitlines()]
+    assert any(c["failed"] and len(c["shards"]) > 1 for c in calls), calls  # the case under test happened
+    assert [Path(f.shard).name for f in report.failed] == [f"{faulty_encoder.BAD_SHARD}.tar"]
+    assert report.version is None and report.parts_written == 2
+    resumed = build_bank(tiny_config(source, bank, batches_per_call=1))
+    assert resumed.ok and resumed.parts_written == 1 and resumed.parts_skipped == 2
+    clean = str(tmp_path / "clean")
+    assert build_bank(tiny_config(source, clean, batches_per_call=1)).ok
+    assert part_digests(bank) == part_digests(clean)
