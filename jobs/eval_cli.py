@@ -32,6 +32,9 @@ def eval_cmd(
     regions: str = typer.Option("superpixel", help="Base rows' regions: superpixel, grid or hierarchy."),
     k: int = typer.Option(10, help="Neighbours of the open-set, foreground and reference kNN votes."),
     labels_per_class: int = typer.Option(3, help="Vocabulary: bank labels matched per class by text."),
+    open_set_match: str = typer.Option("text", help="Open set: which bank labels' votes count for a class: 'text' "
+                                       "(the labels vocabulary mode matches to it by text, so caption-phrase "
+                                       "labels count) or 'exact' (only labels equal to the class name)."),
     prototypes: int = typer.Option(1, help="Vocabulary: prototypes per class (k-means of its nearest segments)."),
     prototype_neighbours: int = typer.Option(256, help="Vocabulary: segments clustered when --prototypes > 1."),
     oracle: bool = typer.Option(True, help="Add the oracle rows (ground-truth regions, nearest prototype) and the "
@@ -93,7 +96,7 @@ def eval_cmd(
         reference=ReferenceTrials(pool_images=reference_pool, shots=reference_shots, prompt=reference_prompt,
                                   fpr=fpr, decision=reference_decision, margin=reference_margin,
                                   recruit=reference_recruit, pool_shots=pool_shots),
-        foreground_threshold=foreground_threshold, weights=weights, device=device,
+        foreground_threshold=foreground_threshold, weights=weights, open_set_match=open_set_match, device=device,
         storage_options=storage_options(storage_option, endpoint_url))
     report = evaluate(config)
     if out is not None:

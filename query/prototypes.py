@@ -57,18 +57,12 @@ def class_prototypes(table: LabelTable, text: np.ndarray, names: list[str], conf
     """Per class an (m, C) float32 L2-normalised prototype array, and {class: [(bank label, weight), ...]}.
 
     text: (K, D) float32 L2-normalised embeddings of the K class names; table: the bank's label table."""
-    sims = text @ np.asarray(table.text, dtype=np.float32).T  # (K, L)
-    k = min(config.labels_per_class, len(table.labels))
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     label_prototypes = np.asarray(table.prototypes, dtype=np.float32)
     prototypes, matched = [], {}
-    for c, name in enumerate(names):
-        logits = sims[c, top[c]].astype(np.float64) / config.text_temperature
-        weights = np.exp(logits - logits.max())
-        weights /= weights.sum()
-        rows = label_prototypes[top[c]]
+    for name, (top, weights) in zip(names, _text_matches(table, text, config)):
+        rows = label_prototypes[top]
         mean = normalise((weights[:, None] * rows).sum(axis=0, keepdims=True)).astype(np.float32)
-        strong = [table.labels[j] for j, w in zip(top[c], weights) if w >= 0.1 * weights.max()]
+        strong = [table.labels[j] for j, w in zip(top, weights) if w >= 0.1 * weights.max()]
         if config.prototypes_per_class > 1:
             proto = _clustered(mean, set(strong), config, bank)
         elif config.combine == "mean":
@@ -76,8 +70,38 @@ def class_prototypes(table: LabelTable, text: np.ndarray, names: list[str], conf
         else:
             proto = rows[weights >= 0.1 * weights.max()]
         prototypes.append(proto.astype(np.float32))
-        matched[name] = [(table.labels[j], round(float(w), 6)) for j, w in zip(top[c], weights)]
+        matched[name] = [(table.labels[j], round(float(w), 6)) for j, w in zip(top, weights)]
     return prototypes, matched
+
+
+def _text_matches(table: LabelTable, text: np.ndarray, config: VocabularyConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class (its `labels_per_class` nearest bank labels by text cosine as indices into table.labels, their
+    softmax(cosine / text_temperature) weights), for (K, D) L2-normalised class text embeddings."""
+    sims = text @ np.asarray(table.text, dtype=np.float32).T  # (K, L)
+    k = min(config.labels_per_class, len(table.labels))
+    tops = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    matches = []
+    for c, top in enumerate(tops):
+        logits = sims[c, top].astype(np.float64) / config.text_temperature
+        weights = np.exp(logits - logits.max())
+        matches.append((top, weights / weights.sum()))
+    return matches
+
+
+def class_labels(table: LabelTable, text: np.ndarray, names: list[str],
+                 config: VocabularyConfig = VocabularyConfig()) -> dict[str, str]:
+    """{bank label: class} for the labels vocabulary mode matches to a class by text (weight ≥ 0.1 × the class's
+    best, as its prototypes use them); a label that is a class name is that class, a label matched by several the
+    one where its weight is largest, a label matched by none is absent. text: (K, D) as for `class_prototypes`."""
+    best: dict[str, tuple[float, str]] = {}
+    for name, (top, weights) in zip(names, _text_matches(table, text, config)):
+        for j, w in zip(top, weights):
+            label = table.labels[j]
+            if w >= 0.1 * weights.max() and w > best.get(label, (-1.0, ""))[0]:
+                best[label] = (float(w), name)
+    folded = {label: name for label, (_, name) in best.items()}
+    folded.update({name: name for name in names if name in set(table.labels)})
+    return folded
 
 
 def _clustered(mean: np.ndarray, labels: set[str], config: VocabularyConfig, bank: BankAccess | None) -> np.ndarray:

@@ -231,3 +231,26 @@ def test_cli(world, tmp_path):
     assert bad.exit_code == 2 and "KEY=V1,V2" in bad.output and "Traceback" not in bad.output
     missing = runner.invoke(app, ["eval", str(tmp_path / "nobank"), world["heldout"]])
     assert missing.exit_code == 2 and "error:" in missing.output
+
+
+def test_open_set_labels_match_classes_as_vocabulary_mode_does():
+    """A label that is a class name is that class; a phrase the class it is nearest by text; a label far from every
+    class (weight < 0.1 × the class's best) counts for none; votes fold onto those classes."""
+    from types import SimpleNamespace
+
+    from jobs.eval.scoring import fold_shares
+    from query.prototypes import class_labels
+
+    def unit(*v: float) -> np.ndarray:
+        return np.array(v, np.float32) / np.linalg.norm(v)
+
+    labels = ["cat", "tabby cat", "lawn", "dog"]
+    table = SimpleNamespace(labels=labels, text=np.stack([unit(1, 0, 0), unit(0.99, 0.05, 0.1), unit(0.1, 1, 0),
+                                                          unit(0, 0, 1)]))
+    classes, text = ["cat", "grass"], np.stack([unit(1, 0, 0), unit(0, 1, 0)])
+    match = class_labels(table, text, classes)
+    assert match == {"cat": "cat", "tabby cat": "cat", "lawn": "grass"}
+    shares = np.array([[0.5, 0.2, 0.1, 0.1, 0.1]], np.float32)  # cat, tabby cat, lawn, dog, unlabelled
+    folded = fold_shares([*labels, None], shares, classes, match)
+    np.testing.assert_allclose(folded, [[0.7, 0.1, 0.2]])
+    np.testing.assert_allclose(fold_shares([*labels, None], shares, classes), [[0.5, 0.0, 0.5]])  # exact names

@@ -13,6 +13,7 @@ from query.regions import REGION_PRESETS, RegionConfig
 from query.windows import WindowConfig
 
 MODES = ("vocabulary", "open_set", "foreground", "reference")
+OPEN_SET_MATCHES = ("text", "exact")
 # The options a `--ablate KEY=V1,V2` may vary, with the type of their values.
 ABLATION_KEYS: dict[str, type] = {"regions": str, "k": int, "labels_per_class": int, "prototypes": int,
                                   "prototype_neighbours": int}
@@ -107,7 +108,11 @@ class EvalConfig:
     corpus's class table (the first sample's json `classes`), else the first bank's labels. max_images:
     score only the first N held-out images. oracle: add a row per bank with ground-truth regions labelled
     by the nearest prototype (vocabulary), and a row per region preset where each region takes its majority
-    true class (the ceiling of those regions). weights: a checkpoint overriding the weights the bank records."""
+    true class (the ceiling of those regions). weights: a checkpoint overriding the weights the bank records.
+    open_set_match: which bank labels' votes count for a class in open-set mode: "text" = the labels vocabulary
+    mode matches to it by text (with the row's labels_per_class; a label equal to a class name is that class), so
+    a bank labelled with caption phrases is scored too; "exact" = only labels equal to a class name. Encoders
+    without a text tower match exactly."""
 
     banks: tuple[str, ...]
     heldout: str
@@ -123,6 +128,7 @@ class EvalConfig:
     foreground_threshold: float = 0.5
     f_beta2: float = 0.3
     weights: str | None = None
+    open_set_match: str = "text"
     device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -135,6 +141,8 @@ class EvalConfig:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"unknown mode(s) {unknown or 'none given'}; use any of: {', '.join(MODES)}")
+        if self.open_set_match not in OPEN_SET_MATCHES:
+            raise ValueError(f"open_set_match={self.open_set_match!r}: use one of {', '.join(OPEN_SET_MATCHES)}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be ≥ 1, got {self.max_images}")
         if self.classes is not None:

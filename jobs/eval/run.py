@@ -33,6 +33,7 @@ from jobs.eval.scoring import (
 from jobs.eval.truth import TruthError, class_truth, corpus_classes, foreground_truth, reduce_zero_label, truth_segments
 from query.bank import Bank, open_bank
 from query.corruption import PartReader
+from query.prototypes import class_labels
 from query.regions import Regions, region_preset
 from query.search import BankSearcher
 from query.segment import ForegroundConfig, OpenSetConfig, Segmenter, VocabularyConfig
@@ -96,6 +97,7 @@ class _Row:
     scores: dict[str, Any] = field(default_factory=dict)
     prototypes: list[np.ndarray] | None = None
     references: dict | None = None
+    match: dict[str, str] | None = None  # open set: bank label → class (None: exact names)
 
 
 @dataclass(eq=False)
@@ -163,7 +165,17 @@ class _Run:
             if row.bank is not None and "vocabulary" in row.modes:
                 row.prototypes, _ = self.segmenter(row.bank, row.variant.regions).class_prototypes(
                     classes, _vocabulary(row.variant))
+            if row.bank is not None and "open_set" in row.modes:
+                row.match = self._open_set_match(row, classes)
         return rows
+
+    def _open_set_match(self, row: _Row, classes: list[str]) -> dict[str, str] | None:
+        """{bank label: class} by text for the row's bank (EvalConfig.open_set_match), or None (exact names)."""
+        table = self.opened[row.bank].table
+        if self.config.open_set_match == "exact" or self.encoder.spec.text_dim is None or not table.labels:
+            return None
+        text = self.segmenter(row.bank, row.variant.regions).text_embeddings(classes)
+        return class_labels(table, text, classes, _vocabulary(row.variant))
 
     def _accumulator(self, mode: str, classes: list[str]) -> Any:
         if mode in ("vocabulary", "open_set"):
@@ -270,7 +282,8 @@ class _Run:
                                                protocol.background_threshold, background)
                     row.scores[mode].add(truth, labels)
                 elif mode == "open_set":
-                    labels = open_set_labels(segmenter, regions, size, classes, OpenSetConfig(k=row.variant.k), shape)
+                    labels = open_set_labels(segmenter, regions, size, classes, OpenSetConfig(k=row.variant.k), shape,
+                                             row.match)
                     row.scores[mode].add(truth, labels)
                 elif mode == "foreground":
                     config = ForegroundConfig(threshold=c.foreground_threshold, k=row.variant.k)
@@ -297,7 +310,8 @@ class _Run:
             scores = segmenter.vocabulary_scores(regions, row.prototypes)
             row.scores["vocabulary"].add(truth, oracle_labels(scores, regions, shape))
         if "open_set" in row.modes:
-            shares = fold_shares(*segmenter.open_set_shares(regions, OpenSetConfig(k=row.variant.k)), classes)
+            shares = fold_shares(*segmenter.open_set_shares(regions, OpenSetConfig(k=row.variant.k)), classes,
+                                 row.match)
             row.scores["open_set"].add(truth, oracle_labels(shares, regions, shape, others=len(classes)))
 
 
@@ -337,8 +351,13 @@ def _bank_names(banks: tuple[str, ...]) -> list[str]:
 
 def _summary(row: _Row) -> dict[str, Any]:
     options = None if row.variant is None else {k: v for k, v in asdict(row.variant).items() if k != "name"}
-    return {"name": row.name, "kind": row.kind, "bank": row.bank, "options": options,
-            "modes": {mode: acc.summary() for mode, acc in row.scores.items()}}
+    summary = {"name": row.name, "kind": row.kind, "bank": row.bank, "options": options,
+               "modes": {mode: acc.summary() for mode, acc in row.scores.items()}}
+    if "open_set" in row.modes and row.bank is not None:  # which bank labels voted for each class
+        summary["open_set_labels"] = {"match": "exact"} if row.match is None else {
+            "match": "text", "by_class": {c: sorted(l for l, m in row.match.items() if m == c)
+                                          for c in dict.fromkeys(row.match.values())}}
+    return summary
 
 
 def _config_dict(config: EvalConfig) -> dict[str, Any]:

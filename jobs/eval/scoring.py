@@ -4,7 +4,7 @@ its majority true class)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -37,20 +37,25 @@ def vocabulary_labels(segmenter: Segmenter, windows: Windows, size: tuple[int, i
 
 
 def open_set_labels(segmenter: Segmenter, windows: Windows, size: tuple[int, int], classes: list[str],
-                    config: OpenSetConfig, shape: tuple[int, int]) -> np.ndarray:
-    """Open-set mode: kNN vote shares folded onto the class list (+ one column for unlabelled neighbours and
-    labels outside it, which predicts no class), averaged over windows."""
+                    config: OpenSetConfig, shape: tuple[int, int], match: Mapping[str, str] | None = None
+                    ) -> np.ndarray:
+    """Open-set mode: kNN vote shares folded onto the class list by `match` (`fold_shares`; + one column for
+    unlabelled neighbours and unmatched labels, which predicts no class), averaged over windows."""
     scores = dense_scores(windows, size, lambda _, regions: fold_shares(
-        *segmenter.open_set_shares(regions, config), classes))
+        *segmenter.open_set_shares(regions, config), classes, match))
     labels = labels_from_scores(scores, shape)
     return np.where(labels == len(classes), IGNORED, labels)
 
 
-def fold_shares(candidates: list[str | None], shares: np.ndarray, classes: list[str]) -> np.ndarray:
-    """(n, U) vote shares over candidate labels → (n, K + 1) over the class list, the last column the rest."""
+def fold_shares(candidates: list[str | None], shares: np.ndarray, classes: list[str],
+                match: Mapping[str, str] | None = None) -> np.ndarray:
+    """(n, U) vote shares over candidate labels → (n, K + 1) over the class list, the last column the rest. A bank
+    label counts for the class `match` maps it to ({bank label: class}, `query.prototypes.class_labels`); None:
+    only a label equal to a class name counts, for that class."""
     index = {name: i for i, name in enumerate(classes)}
     out = np.zeros((len(shares), len(classes) + 1), np.float32)
-    columns = [index.get(label, len(classes)) if label is not None else len(classes) for label in candidates]
+    columns = [index.get(label if match is None else match.get(label), len(classes)) if label is not None
+               else len(classes) for label in candidates]
     np.add.at(out, (slice(None), columns), shares)
     return out
 
