@@ -58,11 +58,17 @@ def colour_affinity(image: np.ndarray, config: RefineConfig = RefineConfig()) ->
     pixels = image.astype(np.float32) / 255
     padded = np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
     offsets = _offsets(config.dilations)
-    neighbours = np.stack([_shifted(padded, pad, o, shape) for o in offsets])  # (N, h, w, 3)
-    # the paper's σ: over the 9 pixels of each dilated 3×3 window (the centre once per dilation)
-    window = np.concatenate([neighbours, np.broadcast_to(pixels, (len(config.dilations), *pixels.shape))])
-    sigma = window.std(axis=0)  # (h, w, 3)
-    logits = -(np.abs(neighbours - pixels) / (1e-8 + config.affinity_scale * sigma)).mean(axis=3)
+    # the paper's σ: over the 9 pixels of each dilated 3×3 window (the centre once per dilation), from running sums
+    # so that no (N, h, w, 3) stack is made
+    count = len(offsets) + len(config.dilations)
+    total, squares = len(config.dilations) * pixels, len(config.dilations) * pixels ** 2
+    for offset in offsets:
+        neighbour = _shifted(padded, pad, offset, shape)
+        total = total + neighbour
+        squares = squares + neighbour ** 2
+    sigma = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0))
+    scale = 1 / (1e-8 + config.affinity_scale * sigma)  # (h, w, 3)
+    logits = np.stack([-(np.abs(_shifted(padded, pad, o, shape) - pixels) * scale).mean(axis=2) for o in offsets])
     logits -= logits.max(axis=0)
     weights = np.exp(logits)
     return (weights / weights.sum(axis=0)).astype(np.float32)
