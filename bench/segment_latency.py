@@ -8,7 +8,10 @@ as the service opens it. Latency p50 / p99 of the vocabulary call ÷ the bare `e
 same single image, p50 ÷ p50 and p99 ÷ p99 (target: both ≤ 1.25). The rest of the call is timed piece by piece
 on the same images (superpixels, resize + soft masks, forward, pooling, scoring + result assembly), so the
 ratio is explained. One torch thread by default (--torch-threads): both sides of the ratio run alike, and on a
-small shared machine more threads measure the scheduler. Prints one JSON object.
+small shared machine more threads measure the scheduler. With --compare-regions A,B (region presets,
+query.regions.REGION_PRESETS), the whole vocabulary call is also timed per preset on the same images, presets
+alternating, e.g. `--compare-regions superpixel,refined` for what the per-pixel refinement costs. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from bank_builder.ray_runtime import init_ray  # noqa: E402
 from bank_builder.records import Reject  # noqa: E402
 from bank_builder.synthetic import CorpusConfig, class_names, make_corpus  # noqa: E402
 from query.bank import open_bank  # noqa: E402
-from query.regions import RegionConfig, Regions, region_masks  # noqa: E402
+from query.regions import RegionConfig, Regions, region_masks, region_preset  # noqa: E402
 from query.search import BankSearcher  # noqa: E402
 from query.segment import Segmenter  # noqa: E402
 from query.serving import encoder_config, label_table  # noqa: E402
@@ -60,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seg-heldout-shards", type=int, default=1)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seg-rounds", type=int, default=5, help="passes over the held-out images")
+    p.add_argument("--compare-regions", default=None, help="comma-separated region presets to time the whole "
+                                                            "vocabulary call with, e.g. superpixel,refined")
     return bench_common.parse_with_quick(p, QUICK, argv)
 
 
@@ -163,7 +168,33 @@ def segmentation(args: argparse.Namespace) -> dict:
                           stats["vocabulary"]["p99_ms"] / stats["bare_forward"]["p99_ms"]) <= 1.25,
         "share_of_vocabulary_p50": {n: round(p50[n] / p50["vocabulary"], 3) for n in names[2:]},
         "pieces_p50_sum_ms": round(parts_sum, 3),
+        **({"regions": compare_regions(args, segmenter, images, classes)} if args.compare_regions else {}),
     }
+
+
+def compare_regions(args: argparse.Namespace, base: Segmenter, images: list[np.ndarray], classes: list[str]) -> dict:
+    """Per region preset: p50 / p99 / mean ms of the whole `Segmenter.vocabulary` call and the regions (pieces,
+    with refinement) of its answers, presets alternating image by image; ratios to the first preset."""
+    names = args.compare_regions.split(",")
+    segmenters = {n: Segmenter(base.encoder, base.searcher, base.metadata, base.table, region_preset(n))
+                  for n in names}
+    for segmenter in segmenters.values():
+        segmenter.vocabulary(images[0], classes)  # text cached, as after the first request
+    times: dict[str, list[float]] = {n: [] for n in names}
+    pieces: dict[str, list[int]] = {n: [] for n in names}
+    for r in range(args.seg_rounds):
+        for i, image in enumerate(images):
+            for n in names[(r + i) % len(names):] + names[:(r + i) % len(names)]:
+                t0 = time.perf_counter()
+                result = segmenters[n].vocabulary(image, classes)
+                times[n].append(time.perf_counter() - t0)
+                pieces[n].append(len(result.regions))
+    stats = {n: {**pct(times[n]), "regions_mean": round(float(np.mean(pieces[n])), 1)} for n in names}
+    first = stats[names[0]]
+    for n in names[1:]:
+        stats[n]["ratio_p50"] = round(stats[n]["p50_ms"] / first["p50_ms"], 3)
+        stats[n]["ratio_p99"] = round(stats[n]["p99_ms"] / first["p99_ms"], 3)
+    return stats
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ def eval_cmd(
     mode: Optional[list[str]] = typer.Option(None, help="Mode to score: vocabulary, open_set, foreground, "
                                              "reference (repeatable; default vocabulary and open_set)."),
     ablate: Optional[list[str]] = typer.Option(None, help="KEY=V1,V2: one more row per value on the first bank, only "
-                                               "KEY changed; KEY: regions (superpixel, grid, hierarchy), k, "
+                                               "KEY changed; KEY: regions (superpixel, grid, hierarchy, refined), k, "
                                                "labels_per_class, prototypes, prototype_neighbours (repeatable)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names (vocabulary and scored classes); "
                                           "default: the corpus's json `classes`, else the bank's labels."),
     mask_kind: MaskKind = typer.Option(MaskKind.AUTO, help="How to read the held-out masks."),
     max_images: Optional[int] = typer.Option(None, help="Score only the first N held-out images."),
-    regions: str = typer.Option("superpixel", help="Base rows' regions: superpixel, grid or hierarchy."),
+    regions: str = typer.Option("superpixel", help="Base rows' regions: superpixel, grid, hierarchy or refined."),
     k: int = typer.Option(10, help="Neighbours of the open-set, foreground and reference kNN votes."),
     labels_per_class: int = typer.Option(3, help="Vocabulary: bank labels matched per class by text."),
     open_set_match: str = typer.Option("text", help="Open set: which bank labels' votes count for a class: 'text' "

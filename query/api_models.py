@@ -109,7 +109,10 @@ class SegmentOptions(_Options):
     classes: list[StrictStr] | None = Field(None, description="vocabulary mode: class names, e.g. ['cat', 'grass']")
     background_threshold: Number | None = Field(None, description="vocabulary: regions scoring below it are "
                                                                   "background (0); null = every region labelled")
-    region: Literal["superpixel", "grid"] = Field("superpixel", description="how the image is cut into regions")
+    region: Literal["superpixel", "grid", "hierarchy", "refined"] = Field(
+        "superpixel", description="how the image is cut into regions, a region preset (query.regions.REGION_PRESETS): "
+                                  "'superpixel', 'grid' (the encoder's patches), 'hierarchy' (merged superpixels) or "
+                                  "'refined' (unmixed pooling, labels refined per pixel over the image's colours)")
     references: list[ReferenceOptions] = Field(default_factory=list, description="reference mode: the prompts")
     return_: Part | list[Part] = Field(
         "json", alias="return",

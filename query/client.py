@@ -66,6 +66,7 @@ class RefbankClient:
                 **options: Any) -> dict[str, Any] | np.ndarray | Image.Image:
         """Segment `image`. references: dicts with "image" (ImageInput; omitted = the target image), "label",
         and one of "box" (x0, y0, x1, y1), "scribble" [(x, y), ...] or "mask" ((H, W) bool array or PNG bytes).
+        region: a region preset, "superpixel", "grid", "hierarchy" or "refined" (labels refined per pixel).
         More options (k, temperature, fpr, threshold, labels_per_class, ...) pass through as keywords.
 
         Returns the JSON answer with decoded values added: "label_map" ((H, W) uint16, 0 = background, i =

@@ -5,7 +5,9 @@ image: `vocabulary` (class names → text → bank labels → visual prototypes)
 `reference` (prototypes pooled from prompted reference images and their own bank labels, with an image-level
 "no target" decision: query.reference), and `foreground` (binary, kNN fraction of foreground labels, or any
 `ForegroundScorer`). All similarities are inner products of L2-normalised vectors (cosines). Every mode returns a
-`SegmentationResult`.
+`SegmentationResult`. With a region configuration that refines (RegionConfig.refine), the vocabulary, open-set
+and foreground modes label pixels: region scores painted on pixels are refined over the image's colours
+(query.pamr) and each region is split into pieces of one label (`Segmenter.paint`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from query.prototypes import BankAccess, VocabularyConfig, class_prototypes
 from query.reference import (
     REFERENCE_DECISIONS, ReferenceConfig, ReferencePrototype, class_separation, decide, make_prototype, mean_shot,
 )
-from query.regions import Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask
-from query.render import Mode, RegionResult, SegmentationResult, assemble_result
+from query.pamr import refine_maps, softmax
+from query.regions import (
+    Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask, split_regions,
+)
+from query.render import Mode, RegionResult, SegmentationResult, assemble_result, upsample_nearest
 from query.votes import KnnForegroundScorer, knn_votes
+from query.windows import pixel_scores
 
 __all__ = [
     "BACKGROUND_LABELS", "ForegroundConfig", "ForegroundScorer", "KnnForegroundScorer", "LabelTable", "Mode",
@@ -141,8 +147,9 @@ class Segmenter:
         prototypes, matched = self.class_prototypes(classes, config)
         regions = self.regions(image)
         scores = self.vocabulary_scores(regions, prototypes)
-        best = scores.argmax(axis=1)
-        score = scores[np.arange(len(best)), best]
+        refine = self.region_config.refine
+        regions, best, score = self._labelled(regions, scores, 
+                                               None if refine is None else softmax(scores, refine.temperature))
         assigned = best + 1
         if config.background_threshold is not None:
             assigned = np.where(score >= config.background_threshold, assigned, 0)
@@ -152,6 +159,32 @@ class Segmenter:
     def vocabulary_scores(self, regions: Regions, prototypes: list[np.ndarray]) -> np.ndarray:
         """(n, K) float32: each region's max cosine to each class's (m, C) prototypes (`class_prototypes`)."""
         return self._level_mean(regions, lambda e: np.stack([(e @ p.T).max(axis=1) for p in prototypes], axis=1))
+
+    def _labelled(self, regions: Regions, scores: np.ndarray, maps: np.ndarray | None = None
+                  ) -> tuple[Regions, np.ndarray, np.ndarray]:
+        """(regions, (m,) best column, (m,) its score) of (n, K) region scores: each region's best column; with
+        refinement, each pixel's best column of the refined `maps` ((n, K) per region, default the scores), the
+        regions split into pieces of one column, each scored by its region's score for that column."""
+        if self.region_config.refine is None:
+            best = scores.argmax(axis=1)
+            return regions, best, scores[np.arange(len(best)), best]
+        pixels = self.paint(regions, scores if maps is None else maps).argmax(axis=2)
+        pieces, source, best = split_regions(regions, pixels)
+        return pieces, best, scores[source, best]
+
+    def paint(self, regions: Regions, scores: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(H, W, K) float32 per-pixel maps of (n, K) region scores: each pixel its region's row, with refinement
+        (RegionConfig.refine) refined over the regions' pixels at their working size; upsampled nearest to `size`
+        (default: the masks' size)."""
+        shape = regions.masks.shape[1:]
+        maps = pixel_scores(regions, scores, shape)
+        refine = self.region_config.refine
+        if refine is not None:
+            if regions.image is None or regions.image.shape[:2] != shape:
+                raise ValueError("these regions carry no pixels to refine over; make them with this Segmenter's "
+                                 "regions() (its RegionConfig.refine keeps the working image)")
+            maps = refine_maps(maps, regions.image, refine)
+        return upsample_nearest(maps, size) if size is not None else maps
 
     def _level_mean(self, regions: Regions, score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """score((m, C) embeddings) → (m, ...) per region; with hierarchy levels, each region gets the mean over the
@@ -166,8 +199,7 @@ class Segmenter:
         """Label each region by the similarity-weighted vote of its k nearest bank segments; score = vote share."""
         regions = self.regions(image)
         candidates, shares = self.open_set_shares(regions, config)
-        best = shares.argmax(axis=1)
-        share = shares[np.arange(len(best)), best]
+        regions, best, share = self._labelled(regions, shares)
         winners = [candidates[j] for j in best]
         keep = [w is not None and s >= config.min_share for w, s in zip(winners, share)]
         classes = sorted({w for w, ok in zip(winners, keep) if ok})
@@ -266,6 +298,11 @@ class Segmenter:
         """Binary segmentation: class "foreground" (1) where the region's foreground score ≥ threshold."""
         regions = self.regions(image)
         score = self.foreground_scores(regions, config)
+        if self.region_config.refine is not None:  # pieces of one side of the threshold, scored by their mean
+            refined = self.paint(regions, score[:, None])[:, :, 0]
+            regions, _, _ = split_regions(regions, (refined >= config.threshold).astype(np.int64))
+            score = (np.bincount(regions.labels.ravel(), refined.ravel()) / np.bincount(regions.labels.ravel())
+                     ).astype(np.float32)
         assigned = (score >= config.threshold).astype(np.int64)
         return self._result("foreground", regions, assigned, score, ["foreground"])
 

@@ -47,7 +47,7 @@ from query.corruption import PartReader, damaged_object
 from query.disk_cache import DiskCache
 from query.lists import DEFAULT_MEMORY_BYTES, CacheConfig
 from query.prefetch import Prefetcher
-from query.regions import RegionConfig
+from query.regions import REGION_PRESETS, region_preset
 from query.search import MAX_K, BankSearcher
 from query.segment import LabelTable, Segmenter
 
@@ -143,7 +143,7 @@ class Snapshot:
     reads: PartReader
     searcher: BankSearcher
     table: LabelTable
-    segmenters: dict[str, Segmenter]  # region kind → Segmenter
+    segmenters: dict[str, Segmenter]  # region preset name → Segmenter
     loaded_at: float
     note: str | None = None
     corrupt: dict[str, str] = field(default_factory=dict)
@@ -355,9 +355,8 @@ class ServiceState:
         searcher = BankSearcher(bank, CacheConfig(memory_bytes=config.memory_bytes, policy=config.eviction),
                                 disk=self.disk)
         table = label_table(bank)
-        segmenters = {kind: Segmenter(self.encoder, searcher, reads, table,
-                                      RegionConfig(kind=kind, working_side=config.working_side))
-                      for kind in ("superpixel", "grid")}
+        segmenters = {name: Segmenter(self.encoder, searcher, reads, table, region_preset(name, config.working_side))
+                      for name in REGION_PRESETS}
         prefetcher = None
         if config.prefetch or config.cache_dir:
             heat = Path(config.cache_dir) / f"heat-{bank.index.id}.npy" if config.cache_dir else None

@@ -82,14 +82,16 @@ def pixel_scores(regions: Regions, scores: np.ndarray, size: tuple[int, int]) ->
 
 
 def dense_scores(windows: list[tuple[Box, Regions]], size: tuple[int, int],
-                 score: Callable[[Box, Regions], np.ndarray]) -> np.ndarray:
+                 score: Callable[[Box, Regions], np.ndarray],
+                 paint: Callable[[Regions, np.ndarray, tuple[int, int]], np.ndarray] = pixel_scores) -> np.ndarray:
     """(H, W, K) float32 per-pixel scores of the image of `size` (H, W): each window's `score(box, regions)` ((n, K)
-    per region) painted onto its pixels, averaged over the windows that cover a pixel."""
+    per region) painted onto its pixels (`paint(regions, scores, window size)`, e.g. Segmenter.paint, which
+    refines), averaged over the windows that cover a pixel."""
     total: np.ndarray | None = None
     count = np.zeros(size, np.float32)
     for box, regions in windows:
         y0, x0, y1, x1 = box
-        painted = pixel_scores(regions, score(box, regions), (y1 - y0, x1 - x0))
+        painted = paint(regions, score(box, regions), (y1 - y0, x1 - x0))
         if total is None:
             total = np.zeros((*size, painted.shape[2]), np.float32)
         total[y0:y1, x0:x1] += painted

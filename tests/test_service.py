@@ -15,11 +15,17 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
+from bank_builder.encoders import load_encoder
 from bank_builder.index import build_index
 from jobs import evaluate
+from query.bank import open_bank
 from query.client import RefbankClient, RefbankConnectionError, RefbankError
-from query.search import MAX_K
+from query.corruption import PartReader
+from query.regions import region_preset
+from query.search import MAX_K, BankSearcher
+from query.segment import Segmenter
 from query.service import ServiceConfig, create_app, serve
+from query.serving import encoder_config, label_table
 from tests.build_helpers import read_bank
 from tests.service_fixtures import (
     INDEX,
@@ -132,6 +138,20 @@ def test_segment_other_modes(client, world):
     assert foreground["classes"] == ["foreground"] and all(0 <= r["score"] <= 1 for r in foreground["regions"])
 
 
+def test_region_presets_over_http_match_the_segmenter(client, world):
+    """`region` takes every region preset; the refined one answers as a Segmenter with that preset in process."""
+    bank = open_bank(world["bank"])
+    segmenter = Segmenter(load_encoder(encoder_config(bank.manifest.encoder)), BankSearcher(bank), PartReader(bank),
+                          label_table(bank), region_preset("refined"))
+    image = world["heldout"][1].image
+    for mode, options in (("vocabulary", {"classes": NAMES}), ("foreground", {})):
+        answer = client.segment(png(image), mode=mode, region="refined", return_=["json", "label_map"], **options)
+        local = getattr(segmenter, mode)(image, *options.values())
+        np.testing.assert_array_equal(answer["label_map"], local.label_map)
+        assert len(answer["result"]["regions"]) == len(local.regions)
+    assert client.segment(png(image), classes=NAMES, region="hierarchy", return_="label_map").shape == image.shape[:2]
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_reference_mode_exists_true_and_false(client, world):
     """Reference: the 'brick' ground-truth mask of held-out image 0. Measured on this seeded bank: found in
@@ -198,6 +218,7 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, client, world):
         ({"image": png(image)}, {"classes": ["cat", 7]}, 422, "invalid_options", "classes.1"),
         ({"image": png(image)}, {"classes": ["cat"], "colour": "red"}, 422, "invalid_options", "colour"),
         ({"image": png(image)}, {"mode": "telepathy"}, 422, "invalid_options", "mode"),
+        ({"image": png(image)}, {"classes": ["cat"], "region": "fancy"}, 422, "invalid_options", "refined"),
         ({"image": png(image)}, {"classes": [f"c{i}" for i in range(17)]}, 422, "limit_exceeded", "16"),
         ({"image": png(image)}, {"mode": "open_set", "k": 65}, 422, "limit_exceeded", "max_k"),
         ({"image": png(image)}, {}, 422, "invalid_options", "classes"),

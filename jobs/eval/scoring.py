@@ -10,6 +10,7 @@ import numpy as np
 
 from bank_builder.records import Segment
 from jobs.eval.truth import IGNORED
+from query.pamr import softmax
 from query.regions import Regions, embed_masks
 from query.render import upsample_nearest
 from query.segment import ForegroundConfig, OpenSetConfig, Segmenter
@@ -19,21 +20,32 @@ Windows = list[tuple[Box, Regions]]
 
 
 def labels_from_scores(scores: np.ndarray, shape: tuple[int, int], threshold: float | None = None,
-                       background: int | None = None) -> np.ndarray:
+                       background: int | None = None, values: np.ndarray | None = None) -> np.ndarray:
     """(H', W', K) per-pixel scores → (H, W) int64 class index at the truth's `shape` (nearest): the best class;
-    where its score is below `threshold`, `background` (a class index) or IGNORED (no class)."""
+    where its value in `values` ((H', W', K), default the scores) is below `threshold`, `background` (a class
+    index) or IGNORED (no class)."""
     best = scores.argmax(axis=2)
     if threshold is not None:
-        below = scores.max(axis=2) < threshold
+        below = np.take_along_axis(scores if values is None else values, best[:, :, None], axis=2)[:, :, 0] < threshold
         best = np.where(below, IGNORED if background is None else background, best)
     return upsample_nearest(best.astype(np.int64), shape)
 
 
 def vocabulary_labels(segmenter: Segmenter, windows: Windows, size: tuple[int, int], prototypes: list[np.ndarray],
                       shape: tuple[int, int], threshold: float | None, background: int | None) -> np.ndarray:
-    """Vocabulary mode: max cosine to each class's prototypes, averaged over windows."""
-    scores = dense_scores(windows, size, lambda _, regions: segmenter.vocabulary_scores(regions, prototypes))
-    return labels_from_scores(scores, shape, threshold, background)
+    """Vocabulary mode: max cosine to each class's prototypes, averaged over windows; with refinement, the best
+    class of the refined softmax(cosine / T) maps, thresholded on its averaged cosine (as Segmenter.vocabulary)."""
+    refine = segmenter.region_config.refine
+
+    def cosines(_: Box, regions: Regions) -> np.ndarray:
+        return segmenter.vocabulary_scores(regions, prototypes)
+
+    if refine is None:
+        return labels_from_scores(dense_scores(windows, size, cosines), shape, threshold, background)
+    maps = dense_scores(windows, size, lambda box, regions: softmax(cosines(box, regions), refine.temperature),
+                        segmenter.paint)
+    values = dense_scores(windows, size, cosines) if threshold is not None else None
+    return labels_from_scores(maps, shape, threshold, background, values)
 
 
 def open_set_labels(segmenter: Segmenter, windows: Windows, size: tuple[int, int], classes: list[str],
@@ -42,7 +54,7 @@ def open_set_labels(segmenter: Segmenter, windows: Windows, size: tuple[int, int
     """Open-set mode: kNN vote shares folded onto the class list by `match` (`fold_shares`; + one column for
     unlabelled neighbours and unmatched labels, which predicts no class), averaged over windows."""
     scores = dense_scores(windows, size, lambda _, regions: fold_shares(
-        *segmenter.open_set_shares(regions, config), classes, match))
+        *segmenter.open_set_shares(regions, config), classes, match), segmenter.paint)
     labels = labels_from_scores(scores, shape)
     return np.where(labels == len(classes), IGNORED, labels)
 
@@ -63,7 +75,8 @@ def fold_shares(candidates: list[str | None], shares: np.ndarray, classes: list[
 def foreground_map(segmenter: Segmenter, windows: Windows, size: tuple[int, int], config: ForegroundConfig,
                    shape: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 foreground score at the truth's shape (nearest), averaged over windows."""
-    scores = dense_scores(windows, size, lambda _, regions: segmenter.foreground_scores(regions, config)[:, None])
+    scores = dense_scores(windows, size, lambda _, regions: segmenter.foreground_scores(regions, config)[:, None],
+                          segmenter.paint)
     return upsample_nearest(scores[:, :, 0], shape)
 
 
