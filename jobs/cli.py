@@ -267,3 +267,6 @@ import jobs.build_cli  # noqa: E402,F401 - registers build and index on `app`
 import jobs.lifecycle_cli  # noqa: E402,F401 - registers info, remove, compact, gc, pin, unpin on `app`
 import jobs.curate_cli  # noqa: E402,F401 - registers curate on `app`
 import jobs.eval_cli  # noqa: E402,F401 - registers eval on `app`
+
+if __name__ == "__main__":  # `python -m jobs.cli ...` runs the CLI as `refbank ...` does
+    app()
