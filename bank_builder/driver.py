@@ -235,6 +235,7 @@ class Driver:
             self.waiting.extendleft(reversed([c for c in chunks if c.current]))
             return
         if error is not None and len(chunks) > 1:  # whose fault? each chunk goes again alone to find out
+            log.info("an encoder call of %d chunks failed (%s); sending each again alone", len(chunks), error)
             self.waiting.extendleft(reversed([_Chunk(c.run, c.attempt, c.index, c.ref, alone=True)
                                               for c in chunks if c.current]))
             return

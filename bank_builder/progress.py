@@ -35,7 +35,7 @@ class BuildProgress:
     rejects: int = 0
     shard_bytes: dict[str, int] = field(default_factory=dict)
     encoder_actors: list[str] = field(default_factory=list)  # names of the live encoder actors
-    startup_s: float = 0.0  # until every encoder actor had loaded its model
+    startup_s: float = 0.0  # until the first encoder actor had loaded its model
     started: float = field(default_factory=time.monotonic)
     _reached: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # shard → (bytes, images) so far
     _done_images: int = field(default=0, repr=False)  # images of the shards committed in this run

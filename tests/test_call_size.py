@@ -109,3 +109,17 @@ def test_a_failed_call_of_several_shards_loses_nothing_of_the_others(tmp_path, r
     clean = str(tmp_path / "clean")
     assert build_bank(tiny_config(source, clean, batches_per_call=1)).ok
     assert part_digests(bank) == part_digests(clean)
+
+
+def test_a_failed_call_of_several_chunks_is_retried_chunk_by_chunk(tmp_path, ray_local, caplog):
+    # The stand-in fails its first call that carries several chunks; each goes again alone, none lost or repeated.
+    make_corpus(str(tmp_path / "corpus"), CorpusConfig(shards=2, samples_per_shard=7, image_size=96, seed=5))
+    source = str(tmp_path / "corpus" / "*.tar")
+    fixed, flaky = str(tmp_path / "bank-fixed"), str(tmp_path / "bank-flaky")
+    assert build_bank(tiny_config(source, fixed, batch_size=2, batches_per_call=1)).ok
+    with caplog.at_level("INFO", logger="refbank.build"):
+        report = build_bank(tiny_config(source, flaky, batch_size=2, chunk_bytes=1,
+                                        stand_in="tests.flaky_merged_encoder"))
+    assert report.ok and report.shard_retries == 0 and report.actor_restarts == 0  # no shard paid for it
+    assert any("sending each again alone" in r.getMessage() for r in caplog.records)  # the failure did happen
+    assert part_digests(flaky) == part_digests(fixed)  # every row once, in order, same bytes
