@@ -112,7 +112,7 @@ class SegmentOptions(_Options):
     region: Literal["superpixel", "grid", "hierarchy", "refined"] = Field(
         "superpixel", description="how the image is cut into regions, a region preset (query.regions.REGION_PRESETS): "
                                   "'superpixel', 'grid' (the encoder's patches), 'hierarchy' (merged superpixels) or "
-                                  "'refined' (unmixed pooling, labels refined per pixel over the image's colours)")
+                                  "'refined' (hierarchy, labels refined per pixel over the image's colours)")
     references: list[ReferenceOptions] = Field(default_factory=list, description="reference mode: the prompts")
     return_: Part | list[Part] = Field(
         "json", alias="return",

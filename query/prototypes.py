@@ -100,7 +100,8 @@ def class_labels(table: LabelTable, text: np.ndarray, names: list[str],
             if w >= 0.1 * weights.max() and w > best.get(label, (-1.0, ""))[0]:
                 best[label] = (float(w), name)
     folded = {label: name for label, (_, name) in best.items()}
-    folded.update({name: name for name in names if name in set(table.labels)})
+    known = set(table.labels)
+    folded.update({name: name for name in names if name in known})
     return folded
 
 

@@ -5,9 +5,7 @@ Region embeddings go through the builder's own calls (`bank_builder.embed.prepar
 encoder's S×S input, exact area-weighted soft masks on the g×g grid; the encoder's dense features;
 `pool_segments`: mask pooling, float16), as `encode_batch` makes them, so a query region and a bank segment
 with the same pixels get the same vector. With merge thresholds, the regions also carry a hierarchy of
-larger regions merged from them (query.hierarchy), pooled from the same forward pass. With `unmix`, region
-embeddings are solved from the cells they share with their neighbours (query.unmixing) instead of plain pooling;
-with `refine`, the modes refine their per-pixel maps over the image's colours (query.pamr), so the regions keep
+larger regions merged from them (query.hierarchy), pooled from the same forward pass. With `refine`, the modes refine their per-pixel maps over the image's colours (query.pamr), so the regions keep
 their working-size pixels.
 """
 
@@ -26,7 +24,6 @@ from bank_builder.encoders import Encoder
 from bank_builder.segments import superpixel_labels
 from query.hierarchy import RegionLevel, adjacent_pairs, check_thresholds, merge_levels
 from query.pamr import RefineConfig
-from query.unmixing import unmix_embeddings
 
 RegionKind = Literal["superpixel", "grid"]
 Box = tuple[float, float, float, float]  # XYXY pixels, max exclusive
@@ -48,8 +45,6 @@ class RegionConfig:
     merge_thresholds: strictly descending cosines; when given, adjacent regions are merged greedily by the cosine
     of their pooled features and the merge is cut at each threshold (query.hierarchy), and the modes score a
     region by the mean of its scores at those levels. () = regions scored on their own.
-    unmix: ridge strength λ > 0 of unmixed region pooling (query.unmixing: each cell's feature modelled as the
-    coverage-weighted mix of the regions covering it); None = plain mask pooling, as the builder pools.
     refine: PAMR options (query.pamr); when given, the vocabulary, open-set and foreground modes label pixels,
     not whole regions: region scores painted on pixels are refined over the image's colours, and each region is
     split into the pieces that take one label. None = every region takes one label.
@@ -60,14 +55,11 @@ class RegionConfig:
     superpixel_max_side: int = 160
     working_side: int = 256
     merge_thresholds: tuple[float, ...] = ()
-    unmix: float | None = None
     refine: RefineConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("superpixel", "grid"):
             raise ValueError(f"RegionConfig.kind={self.kind!r}: use 'superpixel' or 'grid'")
-        if self.unmix is not None and not self.unmix > 0:
-            raise ValueError(f"RegionConfig.unmix must be a ridge strength > 0 (or None), got {self.unmix}")
         object.__setattr__(self, "merge_thresholds", check_thresholds(self.merge_thresholds))
         for name in ("superpixel_max_side", "working_side"):
             if getattr(self, name) < 1:
@@ -165,10 +157,9 @@ def embed_masks(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray]
 
 
 def _pool(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray,
-          sums: bool = False, unmix: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(n, C) float32 embeddings as `embed_masks` (with `unmix`, unmixed from the same cells instead:
-    query.unmixing), and with `sums` each mask's (n, C) float64 unnormalised coverage-weighted sum of cell
-    features (what query.hierarchy merges), from the same forward pass."""
+          sums: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, C) float32 embeddings as `embed_masks`, and with `sums` each mask's (n, C) float64 unnormalised
+    coverage-weighted sum of cell features (what query.hierarchy merges), from the same forward pass."""
     image = check_image(image)
     masks = list(masks)
     for i, mask in enumerate(masks):
@@ -183,9 +174,7 @@ def _pool(encoder: Encoder, image: np.ndarray, masks: Sequence[np.ndarray] | np.
     with torch.inference_mode():
         visual, _ = pool_segments(features, torch.as_tensor(soft), torch.zeros(len(masks), dtype=torch.int64))
         cells = features[0].double().reshape(features.shape[1], -1).cpu().numpy()  # (C, g·g)
-    coverage = soft.reshape(len(masks), -1).astype(np.float64)
-    visual = unmix_embeddings(coverage, cells.T, unmix) if unmix is not None else visual.astype(np.float32)
-    return visual, (coverage @ cells.T if sums else None)
+    return visual.astype(np.float32), (soft.reshape(len(masks), -1).astype(np.float64) @ cells.T if sums else None)
 
 
 def working_image(image: np.ndarray, side: int) -> np.ndarray:
@@ -206,7 +195,7 @@ def image_regions(encoder: Encoder, image: np.ndarray, config: RegionConfig = Re
     work = working_image(image, max(config.working_side, encoder.spec.image_size))
     labels = region_labels(work, config, encoder.spec.grid)
     masks = masks_from_labels(labels)
-    embeddings, sums = _pool(encoder, work, masks, sums=bool(config.merge_thresholds), unmix=config.unmix)
+    embeddings, sums = _pool(encoder, work, masks, sums=bool(config.merge_thresholds))
     levels = tuple(merge_levels(sums, adjacent_pairs(labels), config.merge_thresholds)) if sums is not None else ()
     return Regions(masks=masks, embeddings=embeddings, labels=labels,
                    size=(height, width) if work is not image else None, levels=levels,
@@ -321,8 +310,7 @@ def _check_points(points: Sequence[Point], shape: tuple[int, int]) -> list[tuple
 # of small objects kept) merged at four cosine levels; chosen on held-out images of a generated corpus of seed 21
 # and 22 (docs/QUALITY.md, "Evaluation"); and `refined`, that hierarchy with its labels refined per pixel over the
 # image's colours (query.pamr; 5 iterations scored as 10 at half the cost), chosen on seed 73 (docs/QUALITY.md,
-# "Refined regions"). Unmixed pooling (RegionConfig.unmix) is not in it: it did not help there, and the hierarchy
-# scores its levels' pooled sums, which unmixing does not change.
+# "Refined regions").
 _HIERARCHY = RegionConfig(segments=SegmentConfig(superpixel_scale=50.0, superpixel_min_size=20),
                           merge_thresholds=(0.8, 0.6, 0.4, 0.2))
 REGION_PRESETS: dict[str, RegionConfig] = {

@@ -157,7 +157,7 @@ def test_sliding_window_agrees_with_the_whole_image(world):
 
 
 def test_refined_preset_through_the_segmenter_equals_eval(world):
-    """The `refined` preset (unmixed pooling + PAMR) labels pixels the same way in the Segmenter's modes as in the
+    """The `refined` preset (hierarchy + PAMR) labels pixels the same way in the Segmenter's modes as in the
     evaluator's scoring of a whole-image window; its pieces keep one label each and tile the image."""
     run = _Run(EvalConfig(banks=(world["bank"],), heldout=world["heldout"], device="cpu"))
     segmenter = run.segmenter(0, "refined")

@@ -1,5 +1,4 @@
-"""Unmixed region pooling (query.unmixing), PAMR refinement (query.pamr), and the `refined` region preset through
-the Segmenter against the evaluator's scoring."""
+"""PAMR refinement (query.pamr) and the region split behind the `refined` region preset."""
 
 from __future__ import annotations
 
@@ -8,47 +7,6 @@ import pytest
 
 from query.pamr import RefineConfig, colour_affinity, refine_maps, softmax
 from query.regions import Regions, split_regions
-from query.unmixing import unmix_embeddings
-
-
-def _mixed_cells(seed: int = 0, regions: int = 5, cells: int = 36, dim: int = 8):
-    """Known region embeddings, a coverage whose cells each sum to 1, and the cells as exact mixes."""
-    rng = np.random.default_rng(seed)
-    truth = rng.normal(size=(regions, dim))
-    coverage = rng.random((regions, cells)) ** 3  # mostly one dominant region per cell
-    coverage /= coverage.sum(axis=0, keepdims=True)
-    return truth, coverage, coverage.T @ truth
-
-
-def test_unmixing_recovers_known_embeddings_of_mixed_cells():
-    truth, coverage, cells = _mixed_cells()
-    unit = truth / np.linalg.norm(truth, axis=1, keepdims=True)
-    # the cells are exact mixes and the coverage has full row rank, so with a vanishing ridge the solution is the truth
-    solved = unmix_embeddings(coverage, cells, 1e-9)
-    np.testing.assert_allclose(solved, unit, atol=1e-5)
-    # brute force: the objective at the solution is below every perturbed point's
-    lam = 3.0
-    e = unmix_embeddings(coverage, cells, lam).astype(np.float64)
-    area = coverage.sum(axis=1)
-    plain = coverage @ cells / area[:, None]
-
-    def objective(x: np.ndarray) -> float:
-        return float(((coverage.T @ x - cells) ** 2).sum() + lam * (area[:, None] * (x - plain) ** 2).sum())
-
-    gram = coverage @ coverage.T + lam * np.diag(area)
-    raw = np.linalg.solve(gram, (1 + lam) * coverage @ cells)  # the unnormalised solution
-    np.testing.assert_allclose(e, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
-    rng = np.random.default_rng(1)
-    assert all(objective(raw) < objective(raw + 1e-3 * rng.normal(size=raw.shape)) for _ in range(50))
-
-
-def test_unmixing_with_infinite_ridge_is_plain_pooling():
-    _, coverage, cells = _mixed_cells(seed=2)
-    plain = coverage @ cells
-    plain /= np.linalg.norm(plain, axis=1, keepdims=True)
-    np.testing.assert_allclose(unmix_embeddings(coverage, cells, 1e9), plain, atol=1e-6)
-    with pytest.raises(ValueError, match="> 0"):
-        unmix_embeddings(coverage, cells, 0.0)
 
 
 def _two_colour_image(size: int = 32, edge: int = 20) -> np.ndarray:
