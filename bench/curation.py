@@ -11,8 +11,8 @@ class. Cases, each built through the real pipeline (Ray, parts, curate, index):
 mIoU on the held-out split by the project's evaluator (jobs.eval.evaluate; each run scores every bank of the
 case in one pass), the uncurated bank against a copy curated per config and indexed again: vocabulary mode
 (superpixel regions, the 13 class names, one prototype per class; a second run with 4) and open-set mode (the 10
-nearest bank segments vote; the evaluator counts a label only when it is a class name, so paired phrase labels
-such as "tabby cat" vote for no class there).
+nearest bank segments vote; a paired phrase label such as "tabby cat" votes for the class it matches by text, and
+unlabelled segments are left out of the vote: the evaluator's defaults).
 
     python bench/curation.py --workdir /tmp/curation-bench [--case pairing --case wrong_labels ...]
 """

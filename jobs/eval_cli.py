@@ -35,6 +35,9 @@ def eval_cmd(
     open_set_match: str = typer.Option("text", help="Open set: which bank labels' votes count for a class: 'text' "
                                        "(the labels vocabulary mode matches to it by text, so caption-phrase "
                                        "labels count) or 'exact' (only labels equal to the class name)."),
+    open_set_unlabelled: str = typer.Option("ignore", help="Open set: votes of unlabelled bank segments (unpaired "
+                                            "superpixels of a caption bank): 'ignore' (a region takes its best "
+                                            "labelled vote) or 'vote' (they may win, predicting no class)."),
     prototypes: int = typer.Option(1, help="Vocabulary: prototypes per class (k-means of its nearest segments)."),
     prototype_neighbours: int = typer.Option(256, help="Vocabulary: segments clustered when --prototypes > 1."),
     oracle: bool = typer.Option(True, help="Add the oracle rows (ground-truth regions, nearest prototype) and the "
@@ -96,7 +99,8 @@ def eval_cmd(
         reference=ReferenceTrials(pool_images=reference_pool, shots=reference_shots, prompt=reference_prompt,
                                   fpr=fpr, decision=reference_decision, margin=reference_margin,
                                   recruit=reference_recruit, pool_shots=pool_shots),
-        foreground_threshold=foreground_threshold, weights=weights, open_set_match=open_set_match, device=device,
+        foreground_threshold=foreground_threshold, weights=weights, open_set_match=open_set_match,
+        open_set_unlabelled=open_set_unlabelled, device=device,
         storage_options=storage_options(storage_option, endpoint_url))
     report = evaluate(config)
     if out is not None:

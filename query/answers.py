@@ -74,7 +74,7 @@ def _dispatch(segmenter: Any, image: np.ndarray, references: list[Reference],
             background_threshold=o.background_threshold)))
     if mode == "open_set":
         return segmenter.open_set(image, OpenSetConfig(**_given(k=o.k, temperature=o.temperature,
-                                                                min_share=o.min_share)))
+                                                                min_share=o.min_share, unlabelled=o.unlabelled)))
     if mode == "reference":
         if not references:
             raise ApiError(422, "invalid_options", 'reference mode needs "references": [{"image": "<form file>", '

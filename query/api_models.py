@@ -124,6 +124,9 @@ class SegmentOptions(_Options):
     k: StrictInt | None = Field(None, ge=1, description="open_set / reference / foreground: neighbours per region")
     temperature: Number | None = Field(None, gt=0, description="kNN vote softmax temperature")
     min_share: Number | None = Field(None, ge=0, description="open_set: vote share below which a region is 0")
+    unlabelled: Literal["ignore", "vote"] | None = Field(
+        None, description="open_set: votes of unlabelled bank segments: 'ignore' (default; a region takes its best "
+                          "labelled vote) or 'vote' (they may win a region, which is then 0)")
     fpr: Number | None = Field(None, gt=0, lt=1, description="reference: other-label bank fraction allowed above "
                                                              "the calibrated threshold")
     decision: Literal["margin", "calibrated"] | None = Field(

@@ -32,7 +32,7 @@ from query.regions import (
     Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask, split_regions,
 )
 from query.render import Mode, RegionResult, SegmentationResult, assemble_result, upsample_nearest
-from query.votes import KnnForegroundScorer, knn_votes
+from query.votes import UNLABELLED_RULES, KnnForegroundScorer, Unlabelled, knn_votes, labelled_votes
 from query.windows import pixel_scores
 
 __all__ = [
@@ -51,11 +51,19 @@ _TEXT_CACHE_SIZE = 4096  # class names whose text embedding a Segmenter keeps
 @dataclass(frozen=True)
 class OpenSetConfig:
     """Open-set mode: each region's `k` nearest bank segments vote with weight softmax(cosine / temperature);
-    the region takes the label with the largest share (an unlabelled winner, or share < min_share → background 0)."""
+    the region takes the label with the largest share (share < min_share, or no vote → background 0).
+    unlabelled: "ignore" (default) leaves unlabelled neighbours (unpaired segments of a caption-paired bank) out
+    of the winner, so a region takes the best label among its labelled neighbours and its score stays that
+    label's share of all votes; "vote" lets them win, and a region they win is background."""
 
     k: int = 10
     temperature: float = 0.05
     min_share: float = 0.0
+    unlabelled: Unlabelled = "ignore"
+
+    def __post_init__(self) -> None:
+        if self.unlabelled not in UNLABELLED_RULES:
+            raise ValueError(f"OpenSetConfig.unlabelled={self.unlabelled!r}: use one of {', '.join(UNLABELLED_RULES)}")
 
 
 @dataclass(frozen=True)
@@ -199,7 +207,7 @@ class Segmenter:
         """Label each region by the similarity-weighted vote of its k nearest bank segments; score = vote share."""
         regions = self.regions(image)
         candidates, shares = self.open_set_shares(regions, config)
-        regions, best, share = self._labelled(regions, shares)
+        regions, best, share = self._labelled(regions, labelled_votes(candidates, shares, config.unlabelled))
         winners = [candidates[j] for j in best]
         keep = [w is not None and s >= config.min_share for w, s in zip(winners, share)]
         classes = sorted({w for w, ok in zip(winners, keep) if ok})

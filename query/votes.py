@@ -3,6 +3,8 @@ temperature); the open-set mode, the foreground mode's default scorer and refere
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from query.interfaces import BACKGROUND_LABELS, Searcher, SegmentMetadata
@@ -27,6 +29,25 @@ def knn_votes(searcher: Searcher, metadata: SegmentMetadata, vectors: np.ndarray
     shares = np.zeros((len(ids), len(candidates)), dtype=np.float64)
     np.add.at(shares, (np.repeat(np.arange(len(ids)), ids.shape[1]), index.ravel()), weights.ravel())
     return candidates, shares.astype(np.float32)
+
+
+# How open-set mode treats neighbours without a label (unpaired segments of a caption-paired bank): "ignore"
+# leaves their votes out of the winner, "vote" lets them win (the region is then background).
+Unlabelled = Literal["ignore", "vote"]
+UNLABELLED_RULES: tuple[str, ...] = ("ignore", "vote")
+
+
+def labelled_votes(candidates: list[str | None], shares: np.ndarray, unlabelled: Unlabelled) -> np.ndarray:
+    """The (n, U) shares of `knn_votes` (last candidate None) as they are under "vote"; under "ignore" the
+    unlabelled column is 0, or 1 in the rows without any labelled vote (so only those take None); the labels'
+    shares keep their values (fractions of all votes, not renormalised)."""
+    if unlabelled not in UNLABELLED_RULES:
+        raise ValueError(f"unlabelled={unlabelled!r}: use one of {', '.join(UNLABELLED_RULES)}")
+    if unlabelled == "vote":
+        return shares
+    out = np.array(shares, dtype=np.float32, copy=True)
+    out[:, -1] = out[:, :-1].sum(axis=1) == 0
+    return out
 
 
 class KnnForegroundScorer:

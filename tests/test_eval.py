@@ -282,5 +282,9 @@ def test_open_set_labels_match_classes_as_vocabulary_mode_does():
     assert match == {"cat": "cat", "tabby cat": "cat", "lawn": "grass"}
     shares = np.array([[0.5, 0.2, 0.1, 0.1, 0.1]], np.float32)  # cat, tabby cat, lawn, dog, unlabelled
     folded = fold_shares([*labels, None], shares, classes, match)
-    np.testing.assert_allclose(folded, [[0.7, 0.1, 0.2]])
-    np.testing.assert_allclose(fold_shares([*labels, None], shares, classes), [[0.5, 0.0, 0.5]])  # exact names
+    np.testing.assert_allclose(folded, [[0.7, 0.1, 0.1]])  # the unlabelled vote is ignored, "dog" is the rest
+    np.testing.assert_allclose(fold_shares([*labels, None], shares, classes, match, "vote"), [[0.7, 0.1, 0.2]])
+    np.testing.assert_allclose(fold_shares([*labels, None], shares, classes), [[0.5, 0.0, 0.4]])  # exact names
+    only_unlabelled = np.array([[0, 0, 0, 0, 1.0]], np.float32)
+    for rule in ("ignore", "vote"):  # a region only unlabelled segments vote for predicts no class either way
+        np.testing.assert_allclose(fold_shares([*labels, None], only_unlabelled, classes, match, rule), [[0, 0, 1]])

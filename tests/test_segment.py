@@ -247,6 +247,33 @@ def test_open_set_labels_from_the_bank(world):
     assert strict.classes == [] and not strict.label_map.any()
 
 
+class PartlyUnlabelled(ExactMetadata):
+    """The bank with two of every three segments unlabelled, as a caption-paired bank leaves unpaired segments."""
+
+    def labels(self, ids: np.ndarray) -> list[str | None]:
+        return [None if int(i) % 3 else label for i, label in zip(ids, self.bank.labels_of(ids))]
+
+
+def test_open_set_ignores_unlabelled_neighbours_unless_told_to_count_them(world):
+    bank = world["bank"]
+    segmenter = Segmenter(world["encoder"], bank, PartlyUnlabelled(bank), bank)
+    won_by_unlabelled = 0
+    for regions in world["regions"]:
+        voted = segmenter.open_set(regions, OpenSetConfig(unlabelled="vote"))
+        ignored = segmenter.open_set(regions)
+        assert [r.area for r in voted.regions] == [r.area for r in ignored.regions]
+        for v, i in zip(voted.regions, ignored.regions):
+            if v.label is not None:  # a labelled winner wins either way, with the same share of all votes
+                assert (i.label, i.score) == (v.label, v.score)
+            else:  # unlabelled neighbours won: ignored, the region takes its best labelled vote, if any
+                won_by_unlabelled += 1
+                assert i.label is None or 0 < i.score <= 0.5 + 1e-6
+        assert not set(ignored.classes) - set(NAMES)
+    assert won_by_unlabelled > 0
+    with pytest.raises(ValueError, match="unlabelled"):
+        OpenSetConfig(unlabelled="drop")
+
+
 def test_foreground_scores(world):
     """Measured: foreground IoU 0.379 vs 0.160 for calling everything foreground."""
     segmenter, heldout = world["segmenter"], world["heldout"]

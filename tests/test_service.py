@@ -134,6 +134,8 @@ def test_segment_other_modes(client, world):
     sample = world["heldout"][2]
     open_set = client.segment(sample.image, mode="open_set", k=5)["result"]
     assert set(open_set["classes"]) <= set(NAMES) and open_set["mode"] == "open_set"
+    voted = client.segment(sample.image, mode="open_set", k=5, unlabelled="vote")["result"]
+    assert voted["classes"] == open_set["classes"]  # this bank labels every segment: the rules agree
     foreground = client.segment(sample.image, mode="foreground", threshold=0.5)["result"]
     assert foreground["classes"] == ["foreground"] and all(0 <= r["score"] <= 1 for r in foreground["regions"])
 

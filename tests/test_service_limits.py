@@ -191,6 +191,7 @@ def test_non_finite_numbers_deep_json_and_wrong_types_get_4xx(server, client, ti
         ('{"classes": [' + "[" * 40 + "]" * 40 + "]}", 400, "nested"),
         ('{"mode": "open_set", "k": "5"}', 422, "k"),
         ('{"mode": "open_set", "k": true}', 422, "k"),
+        ('{"mode": "open_set", "unlabelled": "drop"}', 422, "unlabelled"),
         ('{"mode": "open_set", "k": 1' + "0" * 5000 + "}", 400, "JSON"),
         ('{"classes": {"a": 1}}', 422, "classes"),
         ('{"mode": "reference", "references": "x"}', 422, "references"),

@@ -10,6 +10,7 @@ from typing import Any
 from bank_builder.config import MaskKind
 from query.reference import ReferenceConfig
 from query.regions import REGION_PRESETS, RegionConfig
+from query.votes import UNLABELLED_RULES
 from query.windows import WindowConfig
 
 MODES = ("vocabulary", "open_set", "foreground", "reference")
@@ -112,7 +113,8 @@ class EvalConfig:
     open_set_match: which bank labels' votes count for a class in open-set mode: "text" = the labels vocabulary
     mode matches to it by text (with the row's labels_per_class; a label equal to a class name is that class), so
     a bank labelled with caption phrases is scored too; "exact" = only labels equal to a class name. Encoders
-    without a text tower match exactly."""
+    without a text tower match exactly. open_set_unlabelled: OpenSetConfig.unlabelled, how unlabelled
+    neighbours vote: "ignore" (default) or "vote" (they win regions, which then predict no class)."""
 
     banks: tuple[str, ...]
     heldout: str
@@ -129,6 +131,7 @@ class EvalConfig:
     f_beta2: float = 0.3
     weights: str | None = None
     open_set_match: str = "text"
+    open_set_unlabelled: str = "ignore"
     device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -143,6 +146,9 @@ class EvalConfig:
             raise ValueError(f"unknown mode(s) {unknown or 'none given'}; use any of: {', '.join(MODES)}")
         if self.open_set_match not in OPEN_SET_MATCHES:
             raise ValueError(f"open_set_match={self.open_set_match!r}: use one of {', '.join(OPEN_SET_MATCHES)}")
+        if self.open_set_unlabelled not in UNLABELLED_RULES:
+            raise ValueError(f"open_set_unlabelled={self.open_set_unlabelled!r}: use one of "
+                             f"{', '.join(UNLABELLED_RULES)}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be ≥ 1, got {self.max_images}")
         if self.classes is not None:

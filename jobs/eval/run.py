@@ -177,6 +177,10 @@ class _Run:
         text = self.segmenter(row.bank, row.variant.regions).text_embeddings(classes)
         return class_labels(table, text, classes, _vocabulary(row.variant))
 
+    def _open_set(self, row: _Row) -> OpenSetConfig:
+        """The open-set options of a row: its k, the run's rule for unlabelled neighbours."""
+        return OpenSetConfig(k=row.variant.k, unlabelled=self.config.open_set_unlabelled)
+
     def _accumulator(self, mode: str, classes: list[str]) -> Any:
         if mode in ("vocabulary", "open_set"):
             return Confusion(classes)
@@ -282,7 +286,7 @@ class _Run:
                                                protocol.background_threshold, background)
                     row.scores[mode].add(truth, labels)
                 elif mode == "open_set":
-                    labels = open_set_labels(segmenter, regions, size, classes, OpenSetConfig(k=row.variant.k), shape,
+                    labels = open_set_labels(segmenter, regions, size, classes, self._open_set(row), shape,
                                              row.match)
                     row.scores[mode].add(truth, labels)
                 elif mode == "foreground":
@@ -310,8 +314,8 @@ class _Run:
             scores = segmenter.vocabulary_scores(regions, row.prototypes)
             row.scores["vocabulary"].add(truth, oracle_labels(scores, regions, shape))
         if "open_set" in row.modes:
-            shares = fold_shares(*segmenter.open_set_shares(regions, OpenSetConfig(k=row.variant.k)), classes,
-                                 row.match)
+            config = self._open_set(row)
+            shares = fold_shares(*segmenter.open_set_shares(regions, config), classes, row.match, config.unlabelled)
             row.scores["open_set"].add(truth, oracle_labels(shares, regions, shape, others=len(classes)))
 
 

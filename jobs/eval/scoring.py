@@ -14,6 +14,7 @@ from query.pamr import softmax
 from query.regions import Regions, embed_masks
 from query.render import upsample_nearest
 from query.segment import ForegroundConfig, OpenSetConfig, Segmenter
+from query.votes import Unlabelled, labelled_votes
 from query.windows import Box, dense_scores, pixel_scores
 
 Windows = list[tuple[Box, Regions]]
@@ -54,21 +55,23 @@ def open_set_labels(segmenter: Segmenter, windows: Windows, size: tuple[int, int
     """Open-set mode: kNN vote shares folded onto the class list by `match` (`fold_shares`; + one column for
     unlabelled neighbours and unmatched labels, which predicts no class), averaged over windows."""
     scores = dense_scores(windows, size, lambda _, regions: fold_shares(
-        *segmenter.open_set_shares(regions, config), classes, match), segmenter.paint)
+        *segmenter.open_set_shares(regions, config), classes, match, config.unlabelled), segmenter.paint)
     labels = labels_from_scores(scores, shape)
     return np.where(labels == len(classes), IGNORED, labels)
 
 
 def fold_shares(candidates: list[str | None], shares: np.ndarray, classes: list[str],
-                match: Mapping[str, str] | None = None) -> np.ndarray:
+                match: Mapping[str, str] | None = None, unlabelled: Unlabelled = "ignore") -> np.ndarray:
     """(n, U) vote shares over candidate labels → (n, K + 1) over the class list, the last column the rest. A bank
     label counts for the class `match` maps it to ({bank label: class}, `query.prototypes.class_labels`); None:
-    only a label equal to a class name counts, for that class."""
+    only a label equal to a class name counts, for that class. Unlabelled votes count for the rest under
+    "vote"; under "ignore" (as OpenSetConfig.unlabelled, `labelled_votes`) for nothing, and a row without a
+    labelled vote is the rest's."""
     index = {name: i for i, name in enumerate(classes)}
     out = np.zeros((len(shares), len(classes) + 1), np.float32)
     columns = [index.get(label if match is None else match.get(label), len(classes)) if label is not None
                else len(classes) for label in candidates]
-    np.add.at(out, (slice(None), columns), shares)
+    np.add.at(out, (slice(None), columns), labelled_votes(candidates, shares, unlabelled))
     return out
 
 
