@@ -31,6 +31,11 @@ def run_build(config: BuildConfig, ray_address: str | None, as_json: bool) -> in
         report = build_bank(config, on_progress=lambda progress: (check(), printer(progress)))
     show(report, as_json, build_text)
     warning = unlabelled_warning(report.labelled - report.paired, report.unlabelled_by_kind, config.ingest.mask_kind)
+    if report.pairing_skipped and report.unlabelled:
+        typer.secho(f"WARNING   {report.unlabelled} segments have no label and none was paired with a caption phrase: "
+                    f"{report.pairing_skipped}. To label them from captions, build with an encoder that has one "
+                    "(`refbank encoders`: dims VISUAL/TEXT, not /None); --no-pairing says you want none",
+                    err=True, fg=typer.colors.RED, bold=True)
     if warning:
         typer.secho(f"WARNING   {warning}", err=True, fg=typer.colors.RED, bold=True)
     return 0 if report.ok else 1

@@ -4,6 +4,7 @@ wrong corpus labels."""
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from bank_builder.phrases import normalise_phrase
 from bank_builder.pipeline import build_bank
 from bank_builder.synthetic import CorpusConfig, iter_scenes, make_corpus
 from bank_builder.synthetic.truth import bank_truth
+from tests.tar_helpers import encode, rgb, tar_bytes, write
 from tests.test_synthetic import corpus_samples
 
 
@@ -200,6 +202,28 @@ def test_pairing_and_wrong_labels_from_the_command_line(captioned, tmp_path):
                                "--image-size", "64", "--wrong-label-rate", "1"])
     assert made.exit_code == 0, made.output
     assert all(json.loads(s["json"]).get("label_truth") for s in corpus_samples(tmp_path / "c").values())
+
+
+def test_a_build_says_when_its_encoder_cannot_pair_the_captions(captioned, tmp_path):
+    # An encoder without a text tower cannot embed phrases: the build labels nothing from the captions and says
+    # so (before, pairing was skipped in silence); --no-pairing, or a corpus without captions, gives no warning.
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    _, config, _ = captioned
+    shard = sorted(glob.glob(config.source))[0]
+    runner = CliRunner()
+    dino = ["--encoder", "tiny-dino", "--weights", "untrained", "--mask-kind", "none"]
+    built = runner.invoke(app, ["build", shard, str(tmp_path / "dino"), *dino])
+    assert built.exit_code == 0, built.output
+    assert "none was paired with a caption phrase: encoder tiny-dino has no text tower" in built.output, built.output
+    assert "0 labelled by their masks" in built.output and "paired with a phrase" not in built.output
+    quiet = runner.invoke(app, ["build", shard, str(tmp_path / "dino-quiet"), *dino, "--no-pairing"])
+    assert quiet.exit_code == 0 and "caption phrase" not in quiet.output, quiet.output
+    plain_shard = write(tmp_path / "plain.tar", tar_bytes([(f"s{i}.png", encode(rgb(i, 64, 64))) for i in range(3)]))
+    plain = runner.invoke(app, ["build", plain_shard, str(tmp_path / "dino-plain"), *dino])
+    assert plain.exit_code == 0 and "caption phrase" not in plain.output, plain.output
 
 
 def test_eval_scores_open_set_on_a_phrase_labelled_bank(captioned, tmp_path):
