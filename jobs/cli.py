@@ -269,4 +269,8 @@ import jobs.curate_cli  # noqa: E402,F401 - registers curate on `app`
 import jobs.eval_cli  # noqa: E402,F401 - registers eval on `app`
 
 if __name__ == "__main__":  # `python -m jobs.cli ...` runs the CLI as `refbank ...` does
-    app()
+    # Run as a script this module is `__main__`, while the modules above registered their commands on the app
+    # of `jobs.cli`, a second copy of it: run that one.
+    from jobs.cli import app as registered
+
+    registered()

@@ -124,3 +124,14 @@ def test_killed_build_resumes_to_the_same_bank(tmp_path, ray_local):
     assert resumed.ok and resumed.parts_skipped == committed and resumed.parts_written == 12 - committed
     build_bank(tiny_config(str(corpus / "*.tar"), str(clean)))
     assert_same_bank(read_bank(str(bank)), read_bank(str(clean)))
+
+
+def test_python_dash_m_runs_every_command():
+    # `python -m jobs.cli` used to know only the commands defined in jobs/cli.py itself (build, eval, curate... are
+    # registered by other modules on the imported copy of the app, not on `__main__`'s).
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    for command in ("build", "index", "eval", "curate", "info"):
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", command, "--help"], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0 and f"jobs.cli {command}" in done.stdout, done.stdout + done.stderr
