@@ -32,7 +32,7 @@ from query.regions import (
     Reference, RegionConfig, Regions, check_image, embed_masks, image_regions, prompt_mask, split_regions,
 )
 from query.render import Mode, RegionResult, SegmentationResult, assemble_result, upsample_nearest
-from query.votes import UNLABELLED_RULES, KnnForegroundScorer, Unlabelled, knn_votes, labelled_votes
+from query.votes import KnnForegroundScorer, Unlabelled, check_unlabelled, knn_votes, labelled_votes
 from query.windows import pixel_scores
 
 __all__ = [
@@ -62,8 +62,7 @@ class OpenSetConfig:
     unlabelled: Unlabelled = "ignore"
 
     def __post_init__(self) -> None:
-        if self.unlabelled not in UNLABELLED_RULES:
-            raise ValueError(f"OpenSetConfig.unlabelled={self.unlabelled!r}: use one of {', '.join(UNLABELLED_RULES)}")
+        check_unlabelled(self.unlabelled, "OpenSetConfig.unlabelled")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ temperature); the open-set mode, the foreground mode's default scorer and refere
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -34,15 +34,18 @@ def knn_votes(searcher: Searcher, metadata: SegmentMetadata, vectors: np.ndarray
 # How open-set mode treats neighbours without a label (unpaired segments of a caption-paired bank): "ignore"
 # leaves their votes out of the winner, "vote" lets them win (the region is then background).
 Unlabelled = Literal["ignore", "vote"]
-UNLABELLED_RULES: tuple[str, ...] = ("ignore", "vote")
+
+
+def check_unlabelled(value: str, option: str) -> None:
+    """ValueError naming `option` and the rules when `value` is not an Unlabelled rule."""
+    if value not in get_args(Unlabelled):
+        raise ValueError(f"{option}={value!r}: use one of {', '.join(get_args(Unlabelled))}")
 
 
 def labelled_votes(candidates: list[str | None], shares: np.ndarray, unlabelled: Unlabelled) -> np.ndarray:
     """The (n, U) shares of `knn_votes` (last candidate None) as they are under "vote"; under "ignore" the
     unlabelled column is 0, or 1 in the rows without any labelled vote (so only those take None); the labels'
     shares keep their values (fractions of all votes, not renormalised)."""
-    if unlabelled not in UNLABELLED_RULES:
-        raise ValueError(f"unlabelled={unlabelled!r}: use one of {', '.join(UNLABELLED_RULES)}")
     if unlabelled == "vote":
         return shares
     out = np.array(shares, dtype=np.float32, copy=True)

@@ -10,7 +10,7 @@ from typing import Any
 from bank_builder.config import MaskKind
 from query.reference import ReferenceConfig
 from query.regions import REGION_PRESETS, RegionConfig
-from query.votes import UNLABELLED_RULES
+from query.votes import Unlabelled, check_unlabelled
 from query.windows import WindowConfig
 
 MODES = ("vocabulary", "open_set", "foreground", "reference")
@@ -131,7 +131,7 @@ class EvalConfig:
     f_beta2: float = 0.3
     weights: str | None = None
     open_set_match: str = "text"
-    open_set_unlabelled: str = "ignore"
+    open_set_unlabelled: Unlabelled = "ignore"
     device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -146,9 +146,7 @@ class EvalConfig:
             raise ValueError(f"unknown mode(s) {unknown or 'none given'}; use any of: {', '.join(MODES)}")
         if self.open_set_match not in OPEN_SET_MATCHES:
             raise ValueError(f"open_set_match={self.open_set_match!r}: use one of {', '.join(OPEN_SET_MATCHES)}")
-        if self.open_set_unlabelled not in UNLABELLED_RULES:
-            raise ValueError(f"open_set_unlabelled={self.open_set_unlabelled!r}: use one of "
-                             f"{', '.join(UNLABELLED_RULES)}")
+        check_unlabelled(self.open_set_unlabelled, "open_set_unlabelled")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be ≥ 1, got {self.max_images}")
         if self.classes is not None:
