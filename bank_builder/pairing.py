@@ -23,14 +23,12 @@ hold its result. Parts are immutable; the curate pass, which needs every part at
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bank_builder.config import MASK_PROBE_SAMPLES, BuildConfig, PairingConfig
-from bank_builder.ingest import Sample, iter_samples
+from bank_builder.config import PairingConfig
 from bank_builder.format.parts import SegmentRows
 from bank_builder.phrases import PhraseConfig, chunk_phrases, normalise_phrase
 from bank_builder.records import LabelSource
@@ -47,12 +45,6 @@ def candidate_phrases(meta: dict[str, Any], config: PairingConfig) -> list[str]:
     else:
         return []
     return list(dict.fromkeys(label for label in map(normalise_phrase, phrases) if label))
-
-
-def offers_phrases(shard: str, config: BuildConfig) -> bool:
-    """Whether one of the shard's first MASK_PROBE_SAMPLES samples offers candidate phrases (a caption)."""
-    items = itertools.islice(iter_samples(shard, config.ingest, config.storage_options), MASK_PROBE_SAMPLES)
-    return any(isinstance(item, Sample) and candidate_phrases(item.meta, config.pairing) for item in items)
 
 
 def pair_image(visual: np.ndarray, text: np.ndarray, config: PairingConfig) -> np.ndarray:

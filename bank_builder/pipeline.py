@@ -20,7 +20,6 @@ from bank_builder.driver import Driver, ShardFailure
 from bank_builder.encoder_pool import plan_placement
 from bank_builder.encoders import EncoderSpec, resolve_spec
 from bank_builder.ingest import shard_sizes
-from bank_builder.pairing import offers_phrases
 from bank_builder.progress import BuildProgress, ProgressCallback
 from bank_builder.ray_runtime import init_ray
 
@@ -138,7 +137,6 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     sizes = shard_sizes(config.source, config.storage_options)
     shards = sorted(sizes)
     plan = plan_build(config, spec, fingerprint, shards)
-    skipped = _pairing_skipped(config, spec, plan)
     init_ray()  # after the cheap checks above, so a bad option fails in milliseconds, not after Ray starts
     progress = BuildProgress(shards_total=len(shards), shards_skipped=len(plan.done),
                              shard_bytes={p.source: sizes[p.source] for p in plan.todo})
@@ -147,10 +145,7 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
     if plan.todo:
         placement = plan_placement(config.pipeline)
         config = _with_batch_size(config, spec, plan, placement.actor_resources.get("num_gpus", 0) > 0)
-        # without a text tower nothing can pair, so decode does not gather phrases; the recorded options stay
-        # as asked, so a later build with the same options still matches this bank
-        decode = replace(config, pairing=replace(config.pairing, enabled=False)) if skipped else config
-        written, failed = Driver(decode, spec, plan.todo, progress, on_progress, placement).run()
+        written, failed = Driver(config, spec, plan.todo, progress, on_progress, placement).run()
     pending = {p.source: p for p in _unpublished(plan) + written}  # parts the parent lacks, by shard
     version = None
     for attempt in range(MAX_REPLANS + 1):
@@ -185,21 +180,16 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
         storage=(storage.counters() - calls).to_dict(), paired=sum(p.paired for p in parts),
-        batch_size=config.pipeline.batch_size or 0, encoder_calls=progress.encoder_calls, pairing_skipped=skipped,
+        batch_size=config.pipeline.batch_size or 0, encoder_calls=progress.encoder_calls, pairing_skipped=_pairing_skipped(config, spec, progress),
     )
 
 
-def _pairing_skipped(config: BuildConfig, spec: EncoderSpec, plan: _Plan) -> str | None:
-    """Why pairing cannot run in this build although enabled and the first shard to build has captions, else None."""
-    if not (config.pairing.enabled and spec.text_dim is None and plan.todo):
+def _pairing_skipped(config: BuildConfig, spec: EncoderSpec, progress: BuildProgress) -> str | None:
+    """Why pairing did not run in this build although enabled and images offered captions, else None."""
+    if not (config.pairing.enabled and spec.text_dim is None and progress.captioned):
         return None
-    first = plan.todo[0].source
-    try:
-        if not offers_phrases(first, config):
-            return None
-    except Exception:  # noqa: BLE001 - only a hint: the shard's own read in the build reports what is wrong with it
-        return None
-    return f"encoder {spec.name} has no text tower to embed the captions' phrases (seen in {first})"
+    return (f"encoder {spec.name} has no text tower to embed the captions' phrases "
+            f"({progress.captioned} images built in this run had some)")
 
 
 def _with_batch_size(config: BuildConfig, spec: EncoderSpec, plan: _Plan, on_gpus: bool) -> BuildConfig:

@@ -33,6 +33,7 @@ class BuildProgress:
     images: int = 0  # encoded in this run (a retried shard's images count again: they were encoded again)
     segments: int = 0  # encoded in this run
     rejects: int = 0
+    captioned: int = 0  # encoded in this run with unlabelled segments and caption phrases for them
     shard_bytes: dict[str, int] = field(default_factory=dict)
     encoder_actors: list[str] = field(default_factory=list)  # names of the live encoder actors
     startup_s: float = 0.0  # until the first encoder actor had loaded its model
@@ -41,9 +42,10 @@ class BuildProgress:
     _done_images: int = field(default=0, repr=False)  # images of the shards committed in this run
 
     def batch_encoded(self, shard: str, stats: dict[str, int]) -> None:
-        """Count one encoded batch of `shard` (the encoder's stats: images, segments, stream_bytes)."""
+        """Count one encoded batch of `shard` (the encoder's stats: images, segments, stream_bytes, captioned)."""
         self.images += stats["images"]
         self.segments += stats["segments"]
+        self.captioned += stats.get("captioned", 0)
         reached, images = self._reached.get(shard, (0, 0))
         self._reached[shard] = (max(reached, stats.get("stream_bytes", 0)), images + stats["images"])
 

@@ -122,9 +122,11 @@ def decode_shard(shard: str, config: BuildConfig, geometry: InputGeometry,
 
 
 def chunk_stats(chunk: list[DecodedBatch]) -> dict[str, int]:
-    """What the driver counts of an encoded chunk: images, segments, and how far into its shard it reached."""
+    """What the driver counts of an encoded chunk: images, segments, how far into its shard it reached, and the
+    images whose unlabelled segments had caption phrases to pair with."""
     return {"images": sum(len(b.images) for b in chunk), "segments": sum(len(b.rows) for b in chunk),
-            "stream_bytes": max((b.stream_bytes for b in chunk), default=0)}
+            "stream_bytes": max((b.stream_bytes for b in chunk), default=0),
+            "captioned": sum(bool(p) for b in chunk for p in b.phrases)}
 
 
 def call_stats(chunks: tuple[list[DecodedBatch], ...], seconds: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -224,6 +225,14 @@ def test_a_build_says_when_its_encoder_cannot_pair_the_captions(captioned, tmp_p
     plain_shard = write(tmp_path / "plain.tar", tar_bytes([(f"s{i}.png", encode(rgb(i, 64, 64))) for i in range(3)]))
     plain = runner.invoke(app, ["build", plain_shard, str(tmp_path / "dino-plain"), *dino])
     assert plain.exit_code == 0 and "caption phrase" not in plain.output, plain.output
+    # captions that start only in a later shard are seen too (the first shard alone says nothing of them)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(plain_shard, mixed / "a-plain.tar")
+    shutil.copy(shard, mixed / "b-captioned.tar")
+    later = runner.invoke(app, ["build", str(mixed / "*.tar"), str(tmp_path / "dino-later"), *dino])
+    assert later.exit_code == 0, later.output
+    assert "none was paired with a caption phrase: encoder tiny-dino has no text tower" in later.output, later.output
 
 
 def test_eval_scores_open_set_on_a_phrase_labelled_bank(captioned, tmp_path):
