@@ -35,6 +35,37 @@ def test_pamr_moves_a_boundary_to_the_colour_edge():
     assert (labels[:, 21:] == 1).all()  # and it stopped there
 
 
+def _pamr_by_the_formula(maps: np.ndarray, image: np.ndarray, config: RefineConfig) -> np.ndarray:
+    """PAMR written out pixel by pixel: neighbours past the border are the nearest edge pixel."""
+    h, w = image.shape[:2]
+    pixels = image.astype(np.float64) / 255
+    ring = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    offsets = [(dy * d, dx * d) for d in config.dilations for dy, dx in ring]
+    alpha = np.zeros((h, w, len(offsets)))
+    for y in range(h):
+        for x in range(w):
+            near = [pixels[min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)] for dy, dx in offsets]
+            window = np.array(near + [pixels[y, x]] * len(config.dilations))  # each dilated 3×3 holds the centre
+            sigma = window.std(axis=0)
+            logits = np.array([-(np.abs(n - pixels[y, x]) / (1e-8 + config.affinity_scale * sigma)).mean()
+                               for n in near])
+            alpha[y, x] = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    out = maps.astype(np.float64)
+    for _ in range(config.iterations):
+        out = np.stack([[sum(alpha[y, x, j] * out[min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)]
+                             for j, (dy, dx) in enumerate(offsets)) for x in range(w)] for y in range(h)])
+    return out
+
+
+def test_pamr_computes_the_published_update():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    maps = rng.random((9, 11, 3)).astype(np.float32)
+    config = RefineConfig(iterations=3, dilations=(1, 2, 12))  # 12: past the border everywhere
+    np.testing.assert_allclose(refine_maps(maps, image, config), _pamr_by_the_formula(maps, image, config),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_split_regions_cuts_regions_into_pieces_of_one_label():
     labels = np.zeros((4, 6), np.int64)
     labels[:, 3:] = 1
