@@ -12,14 +12,13 @@ and foreground modes label pixels: region scores painted on pixels are refined o
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
-from bank_builder.embed import TEXT_TEMPLATE
 from bank_builder.encoders import Encoder
+from query.class_text import ClassText
 from query.interfaces import (
     BACKGROUND_LABELS, ForegroundScorer, LabelTable, Searcher, SegmentMetadata, SegmentVectors,
 )
@@ -41,9 +40,6 @@ __all__ = [
     "RegionResult", "Regions", "Searcher", "SegmentMetadata", "SegmentVectors", "SegmentationResult", "Segmenter",
     "VocabularyConfig", "knn_votes",
 ]
-
-_TEXT_CACHE_SIZE = 4096  # class names whose text embedding a Segmenter keeps
-
 
 # ----------------------------------------------------------------------------------------- options
 
@@ -85,22 +81,24 @@ class Segmenter:
 
     encoder: the bank's encoder (same spec); searcher / metadata / table: the bank's kNN, id → label lookup and
     label table; regions: how query images are cut; foreground: a custom ForegroundScorer (default: kNN vote);
-    vectors: the bank's stored vectors by id (only VocabularyConfig.prototypes_per_class > 1 reads them).
+    vectors: the bank's stored vectors by id (only VocabularyConfig.prototypes_per_class > 1 reads them);
+    class_text: class-name embeddings to share with other Segmenters of the same encoder (default: its own).
     Regions with hierarchy levels (RegionConfig.merge_thresholds) are scored, in the vocabulary, open-set and
     foreground modes, by the mean of their scores over the levels (query.hierarchy).
     """
 
     def __init__(self, encoder: Encoder, searcher: Searcher, metadata: SegmentMetadata, table: LabelTable,
                  regions: RegionConfig = RegionConfig(), foreground: ForegroundScorer | None = None,
-                 vectors: SegmentVectors | None = None) -> None:
+                 vectors: SegmentVectors | None = None, class_text: ClassText | None = None) -> None:
         dim = encoder.spec.visual_dim
         if np.shape(table.prototypes) != (len(table.labels), dim):
             raise ValueError(f"label table prototypes are {np.shape(table.prototypes)}, expected ({len(table.labels)}, "
                              f"{dim}) for encoder {encoder.spec.name!r}; open the bank with the encoder that built it")
         self.encoder, self.searcher, self.metadata, self.table = encoder, searcher, metadata, table
         self.region_config, self.foreground_scorer, self.vectors = regions, foreground, vectors
-        self._text: dict[str, np.ndarray] = {}  # class name → (D,) float32 text embedding
-        self._text_lock = threading.Lock()
+        if class_text is not None and class_text.encoder is not encoder:
+            raise ValueError("class_text embeds with another encoder than this Segmenter's")
+        self.class_text = class_text or ClassText(encoder)
 
     def regions(self, image: np.ndarray | Regions) -> Regions:
         """Regions of an (H, W, 3) uint8 image with embeddings pooled exactly as the builder pools segments;
@@ -120,20 +118,8 @@ class Segmenter:
         return image_regions(self.encoder, image, self.region_config)
 
     def text_embeddings(self, names: list[str]) -> np.ndarray:
-        """(K, D) float32 L2-normalised embeddings of TEXT_TEMPLATE.format(name), one encoder call per new name
-        (as the builder embeds labels, so a class's vector never depends on the other names), cached."""
-        vectors = []
-        for name in names:
-            with self._text_lock:  # requests share a Segmenter: the cache is read and trimmed under one lock
-                vector = self._text.get(name)
-            if vector is None:
-                vector = self.encoder.encode_text([TEXT_TEMPLATE.format(name)])[0]
-                with self._text_lock:
-                    if len(self._text) >= _TEXT_CACHE_SIZE:
-                        self._text.pop(next(iter(self._text)))
-                    self._text[name] = vector
-            vectors.append(vector)
-        return np.stack(vectors).astype(np.float32)
+        """(K, D) float32 L2-normalised embeddings of TEXT_TEMPLATE.format(name) (`query.class_text`)."""
+        return self.class_text(names)
 
     # ------------------------------------------------------------------------------------- vocabulary
 

@@ -43,6 +43,7 @@ from bank_builder.format import (
     read_manifest,
 )
 from query.bank import Bank, open_bank
+from query.class_text import ClassText
 from query.corruption import PartReader, damaged_object
 from query.disk_cache import DiskCache
 from query.lists import DEFAULT_MEMORY_BYTES, CacheConfig
@@ -221,6 +222,7 @@ class ServiceState:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.encoder: SerialEncoder | None = None
+        self.class_text: ClassText | None = None  # one per encoder: every preset and version shares it
         self.error: str | None = None  # why the first load failed
         self._live: Snapshot | None = None
         self._reload_lock = threading.Lock()
@@ -256,6 +258,7 @@ class ServiceState:
                                               f"`refbank index {self.config.bank}`, or serve a version that has one")
                 self.encoder = SerialEncoder(load_encoder(encoder_config(recorded.manifest.encoder,
                                                                          self.config.weights, self.config.device)))
+                self.class_text = ClassText(self.encoder)
                 self._live = self._open(recorded.version, note)
                 log.info("serving %s %s (%d segments) with encoder %s%s in %.1f s%s", self.config.bank,
                          self._live.bank.version, self._live.bank.manifest.totals["segments"],
@@ -355,8 +358,8 @@ class ServiceState:
         searcher = BankSearcher(bank, CacheConfig(memory_bytes=config.memory_bytes, policy=config.eviction),
                                 disk=self.disk)
         table = label_table(bank)
-        segmenters = {name: Segmenter(self.encoder, searcher, reads, table, region_preset(name, config.working_side))
-                      for name in REGION_PRESETS}
+        segmenters = {name: Segmenter(self.encoder, searcher, reads, table, region_preset(name, config.working_side),
+                                      class_text=self.class_text) for name in REGION_PRESETS}
         prefetcher = None
         if config.prefetch or config.cache_dir:
             heat = Path(config.cache_dir) / f"heat-{bank.index.id}.npy" if config.cache_dir else None

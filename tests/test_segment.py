@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 
 from bank_builder.config import EncoderConfig, IngestConfig
-from bank_builder.embed import encode_batch, prepare_image
+from bank_builder.embed import TEXT_TEMPLATE, encode_batch, prepare_image
 from bank_builder.encoders import load_encoder
 from bank_builder.ingest import iter_samples
 from bank_builder.pipeline import build_bank
 from bank_builder.segments import make_segments
 from bank_builder.synthetic import BACKGROUND_CLASSES, CorpusConfig, class_names, make_corpus
 from jobs import evaluate
+from query.class_text import ClassText
 from query.regions import (
     RegionConfig,
     Regions,
@@ -227,6 +228,35 @@ def test_vocabulary_background_threshold_and_options(world):
     assert (thresholded.label_map == 0).any() and (thresholded.label_map > 0).any()
     several = segmenter.vocabulary(regions, ["cat", "grass", "moon"], VocabularyConfig(combine="max"))
     assert several.label_map.shape == plain.label_map.shape and all(-1 <= r.score <= 1.001 for r in several.regions)
+
+
+class CountingEncoder:
+    """The real encoder, counting the texts it embeds."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.spec, self.texts = inner, inner.spec, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode_text(self, texts):
+        self.texts.extend(texts)
+        return self.inner.encode_text(texts)
+
+
+def test_segmenters_of_one_encoder_share_class_text(world):
+    # The service keeps one Segmenter per region preset: sharing ClassText, a class name costs one text forward
+    bank, encoder = world["bank"], CountingEncoder(world["encoder"])
+    shared = ClassText(encoder)
+    presets = [Segmenter(encoder, bank, ExactMetadata(bank), bank, RegionConfig(kind=kind), class_text=shared)
+               for kind in ("superpixel", "grid")]
+    image = world["heldout"][0].image
+    answers = [s.vocabulary(image, ["cat", "grass"]) for s in presets]
+    assert sorted(encoder.texts) == [TEXT_TEMPLATE.format("cat"), TEXT_TEMPLATE.format("grass")]
+    alone = world["segmenter"].vocabulary(image, ["cat", "grass"])  # its own cache: the same vectors
+    np.testing.assert_array_equal(answers[0].label_map, alone.label_map)
+    with pytest.raises(ValueError, match="another encoder"):
+        Segmenter(world["encoder"], bank, ExactMetadata(bank), bank, class_text=shared)
 
 
 def test_open_set_labels_from_the_bank(world):

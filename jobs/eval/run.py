@@ -32,6 +32,7 @@ from jobs.eval.scoring import (
 )
 from jobs.eval.truth import TruthError, class_truth, corpus_classes, foreground_truth, reduce_zero_label, truth_segments
 from query.bank import Bank, open_bank
+from query.class_text import ClassText
 from query.corruption import PartReader
 from query.prototypes import class_labels
 from query.regions import Regions, region_preset
@@ -127,6 +128,7 @@ class _Run:
         self.config = config
         first = open_bank(config.banks[0], storage_options=config.storage_options)
         self.encoder: Encoder = load_encoder(encoder_config(first.manifest.encoder, config.weights, config.device))
+        self.class_text = ClassText(self.encoder)  # shared by every bank and preset
         self.opened = [self._open(uri) for uri in config.banks]
         self.segmenters: dict[tuple[int, str], Segmenter] = {}
 
@@ -143,7 +145,7 @@ class _Run:
             o = self.opened[key[0]]
             self.segmenters[key] = Segmenter(self.encoder, o.searcher, o.reads, o.table,
                                              region_preset(regions, self.config.protocol.working_side),
-                                             vectors=o.bank)
+                                             vectors=o.bank, class_text=self.class_text)
         return self.segmenters[key]
 
     # ------------------------------------------------------------------------------------- planning
