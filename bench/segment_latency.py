@@ -10,8 +10,10 @@ on the same images (superpixels, resize + soft masks, forward, pooling, scoring 
 ratio is explained. One torch thread by default (--torch-threads): both sides of the ratio run alike, and on a
 small shared machine more threads measure the scheduler. With --compare-regions A,B (region presets,
 query.regions.REGION_PRESETS), the whole vocabulary call is also timed per preset on the same images, presets
-alternating, e.g. `--compare-regions superpixel,refined` for what the per-pixel refinement costs. Prints one JSON
-object.
+alternating, e.g. `--compare-regions superpixel,refined` for what the per-pixel refinement costs. With
+--compare-modes, each query mode's whole call (vocabulary, open set, foreground, and reference with a mask
+prompt: the largest ground-truth segment of the previous held-out image, whose image the call encodes too) is
+timed on the same images, modes alternating, ÷ the bare forward. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from bank_builder.ray_runtime import init_ray  # noqa: E402
 from bank_builder.records import Reject  # noqa: E402
 from bank_builder.synthetic import CorpusConfig, class_names, make_corpus  # noqa: E402
 from query.bank import open_bank  # noqa: E402
-from query.regions import RegionConfig, Regions, region_masks, region_preset  # noqa: E402
+from query.regions import Reference, RegionConfig, Regions, region_masks, region_preset  # noqa: E402
 from query.search import BankSearcher  # noqa: E402
 from query.segment import Segmenter  # noqa: E402
 from query.serving import encoder_config, label_table  # noqa: E402
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seg-rounds", type=int, default=5, help="passes over the held-out images")
     p.add_argument("--compare-regions", default=None, help="comma-separated region presets to time the whole "
                                                             "vocabulary call with, e.g. superpixel,refined")
+    p.add_argument("--compare-modes", action="store_true", help="also time the open-set, foreground and reference "
+                                                                 "calls beside vocabulary (superpixel regions)")
     return bench_common.parse_with_quick(p, QUICK, argv)
 
 
@@ -114,7 +118,8 @@ def segmentation(args: argparse.Namespace) -> dict:
     spec = encoder.spec
     searcher = BankSearcher(bank)
     segmenter = Segmenter(encoder, searcher, bank, label_table(bank), RegionConfig())
-    images = [s.image for shard in heldout for s in iter_samples(shard, IngestConfig()) if not isinstance(s, Reject)]
+    samples = [s for shard in heldout for s in iter_samples(shard, IngestConfig()) if not isinstance(s, Reject)]
+    images = [s.image for s in samples]
     classes = list(class_names())
     inputs = [prepare_image(image, [], spec)[0][None] for image in images]  # the forward's own (1, S, S, 3) input
 
@@ -169,6 +174,7 @@ def segmentation(args: argparse.Namespace) -> dict:
         "share_of_vocabulary_p50": {n: round(p50[n] / p50["vocabulary"], 3) for n in names[2:]},
         "pieces_p50_sum_ms": round(parts_sum, 3),
         **({"regions": compare_regions(args, segmenter, images, classes)} if args.compare_regions else {}),
+        **({"modes": compare_modes(args, segmenter, samples, classes, inputs)} if args.compare_modes else {}),
     }
 
 
@@ -194,6 +200,43 @@ def compare_regions(args: argparse.Namespace, base: Segmenter, images: list[np.n
     for n in names[1:]:
         stats[n]["ratio_p50"] = round(stats[n]["p50_ms"] / first["p50_ms"], 3)
         stats[n]["ratio_p99"] = round(stats[n]["p99_ms"] / first["p99_ms"], 3)
+    return stats
+
+
+def _largest_segment(sample) -> Reference:
+    """A mask prompt: the sample's largest ground-truth segment, labelled with its class."""
+    entries = sample.meta["segments"]
+    sizes = [int((sample.mask == e["id"]).sum()) for e in entries]
+    entry = entries[int(np.argmax(sizes))]
+    return Reference(sample.image, mask=sample.mask == entry["id"], label=entry["label"])
+
+
+def compare_modes(args: argparse.Namespace, segmenter: Segmenter, samples: list, classes: list[str],
+                  inputs: list[np.ndarray]) -> dict:
+    """Per query mode: p50 / p99 / mean ms of the whole call on each held-out image, modes and the bare forward
+    alternating image by image; ratios to the bare forward (p50 ÷ p50, p99 ÷ p99)."""
+    references = [_largest_segment(samples[i - 1]) for i in range(len(samples))]  # another image's object
+    calls = {
+        "vocabulary": lambda i: segmenter.vocabulary(samples[i].image, classes),
+        "open_set": lambda i: segmenter.open_set(samples[i].image),
+        "foreground": lambda i: segmenter.foreground(samples[i].image),
+        "reference": lambda i: segmenter.reference(samples[i].image, [references[i]]),
+        "bare_forward": lambda i: segmenter.encoder.encode_dense(inputs[i]),
+    }
+    for call in calls.values():
+        call(0)  # text and prototypes cached, as after the first request
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.seg_rounds):
+        for i in range(len(samples)):
+            for n in names[(r + i) % len(names):] + names[:(r + i) % len(names)]:
+                t0 = time.perf_counter()
+                calls[n](i)
+                times[n].append(time.perf_counter() - t0)
+    stats = {n: pct(times[n]) for n in names}
+    for n in names[:-1]:
+        stats[n]["ratio_p50"] = round(stats[n]["p50_ms"] / stats["bare_forward"]["p50_ms"], 3)
+        stats[n]["ratio_p99"] = round(stats[n]["p99_ms"] / stats["bare_forward"]["p99_ms"], 3)
     return stats
 
 
