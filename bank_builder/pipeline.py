@@ -180,7 +180,8 @@ def build_bank(config: BuildConfig, on_progress: ProgressCallback | None = None)
         segments_per_s=progress.segments_per_s, actor_restarts=progress.actor_restarts,
         shard_retries=progress.shard_retries, encoder=spec.to_dict(),
         storage=(storage.counters() - calls).to_dict(), paired=sum(p.paired for p in parts),
-        batch_size=config.pipeline.batch_size or 0, encoder_calls=progress.encoder_calls, pairing_skipped=_pairing_skipped(config, spec, progress),
+        batch_size=config.pipeline.batch_size or 0, encoder_calls=progress.encoder_calls,
+        pairing_skipped=_pairing_skipped(config, spec, progress),
     )
 
 
