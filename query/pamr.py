@@ -61,7 +61,7 @@ class _Shifts:
 
 def _affinity(image: np.ndarray, config: RefineConfig) -> torch.Tensor:
     """(N, h, w) float32 tensor of `colour_affinity`."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255  # (3, h, w)
+    pixels = torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).float() / 255  # (3, h, w), from a copy
     shifts, offsets = _Shifts(pixels, max(config.dilations)), _offsets(config.dilations)
     # the paper's σ: over the 9 pixels of each dilated 3×3 window (the centre once per dilation), from running sums
     # so that no (N, 3, h, w) stack is made
@@ -91,7 +91,7 @@ def refine_maps(maps: np.ndarray, image: np.ndarray, config: RefineConfig = Refi
         raise ValueError(f"maps {maps.shape} must be (h, w, K) over the image's {image.shape[:2]} pixels")
     # torch rather than numpy: each step's multiply-adds run in place over class planes (K, h, w), ~4× faster
     weights, offsets = _affinity(image, config), _offsets(config.dilations)
-    planes = torch.from_numpy(np.ascontiguousarray(maps.transpose(2, 0, 1)))
+    planes = torch.from_numpy(np.array(maps.transpose(2, 0, 1), order="C"))  # a writable C-order copy
     for _ in range(config.iterations):
         shifts = _Shifts(planes, max(config.dilations))
         planes = torch.zeros_like(planes)
