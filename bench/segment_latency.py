@@ -178,6 +178,20 @@ def segmentation(args: argparse.Namespace) -> dict:
     }
 
 
+def _alternating(calls: dict, images: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each named call(i) on every image index, `rounds` times; the call that goes first rotates image
+    by image, so no call always runs on a warm or a cold cache."""
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for i in range(images):
+            for n in names[(r + i) % len(names):] + names[:(r + i) % len(names)]:
+                t0 = time.perf_counter()
+                calls[n](i)
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
 def compare_regions(args: argparse.Namespace, base: Segmenter, images: list[np.ndarray], classes: list[str]) -> dict:
     """Per region preset: p50 / p99 / mean ms of the whole `Segmenter.vocabulary` call and the regions (pieces,
     with refinement) of its answers, presets alternating image by image; ratios to the first preset."""
@@ -186,15 +200,12 @@ def compare_regions(args: argparse.Namespace, base: Segmenter, images: list[np.n
                   for n in names}
     for segmenter in segmenters.values():
         segmenter.vocabulary(images[0], classes)  # text cached, as after the first request
-    times: dict[str, list[float]] = {n: [] for n in names}
     pieces: dict[str, list[int]] = {n: [] for n in names}
-    for r in range(args.seg_rounds):
-        for i, image in enumerate(images):
-            for n in names[(r + i) % len(names):] + names[:(r + i) % len(names)]:
-                t0 = time.perf_counter()
-                result = segmenters[n].vocabulary(image, classes)
-                times[n].append(time.perf_counter() - t0)
-                pieces[n].append(len(result.regions))
+
+    def call(n: str, i: int) -> None:
+        pieces[n].append(len(segmenters[n].vocabulary(images[i], classes).regions))
+
+    times = _alternating({n: (lambda i, n=n: call(n, i)) for n in names}, len(images), args.seg_rounds)
     stats = {n: {**pct(times[n]), "regions_mean": round(float(np.mean(pieces[n])), 1)} for n in names}
     first = stats[names[0]]
     for n in names[1:]:
@@ -226,13 +237,7 @@ def compare_modes(args: argparse.Namespace, segmenter: Segmenter, samples: list,
     for call in calls.values():
         call(0)  # text and prototypes cached, as after the first request
     names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.seg_rounds):
-        for i in range(len(samples)):
-            for n in names[(r + i) % len(names):] + names[:(r + i) % len(names)]:
-                t0 = time.perf_counter()
-                calls[n](i)
-                times[n].append(time.perf_counter() - t0)
+    times = _alternating(calls, len(samples), args.seg_rounds)
     stats = {n: pct(times[n]) for n in names}
     for n in names[:-1]:
         stats[n]["ratio_p50"] = round(stats[n]["p50_ms"] / stats["bare_forward"]["p50_ms"], 3)
